@@ -1,0 +1,32 @@
+# The two commands of the README: `make up` (local cluster + demo) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: up down test venv services lint
+
+up: venv services
+	$(VENV)/bin/hydraserve cluster up
+
+down:
+	@if [ -x $(VENV)/bin/hydraserve ]; then $(VENV)/bin/hydraserve cluster down; fi
+
+test: venv services
+	scripts/run-tests.sh $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# torch is pinned to the local CPU build: a looser requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+services:
+	scripts/ensure-services.sh
+
+lint: venv
+	$(VENV)/bin/ruff check platform gpu_runtime tests bench

@@ -1,0 +1,76 @@
+"""The Flask app factory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask, g, jsonify
+from sqlalchemy.orm import sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from hydraserve.db.base import make_engine, make_session_factory
+from hydraserve.errors import HydraError, RateLimited
+from hydraserve.services.tenants import bootstrap_admin_key
+from hydraserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Extension:
+    settings: Settings
+    session_factory: sessionmaker
+
+
+def create_app(settings: Settings | None = None,
+               session_factory: sessionmaker | None = None) -> Flask:
+    """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
+    from hydraserve.api.views import admin, functions, meta
+
+    settings = settings or Settings.from_env()
+    session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    app.extensions["hydraserve"] = Extension(settings, session_factory)
+    for bp in (meta.bp, functions.bp, admin.bp):
+        app.register_blueprint(bp)
+    register_error_handlers(app)
+    app.teardown_appcontext(close_session)
+    if settings.admin_key:
+        with session_factory() as session:
+            bootstrap_admin_key(session, settings.admin_key)
+    return app
+
+
+def close_session(_exc: BaseException | None) -> None:
+    session = g.pop("db", None)
+    if session is not None:
+        session.close()
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HydraError)
+    def hydra_error(exc: HydraError):
+        resp = jsonify(exc.to_dict())
+        resp.status_code = exc.status
+        if isinstance(exc, RateLimited):
+            resp.headers["Retry-After"] = str(exc.retry_after_s)
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
+        resp = jsonify({"error": {"type": kind, "message": exc.description, "param": None}})
+        resp.status_code = exc.code or 400
+        if exc.code == 405 and exc.valid_methods:
+            resp.headers["Allow"] = ", ".join(exc.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        resp = jsonify({"error": {"type": "internal_error", "param": None,
+                                  "message": "internal error; it has been logged"}})
+        resp.status_code = 500
+        return resp

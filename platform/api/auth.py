@@ -1,0 +1,34 @@
+"""Bearer API keys: who is calling, and may they."""
+
+from __future__ import annotations
+
+from flask import current_app, g, request
+
+from hydraserve.errors import AuthenticationFailed, PermissionDenied
+from hydraserve.services.tenants import Principal, authenticate
+
+
+def db():
+    """The request's database session (opened on first use, closed at teardown)."""
+    if "db" not in g:
+        g.db = current_app.extensions["hydraserve"].session_factory()
+    return g.db
+
+
+def bearer_key() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if not header:
+        raise AuthenticationFailed(
+            "missing API key; send the header 'Authorization: Bearer <key>'")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationFailed(
+            "malformed Authorization header; expected 'Authorization: Bearer <key>'")
+    return key.strip()
+
+
+def require(role: str) -> Principal:
+    who = authenticate(db(), bearer_key())
+    if role == "admin" and not who.is_admin:
+        raise PermissionDenied("this endpoint needs an admin key; this key is a tenant key")
+    return who

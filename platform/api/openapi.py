@@ -1,0 +1,139 @@
+"""Routes declared once, with their schemas; /openapi.json is generated from the same
+declarations that validate request bodies, so the document cannot drift from the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, Callable
+
+from flask import Blueprint, g, request
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from hydraserve.errors import InvalidRequest, UnsupportedMediaType
+from hydraserve.schemas import ErrorBody
+
+REF = "#/components/schemas/{model}"
+ERROR_STATUSES = {"400": "bad request", "401": "missing or invalid API key",
+                  "403": "not allowed for this key", "404": "not found",
+                  "409": "conflict", "422": "model cannot be served", "429": "rate limited"}
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    rule: str
+    method: str
+    summary: str
+    auth: str | None  # None, "tenant" or "admin"
+    body: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int
+    path_params: dict[str, dict] = field(default_factory=dict)
+    query_params: dict[str, dict] = field(default_factory=dict)
+
+
+OPERATIONS: list[Operation] = []
+
+
+def operation(bp: Blueprint, rule: str, method: str, *, summary: str, auth: str | None = "tenant",
+              body: type[BaseModel] | None = None, response: type[BaseModel] | None = None,
+              status: int = 200, path_params: dict[str, dict] | None = None,
+              query_params: dict[str, dict] | None = None) -> Callable:
+    """Registers a view on ``bp`` and documents it. The view receives the validated body as
+    ``body=`` and finds the caller in ``g.principal`` (checked here, before the view runs)."""
+    op = Operation(rule, method, summary, auth, body, response, status,
+                   path_params or {}, query_params or {})
+    OPERATIONS.append(op)
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def wrapper(**kwargs: Any) -> Any:
+            from hydraserve.api.auth import require  # late: auth needs the app context
+
+            g.principal = require(auth) if auth else None
+            if body is not None:
+                kwargs["body"] = parse_body(body)
+            return view(**kwargs)
+
+        bp.add_url_rule(rule, endpoint=f"{view.__name__}", view_func=wrapper, methods=[method])
+        return wrapper
+
+    return decorate
+
+
+def parse_body(schema: type[BaseModel]) -> BaseModel:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise InvalidRequest("request body is empty; send a JSON object")
+    mimetype = request.mimetype or ""
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype!r} is not supported; send application/json")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        got = f" (got {err['input']!r})" if where != "body" and "input" in err else ""
+        parts.append(f"{where}: {err['msg']}{got}")
+    return InvalidRequest("invalid request body: " + "; ".join(parts), param)
+
+
+def spec(title: str, version: str) -> dict:
+    """The OpenAPI 3.1 document of every registered operation."""
+    models = {m for op in OPERATIONS for m in (op.body, op.response) if m} | {ErrorBody}
+    keys, defs = models_json_schema(
+        [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+        ref_template=REF)
+    paths: dict[str, dict] = {}
+    for op in OPERATIONS:
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", op.rule)
+        paths.setdefault(path, {})[op.method.lower()] = _operation_doc(op, keys)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _operation_doc(op: Operation, keys: dict) -> dict:
+    doc: dict[str, Any] = {"summary": op.summary, "operationId": f"{op.method.lower()}{op.rule}"}
+    params = [{"name": n, "in": "path", "required": True, "schema": s}
+              for n, s in op.path_params.items()]
+    params += [{"name": n, "in": "query", "required": False, "schema": s}
+               for n, s in op.query_params.items()]
+    if params:
+        doc["parameters"] = params
+    if op.body is not None:
+        doc["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": keys[(op.body, "validation")]}}}
+    ok: dict[str, Any] = {"description": "success"}
+    if op.response is not None:
+        ok["content"] = {"application/json": {"schema": keys[(op.response, "validation")]}}
+    error = {"content": {"application/json": {"schema": keys[(ErrorBody, "validation")]}}}
+    doc["responses"] = {str(op.status): ok} | {
+        code: {"description": text, **error} for code, text in ERROR_STATUSES.items()}
+    if op.auth:
+        doc["security"] = [{"bearer": []}]
+    return doc

@@ -1,0 +1,29 @@
+"""Unauthenticated endpoints: health and the OpenAPI document."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+from sqlalchemy import text
+
+from hydraserve.api import openapi
+from hydraserve.api.auth import db
+from hydraserve.errors import ServiceUnavailable
+
+bp = Blueprint("meta", __name__)
+VERSION = "0.1.0"
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    """The OpenAPI 3.1 document, generated from the schemas that validate requests."""
+    return jsonify(openapi.spec("HydraServe API", VERSION))
+
+
+@bp.get("/healthz")
+def healthz():
+    """Liveness plus a database round trip."""
+    try:
+        db().execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means the database is not usable
+        raise ServiceUnavailable(f"database unreachable: {type(exc).__name__}") from None
+    return {"status": "ok", "version": VERSION}

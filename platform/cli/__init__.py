@@ -1,0 +1,20 @@
+"""The ``hydraserve`` command line. Each command delegates to a service or to the REST API."""
+
+from __future__ import annotations
+
+import click
+
+from hydraserve.cli.admin import admin
+from hydraserve.cli.cluster import cluster
+from hydraserve.cli.db import db
+from hydraserve.cli.functions import functions
+from hydraserve.cli.models import make_demo_model
+
+
+@click.group()
+def main() -> None:
+    """HydraServe: serverless LLM functions with fast cold starts."""
+
+
+for command in (db, admin, functions, make_demo_model, cluster):
+    main.add_command(command)

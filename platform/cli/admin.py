@@ -1,0 +1,36 @@
+"""``hydraserve admin``: bootstrap tenants and keys straight in the database."""
+
+from __future__ import annotations
+
+import click
+
+from hydraserve.db.base import make_engine, make_session_factory
+from hydraserve.errors import HydraError
+from hydraserve.services import tenants
+from hydraserve.settings import Settings
+
+
+def session():
+    return make_session_factory(make_engine(Settings.from_env().database_url))()
+
+
+@click.group()
+def admin() -> None:
+    """Administration without the API (for bootstrapping)."""
+
+
+@admin.command("create-tenant")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["tenant", "admin"]), default="tenant", show_default=True)
+@click.option("--existing-ok", is_flag=True, help="reuse the tenant if it exists")
+def create_tenant(name: str, role: str, existing_ok: bool) -> None:
+    """Create tenant NAME (or reuse it) and print a new API key for it."""
+    with session() as s:
+        try:
+            tenant = tenants.create_tenant(s, name)
+        except HydraError as exc:
+            if not (existing_ok and exc.status == 409):
+                raise click.ClickException(exc.message) from None
+            tenant = tenants.get_tenant(s, name)
+        _row, key = tenants.issue_key(s, tenant, "cli", role)
+    click.echo(key)

@@ -1,0 +1,1 @@
+"""Postgres schema (SQLAlchemy 2 typed models) and session handling."""

@@ -1,0 +1,145 @@
+"""The local cluster behind ``make up`` / ``make down``: processes started in the background,
+their pids and logs under ``.run/``, a demo model under ``.demo/models``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
+from hydraserve.settings import Settings
+
+DEMO_FUNCTIONS = {"demo-llama": DemoModelSpec(arch="llama", size="tiny")}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    root: Path
+
+    @property
+    def run(self) -> Path:
+        return self.root / ".run"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        return self.run / f"{name}.log"
+
+
+def admin_key(layout: Layout) -> str:
+    """HYDRA_ADMIN_KEY when set, else a key generated once and kept in .run/admin.key."""
+    if os.environ.get("HYDRA_ADMIN_KEY"):
+        return os.environ["HYDRA_ADMIN_KEY"]
+    path = layout.run / "admin.key"
+    if not path.exists():
+        path.write_text("hs_admin_" + secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def is_running(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def stop(layout: Layout, name: str, timeout_s: float = 15.0) -> bool:
+    pid = is_running(layout.pidfile(name))
+    if pid is None:
+        layout.pidfile(name).unlink(missing_ok=True)
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and is_running(layout.pidfile(name)):
+        time.sleep(0.1)
+    if is_running(layout.pidfile(name)):
+        os.killpg(pid, signal.SIGKILL)
+    layout.pidfile(name).unlink(missing_ok=True)
+    return True
+
+
+def start(layout: Layout, name: str, argv: list[str], env: dict[str, str]) -> int:
+    layout.run.mkdir(exist_ok=True)
+    log = open(layout.logfile(name), "ab")
+    proc = subprocess.Popen(argv, cwd=layout.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    layout.pidfile(name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_healthy(url: str, layout: Layout, name: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if is_running(layout.pidfile(name)) is None:
+            raise ClusterError(f"{name} exited; see {layout.logfile(name)}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise ClusterError(f"{name} did not become healthy at {url} in {timeout_s:.0f} s; "
+                       f"see {layout.logfile(name)}")
+
+
+def start_api(layout: Layout, settings: Settings, key: str) -> str:
+    stop(layout, "api")
+    if not port_free(settings.api_port):
+        raise ClusterError(f"port {settings.api_port} is taken by another program; "
+                           "set HYDRA_API_PORT to a free port")
+    env = os.environ | {"HYDRA_ADMIN_KEY": key, "HYDRA_STORE_ROOT": settings.store_root,
+                        "HYDRA_DATABASE_URL": settings.database_url}
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    start(layout, "api", [gunicorn, "--worker-class", "gthread", "--workers", "2",
+                          "--threads", "8", "--bind", f"127.0.0.1:{settings.api_port}",
+                          "hydraserve.api.wsgi:app"], env)
+    base = f"http://127.0.0.1:{settings.api_port}"
+    wait_healthy(base + "/healthz", layout, "api")
+    return base
+
+
+def ensure_demo_models(settings: Settings) -> dict[str, str]:
+    uris = {}
+    for name, spec in DEMO_FUNCTIONS.items():
+        path = Path(settings.store_root) / name
+        if not (path / "config.json").exists():
+            make_demo_model(path, spec)
+        uris[name] = path.resolve().as_uri()
+    return uris
+
+
+def register_demo_functions(base: str, key: str, uris: dict[str, str]) -> list[dict]:
+    headers = {"Authorization": f"Bearer {key}"}
+    out = []
+    for name, uri in uris.items():
+        body = {"model": uri, "slo": {"ttft_ms": 5000, "tpot_ms": 200}}
+        resp = requests.get(f"{base}/v1/functions/{name}", headers=headers, timeout=30)
+        if resp.status_code == 404:
+            resp = requests.put(f"{base}/v1/functions/{name}", json=body, headers=headers,
+                                timeout=300)
+        if resp.status_code >= 400:
+            raise ClusterError(f"registering {name} failed: HTTP {resp.status_code} {resp.text}")
+        out.append(resp.json())
+    return out

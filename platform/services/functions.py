@@ -1,0 +1,120 @@
+"""Function registry commands: register, read, list, new version or alias move, delete."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from hydraserve.schemas import FunctionCreate, FunctionPatch
+from hydraserve.db.base import utcnow
+from hydraserve.db.registry import Function, FunctionVersion
+from hydraserve.errors import Conflict, InvalidRequest, NotFound
+from hydraserve.services.models import ensure_model
+from hydraserve.services.tenants import Principal, check_name
+from hydraserve.settings import Settings
+
+VERSION_FIELDS = ("keep_alive_s", "min_instances", "max_instances", "description")
+
+
+def get_function(session: Session, who: Principal, name: str) -> Function:
+    """The caller's live function ``name``; another tenant's function is simply not found."""
+    check_name(name, "name", "function name")
+    fn = session.scalar(
+        select(Function).options(selectinload(Function.versions))
+        .where(Function.tenant_id == who.tenant_id, Function.name == name,
+               Function.deleted_at.is_(None)))
+    if fn is None:
+        raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
+    return fn
+
+
+def alias_spec(fn: Function) -> FunctionVersion:
+    spec = next((v for v in fn.versions if v.version == fn.alias_version), None)
+    assert spec is not None, f"function {fn.id} alias {fn.alias_version} has no version row"
+    return spec
+
+
+def list_functions(session: Session, who: Principal, limit: int, offset: int) -> list[Function]:
+    return list(session.scalars(
+        select(Function).options(selectinload(Function.versions))
+        .where(Function.tenant_id == who.tenant_id, Function.deleted_at.is_(None))
+        .order_by(Function.name).limit(limit).offset(offset)))
+
+
+def register_function(session: Session, who: Principal, name: str, body: FunctionCreate,
+                      settings: Settings) -> Function:
+    check_name(name, "name", "function name")
+    _check_free(session, who, name)
+    model = ensure_model(session, body.model, settings)
+    fn = Function(tenant_id=who.tenant_id, name=name, alias_version=1, latest_version=1)
+    fn.versions.append(FunctionVersion(
+        version=1, model_id=model.id, ttft_ms=body.slo.ttft_ms, tpot_ms=body.slo.tpot_ms,
+        **{k: getattr(body, k) for k in VERSION_FIELDS}))
+    session.add(fn)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent PUT of the same name won the race
+        session.rollback()
+        raise _duplicate(name) from None
+    session.commit()
+    return fn
+
+
+def update_function(session: Session, who: Principal, name: str, body: FunctionPatch,
+                    settings: Settings) -> Function:
+    fn = get_function(session, who, name)
+    if body.alias is not None:
+        if body.alias not in {v.version for v in fn.versions}:
+            raise InvalidRequest(
+                f"alias target version {body.alias} does not exist; versions of {name!r}: "
+                f"{[v.version for v in fn.versions]}", "alias")
+        fn.alias_version = body.alias
+    else:
+        version = _next_version(session, fn, body, settings)
+        _check_instances(version)
+        fn.versions.append(version)
+        fn.latest_version = fn.alias_version = version.version
+    session.commit()
+    return fn
+
+
+def delete_function(session: Session, who: Principal, name: str) -> Function:
+    fn = get_function(session, who, name)
+    fn.deleted_at = utcnow()
+    session.commit()
+    return fn
+
+
+def _next_version(session: Session, fn: Function, body: FunctionPatch,
+                  settings: Settings) -> FunctionVersion:
+    base = alias_spec(fn)
+    model_id = ensure_model(session, body.model, settings).id if body.model else base.model_id
+    slo = body.slo.model_dump(exclude_none=True) if body.slo else {}
+    fields = {k: getattr(body, k) if getattr(body, k) is not None else getattr(base, k)
+              for k in VERSION_FIELDS}
+    return FunctionVersion(
+        version=fn.latest_version + 1, model_id=model_id,
+        ttft_ms=slo.get("ttft_ms", base.ttft_ms), tpot_ms=slo.get("tpot_ms", base.tpot_ms),
+        **fields)
+
+
+def _check_instances(v: FunctionVersion) -> None:
+    if v.min_instances > v.max_instances:
+        raise InvalidRequest(
+            f"min_instances ({v.min_instances}) must not exceed max_instances "
+            f"({v.max_instances})", "min_instances")
+
+
+def _check_free(session: Session, who: Principal, name: str) -> None:
+    taken = session.scalar(select(Function.latest_version).where(
+        Function.tenant_id == who.tenant_id, Function.name == name, Function.deleted_at.is_(None)))
+    if taken is not None:
+        raise _duplicate(name, taken)
+
+
+def _duplicate(name: str, version: int | None = None) -> Conflict:
+    at = f" (latest version {version})" if version else ""
+    return Conflict(
+        f"function {name!r} already exists{at}; PATCH it to make a new version, or DELETE it "
+        "first", "name")

@@ -1,0 +1,85 @@
+"""One typed settings object, read from ``HYDRA_*`` environment variables.
+
+Defaults work on a single development machine: Postgres and RabbitMQ on 127.0.0.1 with their
+stock credentials, the model store under ``.demo/models`` of the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A ``HYDRA_*`` variable holds a value we cannot use."""
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer; allowed: {low}..{high}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={value} is out of range; allowed: {low}..{high}")
+    return value
+
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/hydraserve"
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _default_store_root() -> str:
+    return str(Path.cwd() / ".demo" / "models")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    admin_key: str | None = None  # bootstraps an admin API key when set
+    store_root: str = field(default_factory=_default_store_root)
+    store_url: str | None = None  # http(s) base URL of the model store, when one runs
+    model_roots: tuple[str, ...] = ()  # extra directories file:// model URIs may point into
+    api_port: int = 8000
+    registration_timeout_s: int = 60
+
+    def __post_init__(self) -> None:
+        if not self.database_url.startswith("postgresql"):
+            raise SettingsError(
+                f"HYDRA_DATABASE_URL={self.database_url!r} is not a PostgreSQL URL; "
+                "use postgresql+psycopg://user@host:port/dbname")
+        if not self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+            raise SettingsError(
+                f"HYDRA_BROKER_URL={self.broker_url!r} is not an AMQP URL; "
+                "use amqp://user:password@host:5672//")
+        if self.admin_key is not None and len(self.admin_key) < 16:
+            raise SettingsError("HYDRA_ADMIN_KEY must be at least 16 characters long")
+
+    @property
+    def allowed_model_roots(self) -> tuple[Path, ...]:
+        """Directories a ``file://`` model URI may point into."""
+        return tuple(Path(p).resolve() for p in (self.store_root, *self.model_roots))
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "Settings":
+        env = os.environ
+        values: dict[str, object] = {
+            "database_url": env.get("HYDRA_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            "broker_url": env.get("HYDRA_BROKER_URL") or DEFAULT_BROKER_URL,
+            "admin_key": env.get("HYDRA_ADMIN_KEY") or None,
+            "store_root": env.get("HYDRA_STORE_ROOT") or _default_store_root(),
+            "store_url": env.get("HYDRA_STORE_URL") or None,
+            "model_roots": tuple(p for p in env.get("HYDRA_MODEL_ROOTS", "").split(":") if p),
+            "api_port": _env_int("HYDRA_API_PORT", 8000, 1, 65535),
+            "registration_timeout_s": _env_int("HYDRA_REGISTRATION_TIMEOUT_S", 60, 1, 3600),
+        }
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise SettingsError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,85 @@
+"""Shared fixtures: a throwaway Postgres database migrated once per session, a transaction per
+test that is rolled back, and small random checkpoints in a model store directory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PG_SERVER = os.environ.get("HYDRA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+def fresh_database_url(tag: str) -> str:
+    from hydraserve.cli.db import create_database
+
+    url = f"{PG_SERVER}/hydraserve_test_{tag}_{uuid.uuid4().hex[:8]}"
+    create_database(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    from hydraserve.cli.db import drop_database, upgrade
+
+    url = fresh_database_url("s")
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def engine(database_url):
+    eng = create_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def connection(engine):
+    with engine.connect() as conn:
+        outer = conn.begin()
+        yield conn
+        outer.rollback()
+
+
+@pytest.fixture
+def session_factory(connection):
+    """Sessions whose commits become savepoints inside the test's rolled-back transaction."""
+
+    def factory() -> Session:
+        return Session(bind=connection, join_transaction_mode="create_savepoint",
+                       expire_on_commit=False)
+
+    return factory
+
+
+@pytest.fixture
+def db_session(session_factory):
+    with session_factory() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    make_demo_model(root / "llama-tiny", DemoModelSpec(arch="llama", size="tiny"))
+    make_demo_model(root / "opt-tiny", DemoModelSpec(arch="opt", size="tiny"))
+    make_demo_model(root / "llama-sharded", DemoModelSpec(arch="llama", size="tiny",
+                                                          shard_bytes=100_000, seed=1))
+    return root
+
+
+@pytest.fixture
+def settings(database_url, store_root):
+    from hydraserve.settings import Settings
+
+    return Settings(database_url=database_url, store_root=str(store_root), admin_key=ADMIN_KEY)

@@ -1,0 +1,41 @@
+"""The repository layout promises of DESIGN.md section 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_platform_folder_is_not_a_package():
+    # A platform/__init__.py would shadow the standard library module SQLAlchemy, Celery and
+    # gunicorn import.
+    assert not (REPO_ROOT / "platform" / "__init__.py").exists()
+
+
+def test_stdlib_platform_still_works_from_repo_root():
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform, hydraserve.api.app; print(platform.system())"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Linux"
+
+
+def test_wheel_contains_every_subpackage(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(REPO_ROOT)], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("hydraserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = set()
+    for init in (REPO_ROOT / "platform").rglob("__init__.py"):
+        rel = init.relative_to(REPO_ROOT / "platform").as_posix()
+        expected.add(f"hydraserve/{rel}")
+    for init in (REPO_ROOT / "gpu_runtime").rglob("__init__.py"):
+        expected.add(init.relative_to(REPO_ROOT).as_posix())
+    assert expected, "found no packages to check"
+    missing = sorted(expected - names)
+    assert not missing, f"wheel lacks {missing}"
+    assert "hydraserve/api/wsgi.py" in names
