@@ -1,0 +1,119 @@
+"""Attention over the paged KV cache, and the per-step metadata every layer shares.
+
+Tokens of a step are flattened to ``(num_tokens, ...)`` (vLLM's layout): linear layers run on
+all of them at once. Attention writes this step's keys and values into the cache slots named by
+``slot_mapping``, then reads each sequence's context back through its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """What attention needs for one step; built once per step, shared by all layers.
+
+    positions:      (num_tokens,) position of each token in its sequence
+    slot_mapping:   (num_tokens,) flat cache slot (block * block_size + offset) of each token
+    block_tables:   (batch, max_blocks) physical blocks of each sequence, padded with 0
+    context_lens:   (batch,) tokens in the cache after this step, per sequence
+    query_lens:     (batch,) tokens of this step, per sequence
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: list[int]
+    query_lens: list[int]
+    block_size: int
+    # derived in __post_init__: attention mask and the padded-query gather/scatter indices
+    attn_mask: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None  # (batch * max_q,) flat token of each padded query
+    output_index: torch.Tensor | None = None  # (num_tokens,) padded-query row of each token
+    max_context: int = 0
+
+    def __post_init__(self) -> None:
+        assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
+            f"batch mismatch: {len(self.context_lens)} context lens, {len(self.query_lens)} "
+            f"query lens, block table {tuple(self.block_tables.shape)}")
+        self.max_context = max(self.context_lens)
+        if self.attn_mask is None:
+            self._build_mask()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        return max(self.query_lens) == 1
+
+    def _build_mask(self) -> None:
+        device = self.positions.device
+        batch, max_q = self.batch_size, max(self.query_lens)
+        ctx = torch.tensor(self.context_lens, device=device)
+        qlen = torch.tensor(self.query_lens, device=device)
+        # query row i of sequence b sits at absolute position ctx[b] - qlen[b] + i
+        q_pos = ctx[:, None] - qlen[:, None] + torch.arange(max_q, device=device)[None, :]
+        k_pos = torch.arange(self.max_context, device=device)
+        mask = k_pos[None, None, :] <= q_pos[:, :, None]  # (batch, max_q, max_context)
+        valid_q = torch.arange(max_q, device=device)[None, :] < qlen[:, None]  # (batch, max_q)
+        mask &= valid_q[:, :, None]
+        mask[:, :, 0] |= ~valid_q  # padded query rows see key 0 so softmax stays finite
+        if batch == 1 and max_q == 1:
+            self.attn_mask = None  # one decode row attends to its whole context: no mask needed
+        else:
+            self.attn_mask = mask[:, None]  # (batch, 1, max_q, max_context)
+        if max_q > 1:
+            starts = torch.cumsum(qlen, 0) - qlen
+            row = torch.arange(max_q, device=device)[None, :]
+            self.query_index = torch.where(valid_q, starts[:, None] + row, 0).reshape(-1)
+            self.output_index = (torch.arange(batch, device=device)[:, None] * max_q + row)[valid_q]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim); k, v: (tokens, kv_heads, hd)."""
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """(num_blocks, block_size, kv_heads, hd) -> (batch, kv_heads, max_context, hd)."""
+    num_blocks_needed = -(-meta.max_context // meta.block_size)
+    tables = meta.block_tables[:, :num_blocks_needed]
+    batch = tables.shape[0]
+    if batch == 1:  # a slice of blocks is a view when they are consecutive; keep the cheap path
+        ctx = cache.index_select(0, tables[0])  # (blocks, block_size, kv_heads, hd)
+    else:
+        ctx = cache[tables]  # (batch, blocks, block_size, kv_heads, hd)
+    ctx = ctx.reshape(batch, -1, cache.shape[2], cache.shape[3])[:, :meta.max_context]
+    return ctx.transpose(1, 2)  # (batch, kv_heads, max_context, hd)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q: (tokens, heads, hd); k, v: (tokens, kv_heads, hd) -> (tokens, heads * hd)."""
+    num_tokens, num_heads, head_dim = q.shape
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    keys = gather_context(k_cache, meta)
+    values = gather_context(v_cache, meta)
+    gqa = num_heads != keys.shape[1]
+    if meta.query_index is None:  # one query row per sequence (decode)
+        queries = q.view(meta.batch_size, 1, num_heads, head_dim).transpose(1, 2)
+    else:
+        max_q = max(meta.query_lens)
+        queries = q.index_select(0, meta.query_index)  # (batch * max_q, heads, hd)
+        queries = queries.view(meta.batch_size, max_q, num_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask,
+                                         enable_gqa=gqa)  # (batch, heads, max_q, hd)
+    out = out.transpose(1, 2).reshape(-1, num_heads * head_dim)  # (batch * max_q, heads * hd)
+    if meta.output_index is not None:
+        out = out.index_select(0, meta.output_index)
+    return out

@@ -1,0 +1,215 @@
+"""The engine loop the worker drives: add requests, step, read outputs.
+
+    engine = LLMEngine(EngineConfig(model="/models/x"))
+    engine.add_request("r1", [1, 2, 3], SamplingParams(max_tokens=8))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Requests join and leave the running batch between steps (continuous batching). The KV cache
+has a fixed block budget; see ``gpu_runtime.scheduler`` for admission and preemption.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from gpu_runtime.block_manager import BlockManager
+from gpu_runtime.config import ModelConfig
+from gpu_runtime.errors import (DuplicateRequestError, PromptTooLongError, RuntimeInputError,
+                                TokenIdError)
+from gpu_runtime.kv_cache import KVCache, KVCacheSpec, blocks_for_budget
+from gpu_runtime.loader import default_device, load_stage, plan_stages, resolve_dtype
+from gpu_runtime.model_runner import LocalRunner, prepare_step
+from gpu_runtime.sampling import SamplingParams
+from gpu_runtime.scheduler import Scheduler, SchedulerConfig
+from gpu_runtime.sequence import RequestOutput, Sequence, SequenceStatus
+from gpu_runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str
+    dtype: str | None = None  # None: the checkpoint's own dtype
+    device: str | None = None  # None: cuda when present, else cpu
+    pp: int = 1
+    stage_addresses: tuple[str, ...] | None = None  # remote stages; None: spawn them here
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20  # per stage
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None  # torch intra-op threads per stage process
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.block_size <= 1024:
+            raise RuntimeInputError(f"block_size={self.block_size}; allowed 1..1024", "block_size")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise RuntimeInputError(f"num_kv_blocks={self.num_kv_blocks}; allowed >= 1",
+                                    "num_kv_blocks")
+        if self.kv_cache_bytes < 1:
+            raise RuntimeInputError(f"kv_cache_bytes={self.kv_cache_bytes}; allowed >= 1",
+                                    "kv_cache_bytes")
+        if self.stage_addresses is not None and len(self.stage_addresses) != self.pp:
+            raise RuntimeInputError(f"{len(self.stage_addresses)} stage addresses for pp="
+                                    f"{self.pp}; give one per stage", "stage_addresses")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model_config, specs, files = plan_stages(config.model, config.pp)
+        self.model_config: ModelConfig = model_config
+        self.specs = specs
+        dtype = resolve_dtype(config.dtype, model_config)
+        device = torch.device(config.device) if config.device else default_device()
+        stage = load_stage(config.model, specs[0], model_config, files, dtype, device)
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget(dtype)
+        if num_blocks < 1:
+            raise RuntimeInputError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of "
+                                    f"{config.block_size} tokens; raise it", "kv_cache_bytes")
+        kv = KVCache(KVCacheSpec(0, len(specs[0].layers), num_blocks, config.block_size,
+                                 model_config.num_kv_heads, model_config.head_dim, dtype), device)
+        self.kv = kv
+        self.runner = self._runner(stage, kv)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.maybe(config.model)
+        self.max_len = min(model_config.max_position_embeddings, num_blocks * config.block_size)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    def _blocks_for_budget(self, dtype: torch.dtype) -> int:
+        c = self.model_config
+        most_layers = max(len(s.layers) for s in self.specs)  # same block count on every stage
+        return blocks_for_budget(self.config.kv_cache_bytes, most_layers, self.config.block_size,
+                                 c.num_kv_heads, c.head_dim, dtype)
+
+    def _runner(self, stage, kv):
+        if self.config.pp == 1:
+            return LocalRunner(stage, kv)
+        from gpu_runtime.pipeline import PipelineRunner
+
+        addresses = list(self.config.stage_addresses) if self.config.stage_addresses else None
+        return PipelineRunner.start(stage, kv, self.config.model, addresses, self.config.dtype,
+                                    self.config.device, self.config.num_threads)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams | None = None) -> None:
+        """Queues a request; raises a RuntimeInputError subclass for invalid input."""
+        params = params or SamplingParams()
+        if request_id in self._seqs:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in the engine",
+                                        "request_id")
+        self._validate_prompt(prompt_ids)
+        if params.stop and self.tokenizer is None:
+            raise RuntimeInputError("stop strings need a tokenizer.json next to the model",
+                                    "stop")
+        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, self.max_len)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate_prompt(self, prompt_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise TokenIdError("prompt is empty; give at least one token id", "prompt")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise TokenIdError(f"token id {bad[0]!r} is outside the vocabulary; allowed "
+                               f"0..{vocab - 1}", "prompt")
+        if len(prompt_ids) >= self.max_len:
+            ctx = self.model_config.max_position_embeddings
+            raise PromptTooLongError(
+                f"prompt has {len(prompt_ids)} tokens; allowed at most {self.max_len - 1} "
+                f"(context {ctx} tokens, KV cache {self.blocks.num_blocks * self.blocks.block_size}"
+                " tokens, one left for the first output token)", "prompt")
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a request wherever it is; True when it was still unfinished."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one prefill or decode step; returns an output per request that advanced."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        step = prepare_step(seqs, is_prefill, self.blocks)
+        token_ids, logprobs = self.runner.execute(step)
+        assert len(token_ids) == len(seqs), f"{len(token_ids)} tokens for {len(seqs)} sequences"
+        outputs = []
+        for seq, token, logprob in zip(seqs, token_ids, logprobs):
+            seq.num_cached = seq.num_tokens
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.model_config.eos_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            hits = [seq.text.find(s) for s in p.stop if s in seq.text]
+            if hits:
+                seq.text = seq.text[:min(hits)]
+                return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        start, seq.num_emitted = seq.num_emitted, len(seq.output_ids)
+        return RequestOutput(seq.request_id, seq.output_ids[start:], seq.output_logprobs[start:],
+                             seq.is_finished, seq.finish_reason, len(seq.prompt_ids),
+                             len(seq.output_ids), seq.text)
+
+    # ---- KV export / import (migration between processes) ---------------------------------
+
+    def export_kv(self, request_id: str, layers: range | None = None) -> torch.Tensor:
+        """A running sequence's KV for ``layers`` held by this process, as one tensor
+        (len(layers), 2, num_cached_tokens, kv_heads, head_dim)."""
+        seq = self._running(request_id)
+        layers = layers if layers is not None else self.specs[0].layers
+        return self.kv.export_kv(self.blocks.block_table(seq.seq_id), seq.num_cached, layers)
+
+    def import_kv(self, request_id: str, kv: torch.Tensor, layers: range | None = None) -> None:
+        """Writes KV exported elsewhere into this process's cache for a running sequence."""
+        seq = self._running(request_id)
+        layers = layers if layers is not None else self.specs[0].layers
+        assert kv.shape[2] == seq.num_cached, (
+            f"KV holds {kv.shape[2]} tokens, sequence {request_id!r} has {seq.num_cached}")
+        self.kv.import_kv(self.blocks.block_table(seq.seq_id), kv, layers)
+
+    def _running(self, request_id: str) -> Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            raise RuntimeInputError(f"request {request_id!r} is not running", "request_id")
+        return seq
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

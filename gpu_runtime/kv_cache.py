@@ -1,0 +1,85 @@
+"""The KV tensors of one stage, in fixed-size blocks, and export/import of a sequence's KV.
+
+Layout: ``(num_layers, 2, num_blocks, block_size, kv_heads, head_dim)``, one tensor for the
+whole stage so it is allocated once (and can be allocated while weights are still arriving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    layer_start: int  # global index of the first layer held
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KV cache {name}={getattr(self, name)} must be > 0")
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+def blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype) -> int:
+    """How many blocks fit in ``budget_bytes`` for a stage of ``num_layers`` layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+    return budget_bytes // per_block
+
+
+class KVCache:
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        self.data = torch.zeros(spec.num_layers, 2, spec.num_blocks, spec.block_size,
+                                spec.num_kv_heads, spec.head_dim, dtype=spec.dtype, device=device)
+
+    def layer(self, local_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of one held layer: (num_blocks, block_size, kv_heads, hd) each."""
+        return self.data[local_index, 0], self.data[local_index, 1]
+
+    def _local(self, layers: range) -> range:
+        start, end = layers.start - self.spec.layer_start, layers.stop - self.spec.layer_start
+        assert 0 <= start <= end <= self.spec.num_layers, (
+            f"layers {layers} outside this stage's {self.spec.layer_start}.."
+            f"{self.spec.layer_start + self.spec.num_layers}")
+        return range(start, end)
+
+    def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        bs = self.spec.block_size
+        assert num_tokens <= len(block_table) * bs, (
+            f"{num_tokens} tokens but the block table covers {len(block_table) * bs}")
+        pos = torch.arange(num_tokens)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return (table[pos // bs] * bs + pos % bs).to(self.data.device)
+
+    def export_kv(self, block_table: list[int], num_tokens: int, layers: range) -> torch.Tensor:
+        """A sequence's KV for ``layers`` (global indices) as one contiguous tensor
+        (len(layers), 2, num_tokens, kv_heads, head_dim), independent of block placement."""
+        local = self._local(layers)
+        slots = self._slots(block_table, num_tokens)
+        flat = self.data[local.start:local.stop].flatten(2, 3)  # (L, 2, blocks * bs, kvh, hd)
+        return flat.index_select(2, slots).cpu()
+
+    def import_kv(self, block_table: list[int], kv: torch.Tensor, layers: range) -> None:
+        """Writes ``kv`` (from ``export_kv``) into this cache at ``block_table``'s slots."""
+        local = self._local(layers)
+        expected = (len(local), 2)
+        assert tuple(kv.shape[:2]) == expected and kv.shape[3:] == self.data.shape[4:], (
+            f"KV of shape {tuple(kv.shape)} does not fit layers {layers} of cache "
+            f"{tuple(self.data.shape)}")
+        slots = self._slots(block_table, kv.shape[2])
+        flat = self.data[local.start:local.stop].flatten(2, 3)  # view: blocks are contiguous
+        flat.index_copy_(2, slots, kv.to(self.data.device, self.data.dtype))

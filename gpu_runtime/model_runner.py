@@ -1,0 +1,99 @@
+"""Turns a scheduled step into tensors and runs it: on one stage holding the whole model, or on
+stage 0 of a pipeline whose other stages live in other processes (``gpu_runtime.pipeline``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu_runtime.attention import AttentionMetadata
+from gpu_runtime.block_manager import BlockManager
+from gpu_runtime.kv_cache import KVCache
+from gpu_runtime.sampling import SamplingBatch, sample
+from gpu_runtime.sequence import Sequence
+from gpu_runtime.stage import Stage
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """One step's inputs, the same for every stage (stage 0 also uses ``input_ids``).
+
+    input_ids, positions, slot_mapping: (num_tokens,) int64
+    block_tables: (batch, max_blocks) int64
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: list[int]
+    query_lens: list[int]
+    sampling: SamplingBatch
+
+    def metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
+        return AttentionMetadata(
+            positions=self.positions.to(device), slot_mapping=self.slot_mapping.to(device),
+            block_tables=self.block_tables.to(device), context_lens=self.context_lens,
+            query_lens=self.query_lens, block_size=block_size)
+
+    def logits_rows(self) -> list[int] | None:
+        """Row of each sequence's last token in the flat token dimension; None when every row
+        is a last token (decode)."""
+        if max(self.query_lens) == 1:
+            return None
+        rows, end = [], 0
+        for n in self.query_lens:
+            end += n
+            rows.append(end - 1)
+        return rows
+
+
+def prepare_step(seqs: list[Sequence], is_prefill: bool, blocks: BlockManager) -> StepBatch:
+    """Inputs of a step: whole token lists for prefill, the last token for decode."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    context_lens, query_lens = [], []
+    for seq in seqs:
+        start = 0 if is_prefill else seq.num_tokens - 1
+        tokens = seq.token_ids[start:] if is_prefill else [seq.token_ids[-1]]
+        input_ids += tokens
+        positions += range(start, seq.num_tokens)
+        slots += blocks.slots(seq.seq_id, start, seq.num_tokens)
+        context_lens.append(seq.num_tokens)
+        query_lens.append(seq.num_tokens - start)
+    width = max(len(blocks.block_table(s.seq_id)) for s in seqs)
+    tables = [blocks.block_table(s.seq_id) + [0] * (width - len(blocks.block_table(s.seq_id)))
+              for s in seqs]
+    sampling = SamplingBatch.of([s.params for s in seqs], [len(s.output_ids) for s in seqs])
+    return StepBatch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slots),
+                     torch.tensor(tables), context_lens, query_lens, sampling)
+
+
+def run_stage(stage: Stage, kv: KVCache, x: torch.Tensor, step: StepBatch) -> torch.Tensor:
+    """Forward of one stage on one step; on the last stage returns logits of last tokens."""
+    meta = step.metadata(kv.spec.block_size, stage.device)
+    h = stage(x.to(stage.device), meta, kv)
+    if not stage.spec.is_last:
+        return h
+    rows = step.logits_rows()
+    if rows is not None:
+        h = h.index_select(0, torch.tensor(rows, device=h.device))  # (batch, hidden)
+    return stage.compute_logits(h)
+
+
+class LocalRunner:
+    """The whole model in this process (``pp = 1``)."""
+
+    def __init__(self, stage: Stage, kv: KVCache) -> None:
+        assert stage.spec.is_first and stage.spec.is_last, f"{stage.spec} is not a whole model"
+        self.stage, self.kv = stage, kv
+
+    @torch.inference_mode()
+    def execute(self, step: StepBatch) -> tuple[list[int], list[float]]:
+        logits = run_stage(self.stage, self.kv, step.input_ids, step)
+        return sample(logits, step.sampling)
+
+    def close(self) -> None:
+        pass

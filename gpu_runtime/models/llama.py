@@ -1,0 +1,119 @@
+"""Llama family: RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query attention,
+SwiGLU MLP, tied or untied embeddings. Parameters are one-to-one with HF checkpoint tensors (no
+fused q/k/v or gate/up) so each can alias the buffer holding that tensor's bytes."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_runtime.attention import AttentionMetadata, paged_attention
+from gpu_runtime.config import ModelConfig
+from gpu_runtime.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+# HF tensor name -> our parameter path; ``{0}`` is the layer index. Tied embeddings add a
+# second target (see ``param_paths``).
+WEIGHT_MAP: tuple[tuple[re.Pattern, str, str], ...] = (
+    # (pattern, parameter path, role: embed | layer | head)
+    (re.compile(r"model\.embed_tokens\.weight"), "embed_tokens.weight", "embed"),
+    (re.compile(r"model\.layers\.(\d+)\.(.+)"), "layers.{0}.{1}", "layer"),
+    (re.compile(r"model\.norm\.weight"), "norm.weight", "head"),
+    (re.compile(r"lm_head\.weight"), "lm_head.weight", "head"),
+)
+IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # old checkpoints store a derivable buffer
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
+        self.k_proj = _linear(c.hidden_size, c.kv_dim, c.attention_bias)
+        self.v_proj = _linear(c.hidden_size, c.kv_dim, c.attention_bias)
+        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c.attention_bias)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)  # (tokens, heads, hd)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, hd)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(paged_attention(q, k, v, k_cache, v_cache, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata, aux: tuple,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta, aux, k_cache, v_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Module tree mirrors the HF names minus the ``model.`` prefix; layers are keyed by their
+    global index so a stage holding layers 8..15 keeps the same names."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c) for i in range(c.num_layers)})
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.lm_head = _linear(c.hidden_size, c.vocab_size, False)
+        self.inv_freq = rope_inv_freq(c.rope, c.head_dim)  # plain attribute: never on meta
+
+    def prepare(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple:
+        """Per-step tensors every layer shares: RoPE cos/sin of this step's positions."""
+        return rope_cos_sin(self.inv_freq, meta.positions, dtype)
+
+    def embed(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # (tokens, hidden)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """Last-stage tail: final norm and LM head -> float32 logits (rows, vocab)."""
+        return self.lm_head(self.norm(h)).float()
+
+
+def param_paths(c: ModelConfig, hf_name: str) -> tuple[str, list[str]]:
+    """(role, parameter paths) of one HF tensor; role is embed, layer:<i> or head."""
+    if IGNORED.fullmatch(hf_name):
+        return "ignored", []
+    for pattern, template, role in WEIGHT_MAP:
+        m = pattern.fullmatch(hf_name)
+        if not m:
+            continue
+        if role == "layer":
+            return f"layer:{m.group(1)}", [template.format(*m.groups())]
+        if role == "embed" and c.tie_word_embeddings:
+            return "tied", [template, "lm_head.weight"]
+        return role, [template]
+    raise KeyError(f"tensor {hf_name!r} is not part of a Llama checkpoint")

@@ -1,0 +1,227 @@
+"""Pipeline parallelism across processes: stage workers and stage 0's runner.
+
+Stage 0 owns the batch, the sequences and the block tables; it runs its layers, then sends the
+hidden states plus the step's attention inputs to stage 1. Every other stage runs its layers on
+what it receives (writing its own KV cache at the same slots) and passes on; the last stage
+samples and sends token ids and logprobs back to stage 0. Workers are spawned (never forked) on
+this machine, or started by hand on other hosts with ``python -m gpu_runtime.pipeline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpu_runtime.channel import Channel, ChannelError, Message
+from gpu_runtime.kv_cache import KVCache, KVCacheSpec
+from gpu_runtime.model_runner import StepBatch, run_stage
+from gpu_runtime.sampling import SamplingBatch, sample
+from gpu_runtime.stage import Stage
+
+READY_TIMEOUT_S = 600.0
+STEP_POLL_MS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """What stage 0 tells every stage so all KV caches share one block numbering."""
+
+    num_blocks: int
+    block_size: int
+
+
+def ipc_addresses(pp: int) -> list[str]:
+    base = Path(tempfile.gettempdir()) / f"hydra-pp-{uuid.uuid4().hex[:12]}"
+    return [f"ipc://{base}-{i}" for i in range(pp)]
+
+
+def step_message(step: StepBatch, hidden: torch.Tensor) -> Message:
+    s = step.sampling
+    meta = {"context_lens": step.context_lens, "query_lens": step.query_lens,
+            "sampling": [s.temperatures, s.top_ps, s.top_ks, s.seeds, s.steps]}
+    tensors = {"hidden": hidden, "positions": step.positions, "slot_mapping": step.slot_mapping,
+               "block_tables": step.block_tables}
+    return Message("step", meta, tensors)
+
+
+def step_from_message(msg: Message) -> tuple[StepBatch, torch.Tensor]:
+    t, m = msg.tensors, msg.meta
+    step = StepBatch(torch.empty(0, dtype=torch.long), t["positions"], t["slot_mapping"],
+                     t["block_tables"], m["context_lens"], m["query_lens"],
+                     SamplingBatch(*m["sampling"]))
+    return step, t["hidden"]
+
+
+class StageWorker:
+    """A non-first stage: receive, run layers, pass on (or sample, on the last stage)."""
+
+    def __init__(self, stage: Stage, channel: Channel) -> None:
+        self.stage, self.channel = stage, channel
+        self.kv: KVCache | None = None
+        self.compute_s = 0.0
+        self.num_steps = 0
+
+    def serve(self) -> None:
+        while True:
+            msg = self.channel.recv()
+            if msg.kind == "step":
+                self._step(msg)
+            elif msg.kind == "init":
+                self._init(msg)
+            elif msg.kind == "stats":
+                msg.meta.setdefault("stages", []).append(
+                    {"stage": self.stage.spec.index, "compute_s": self.compute_s,
+                     "steps": self.num_steps})
+                self.channel.send(msg)
+            elif msg.kind == "stop":
+                self.channel.send(msg)
+                return
+            else:
+                raise ChannelError(f"stage {self.stage.spec.index}: unknown message {msg.kind!r}")
+
+    def _init(self, msg: Message) -> None:
+        c, spec = self.stage.config, self.stage.spec
+        self.kv = KVCache(KVCacheSpec(spec.layer_start, len(spec.layers), msg.meta["num_blocks"],
+                                      msg.meta["block_size"], c.num_kv_heads, c.head_dim,
+                                      self.stage.dtype), self.stage.device)
+        msg.meta.setdefault("ready", []).append(spec.index)
+        self.channel.send(msg)
+
+    @torch.inference_mode()
+    def _step(self, msg: Message) -> None:
+        assert self.kv is not None, f"stage {self.stage.spec.index} got a step before init"
+        start = time.perf_counter()
+        step, hidden = step_from_message(msg)
+        out = run_stage(self.stage, self.kv, hidden.to(self.stage.dtype), step)
+        if self.stage.spec.is_last:
+            token_ids, logprobs = sample(out, step.sampling)
+            reply = Message("tokens", {"token_ids": token_ids, "logprobs": logprobs})
+        else:
+            reply = step_message(step, out)
+        self.compute_s += time.perf_counter() - start
+        self.num_steps += 1
+        self.channel.send(reply)
+
+
+def worker_main(model_dir: str, pp: int, index: int, addresses: list[str], dtype: str | None,
+                device: str | None, num_threads: int | None) -> None:
+    """Entry point of a stage process: load the stage, then serve until told to stop."""
+    from gpu_runtime.loader import load_stage, plan_stages, resolve_dtype
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    config, specs, files = plan_stages(model_dir, pp)
+    stage = load_stage(model_dir, specs[index], config, files, resolve_dtype(dtype, config),
+                       device)
+    channel = Channel(addresses[index], addresses[(index + 1) % pp])
+    try:
+        StageWorker(stage, channel).serve()
+    finally:
+        channel.close()
+
+
+class PipelineRunner:
+    """Stage 0's side of a pipeline: runs stage 0 here, the rest through the channel."""
+
+    def __init__(self, stage: Stage, kv: KVCache, channel: Channel,
+                 procs: list[mp.Process]) -> None:
+        assert stage.spec.is_first and not stage.spec.is_last, f"{stage.spec} is not stage 0"
+        self.stage, self.kv, self.channel, self.procs = stage, kv, channel, procs
+        self.wait_s = 0.0  # time stage 0 spent waiting for the rest of the pipeline
+
+    @classmethod
+    def start(cls, stage: Stage, kv: KVCache, model_dir: str, addresses: list[str] | None,
+              dtype: str | None, device: str | None, num_threads: int | None) -> PipelineRunner:
+        """Spawns stages 1..pp-1 (when ``addresses`` is None; otherwise they run elsewhere and
+        listen on ``addresses[1:]``) and waits until every stage holds its KV cache."""
+        pp = stage.spec.num_stages
+        spawn = addresses is None
+        addresses = addresses or ipc_addresses(pp)
+        procs = []
+        if spawn:
+            ctx = mp.get_context("spawn")
+            for i in range(1, pp):
+                p = ctx.Process(target=worker_main, daemon=True, name=f"hydra-stage-{i}", args=(
+                    model_dir, pp, i, addresses, dtype, device, num_threads))
+                p.start()
+                procs.append(p)
+        runner = cls(stage, kv, Channel(addresses[0], addresses[1]), procs)
+        runner._handshake(KVLayout(kv.spec.num_blocks, kv.spec.block_size))
+        return runner
+
+    def _handshake(self, layout: KVLayout) -> None:
+        self.channel.send(Message("init", {"num_blocks": layout.num_blocks,
+                                           "block_size": layout.block_size}))
+        reply = self._recv(READY_TIMEOUT_S)
+        ready = reply.meta.get("ready")
+        assert reply.kind == "init" and ready == list(range(1, self.stage.spec.num_stages)), (
+            f"pipeline handshake answered {reply.kind!r} with ready stages {ready}")
+
+    def _recv(self, timeout_s: float) -> Message:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.channel.recv(STEP_POLL_MS)
+            if msg is not None:
+                return msg
+            dead = [p.name for p in self.procs if not p.is_alive()]
+            if dead:
+                raise ChannelError(f"pipeline stage process(es) {dead} exited")
+        raise ChannelError(f"no answer from the pipeline within {timeout_s:.0f}s")
+
+    @torch.inference_mode()
+    def execute(self, step: StepBatch) -> tuple[list[int], list[float]]:
+        hidden = run_stage(self.stage, self.kv, step.input_ids, step)
+        self.channel.send(step_message(step, hidden))
+        start = time.perf_counter()
+        reply = self._recv(READY_TIMEOUT_S)
+        self.wait_s += time.perf_counter() - start
+        assert reply.kind == "tokens", f"expected tokens from the last stage, got {reply.kind!r}"
+        return reply.meta["token_ids"], reply.meta["logprobs"]
+
+    def stats(self) -> list[dict]:
+        """Per-stage compute seconds and step counts of the other stages."""
+        self.channel.send(Message("stats"))
+        return self._recv(60.0).meta.get("stages", [])
+
+    def close(self) -> None:
+        try:
+            self.channel.send(Message("stop"))
+            self._recv(10.0)
+        except ChannelError:
+            pass  # a stage already gone; the join below cleans up
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+        self.channel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs one stage by hand, e.g. on another host: ``--addresses`` lists every stage's
+    listening address (tcp://host:port), stage 0's first."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--pp", type=int, required=True)
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--addresses", required=True)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    addresses = args.addresses.split(",")
+    assert len(addresses) == args.pp and 1 <= args.stage < args.pp, (
+        f"{len(addresses)} addresses for pp={args.pp}, stage {args.stage}")
+    worker_main(args.model, args.pp, args.stage, addresses, args.dtype, args.device,
+                args.threads or int(os.environ.get("HYDRA_THREADS", "0")) or None)
+
+
+if __name__ == "__main__":
+    main()

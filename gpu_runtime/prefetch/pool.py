@@ -1,0 +1,124 @@
+"""The node's shared-memory pool: one /dev/shm file, mapped and pre-faulted once, carved into
+extents (one per cached buffer) by a first-fit allocator that coalesces freed neighbours.
+
+Pre-faulting at start-up pays the first-touch page faults (zeroing fresh pages, 0.7-1.7 GB/s on
+the design's machines) before any cold start; fetches then write into memory that is already
+mapped. Evicted extents go back to the free list with their pages still allocated, so reuse
+never faults again. Readers map only their extent (page-aligned offsets) of the same file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from gpu_runtime.prefetch.header import DATA_OFFSET
+
+EXTENT_ALIGN = 1024 * 1024
+PREFAULT_STEP = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Where the pool lives and how big it is."""
+
+    path: str
+    size_bytes: int
+    prefault: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size_bytes < EXTENT_ALIGN or self.size_bytes % EXTENT_ALIGN:
+            raise ValueError(f"pool size_bytes must be a positive multiple of {EXTENT_ALIGN} "
+                             f"(1 MiB), got {self.size_bytes}")
+        if not os.path.isdir(os.path.dirname(self.path) or "."):
+            raise ValueError(f"pool directory of {self.path!r} does not exist; use a tmpfs "
+                             "such as /dev/shm")
+
+
+def extent_bytes(data_bytes: int) -> int:
+    """Extent size (header page + data, rounded up to EXTENT_ALIGN) for ``data_bytes``."""
+    need = DATA_OFFSET + data_bytes
+    return -(-need // EXTENT_ALIGN) * EXTENT_ALIGN
+
+
+class ShmPool:
+    """Owns the pool file and its writable mapping; allocation is thread-safe."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.path = config.path
+        if os.path.exists(self.path):  # left over by a crashed agent: its readers are gone too
+            os.unlink(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.ftruncate(self.fd, config.size_bytes)
+        self.mm = mmap.mmap(self.fd, config.size_bytes, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        self.prefault_seconds = self._prefault() if config.prefault else 0.0
+        self._free: list[tuple[int, int]] = [(0, config.size_bytes)]  # sorted (offset, length)
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    def _prefault(self) -> float:
+        """Writes every page once, so the pages exist in tmpfs and in our page tables."""
+        started = time.perf_counter()
+        zeros = bytes(PREFAULT_STEP)
+        size = self.config.size_bytes
+        for start in range(0, size, PREFAULT_STEP):
+            n = min(PREFAULT_STEP, size - start)
+            self.mm[start:start + n] = zeros[:n]
+        return time.perf_counter() - started
+
+    def next_generation(self) -> int:
+        with self._lock:
+            self._generation += 1
+            return self._generation
+
+    def allocate(self, nbytes: int) -> int | None:
+        """Offset of a free extent of ``nbytes`` (a multiple of EXTENT_ALIGN), or None."""
+        assert nbytes > 0 and nbytes % EXTENT_ALIGN == 0, f"bad extent size {nbytes}"
+        with self._lock:
+            for i, (offset, length) in enumerate(self._free):
+                if length >= nbytes:
+                    if length == nbytes:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (offset + nbytes, length - nbytes)
+                    return offset
+        return None
+
+    def free(self, offset: int, nbytes: int) -> None:
+        """Returns an extent to the free list, merging it with free neighbours."""
+        with self._lock:
+            i = bisect.bisect_left(self._free, (offset, 0))
+            assert i == len(self._free) or self._free[i][0] >= offset + nbytes, \
+                f"double free of extent {offset}+{nbytes}: overlaps {self._free[i]}"
+            self._free.insert(i, (offset, nbytes))
+            if i + 1 < len(self._free) and offset + nbytes == self._free[i + 1][0]:
+                self._free[i] = (offset, nbytes + self._free.pop(i + 1)[1])
+            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
+                prev = self._free.pop(i - 1)
+                self._free[i - 1] = (prev[0], prev[1] + self._free[i - 1][1])
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(length for _, length in self._free)
+
+    @property
+    def largest_free(self) -> int:
+        with self._lock:
+            return max((length for _, length in self._free), default=0)
+
+    def close(self, unlink: bool = True) -> None:
+        """Unmaps and (by default) removes the pool file; readers keep their own mappings."""
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # header views still alive; the mapping goes with the process
+        os.close(self.fd)
+        if unlink and os.path.exists(self.path):
+            os.unlink(self.path)

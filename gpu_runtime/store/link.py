@@ -1,0 +1,110 @@
+"""Emulated network links: a per-node bandwidth cap and the throughput each fetch achieved.
+
+On one test machine every emulated node shares loopback, so the fetcher itself enforces each
+node's link: all fetches of a node draw from that node's token bucket, whatever the number of
+connections they use. Off by default (``LinkConfig()`` has no cap). MB means 10**6 bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+MB = 1_000_000
+
+
+class TokenBucket:
+    """A thread-safe token bucket of ``rate`` bytes per second holding at most ``burst`` bytes.
+
+    ``consume(n)`` reserves ``n`` bytes at once and sleeps off any debt outside the lock, so
+    concurrent callers share the rate and a request larger than the burst still works.
+    """
+
+    def __init__(self, rate_bytes_per_s: float, burst_bytes: int) -> None:
+        if rate_bytes_per_s <= 0 or burst_bytes <= 0:
+            raise ValueError(f"token bucket needs rate > 0 and burst > 0, got "
+                             f"rate={rate_bytes_per_s} B/s burst={burst_bytes} B")
+        self.rate = float(rate_bytes_per_s)
+        self.burst = float(burst_bytes)
+        self._tokens = self.burst
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def consume(self, n: int) -> float:
+        """Takes ``n`` bytes of budget, blocking until they are paid; returns seconds slept."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """The emulated link of one node; ``bandwidth_mb_s=None`` means no cap (production)."""
+
+    bandwidth_mb_s: float | None = None
+    burst_bytes: int | None = None  # default: 50 ms of the rate, at least 256 KiB
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_mb_s is not None and not self.bandwidth_mb_s > 0:
+            raise ValueError(f"bandwidth_mb_s must be > 0 or None (no cap), "
+                             f"got {self.bandwidth_mb_s}")
+        if self.burst_bytes is not None and self.burst_bytes <= 0:
+            raise ValueError(f"burst_bytes must be > 0 or None, got {self.burst_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchStats:
+    """What one fetch moved and how fast: the figure the planner uses as achieved bandwidth."""
+
+    bytes: int
+    seconds: float
+    num_requests: int = 0
+    num_retries: int = 0
+    num_connections: int = 0
+    cache_hit: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / MB / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "seconds": self.seconds, "mb_per_s": self.mb_per_s,
+                "num_requests": self.num_requests, "num_retries": self.num_retries,
+                "num_connections": self.num_connections, "cache_hit": self.cache_hit}
+
+
+class NodeLink:
+    """One node's link: the shared bucket (when capped) and a history of finished fetches."""
+
+    def __init__(self, node_id: str, config: LinkConfig = LinkConfig(), history: int = 64) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.bucket: TokenBucket | None = None
+        if config.bandwidth_mb_s is not None:
+            rate = config.bandwidth_mb_s * MB
+            burst = config.burst_bytes or max(256 * 1024, int(rate / 20))
+            self.bucket = TokenBucket(rate, burst)
+        self._history: deque[FetchStats] = deque(maxlen=history)
+        self._lock = threading.Lock()
+
+    def throttle(self, n: int) -> None:
+        """Blocks until the link can carry ``n`` more bytes (no-op without a cap)."""
+        if self.bucket is not None:
+            self.bucket.consume(n)
+
+    def record(self, stats: FetchStats) -> None:
+        with self._lock:
+            self._history.append(stats)
+
+    def recent(self) -> list[FetchStats]:
+        """Finished network fetches of this node, oldest first (cache hits are not recorded)."""
+        with self._lock:
+            return list(self._history)
