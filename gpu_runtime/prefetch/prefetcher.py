@@ -1,0 +1,187 @@
+"""The node-side prefetcher: fetches a stage's byte ranges into the node's shared-memory cache.
+
+``Prefetcher.prefetch`` returns at once with a ``FetchJob`` whose ``handle`` a worker in another
+process can open (``reader.open_buffer``) and read from while the download runs. A second
+request for the same (model, stage, layout) shares the entry: a cache hit, no network.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gpu_runtime.checkpoint import TensorEntry
+from gpu_runtime.prefetch.cache import BufferCache, Entry
+from gpu_runtime.prefetch.errors import CODE_OF, ChecksumError, FetchFailedError, PrefetchError
+from gpu_runtime.prefetch.handle import BufferHandle
+from gpu_runtime.prefetch.header import COMPLETE, DATA_OFFSET, FETCHING
+from gpu_runtime.prefetch.pool import PoolConfig, ShmPool
+from gpu_runtime.prefetch.progress import ContiguousProgress, Verifier
+from gpu_runtime.store.fetch import FetchConfig, fetch_chunks, split_chunks
+from gpu_runtime.store.link import FetchStats, LinkConfig, NodeLink
+from gpu_runtime.store.ranges import plan_stage
+from gpu_runtime.store.readers import open_reader
+
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """One node's prefetcher: pool size and place, link cap, fetch parallelism, checks."""
+
+    node_id: str = "local"
+    shm_dir: str = "/dev/shm"
+    pool_bytes: int = 1024 * 1024 * 1024
+    prefault: bool = True
+    verify_checksums: bool = True
+    max_gap_bytes: int = 0
+    pin_ttl_s: float = 300.0
+    link: LinkConfig = field(default_factory=LinkConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+    def __post_init__(self) -> None:
+        if not NODE_ID_RE.match(self.node_id):
+            raise ValueError(f"node_id {self.node_id!r} must be 1-64 characters of "
+                             "[A-Za-z0-9_.-]; it names the pool file")
+        if self.pin_ttl_s <= 0 or self.max_gap_bytes < 0:
+            raise ValueError(f"pin_ttl_s must be > 0 and max_gap_bytes >= 0, got "
+                             f"{self.pin_ttl_s} and {self.max_gap_bytes}")
+
+    @property
+    def pool_path(self) -> str:
+        return f"{self.shm_dir.rstrip('/')}/hydraserve-{self.node_id}.pool"
+
+
+class FetchJob:
+    """A caller's claim on one cached buffer; pins the entry until ``release()``."""
+
+    def __init__(self, entry: Entry, cache: BufferCache, cache_hit: bool) -> None:
+        self._entry, self._cache = entry, cache
+        self.cache_hit = cache_hit
+        self.handle: BufferHandle = entry.handle
+        self.layout = entry.layout
+        self._released = False
+
+    def wait(self, timeout_s: float | None = None) -> FetchStats:
+        """Blocks until the buffer is complete and verified; raises the fetch's error."""
+        if not self._entry.done.wait(timeout_s):
+            raise TimeoutError(f"fetch of {self.handle.key} not done after {timeout_s} s")
+        if self._entry.error is not None:
+            raise self._entry.error
+        if self.cache_hit:
+            return FetchStats(0, 0.0, cache_hit=True)
+        assert self._entry.stats is not None, f"{self.handle.key} done without stats or error"
+        return self._entry.stats
+
+    @property
+    def done(self) -> bool:
+        return self._entry.done.is_set()
+
+    def release(self) -> None:
+        """Unpins the entry (idempotent); readers' own locks keep protecting what they map."""
+        if not self._released:
+            self._released = True
+            with self._cache._lock:
+                self._entry.pins -= 1
+
+
+class Prefetcher:
+    """Owns the node's pool, cache and link; one per node agent."""
+
+    def __init__(self, config: PrefetchConfig = PrefetchConfig()) -> None:
+        self.config = config
+        self.pool = ShmPool(PoolConfig(config.pool_path, config.pool_bytes, config.prefault))
+        self.cache = BufferCache(self.pool, config.pin_ttl_s)
+        self.link = NodeLink(config.node_id, config.link)
+        self.bad_models: dict[str, str] = {}
+        self._threads: list[threading.Thread] = []
+
+    def prefetch(self, model: str, stage: str, uri: str,
+                 entries: Sequence[TensorEntry]) -> FetchJob:
+        """Starts fetching ``entries`` of checkpoint ``uri`` (unless cached) and returns at once.
+
+        ``model`` and ``stage`` name the buffer (e.g. a model id and ``"pp2-s0"``); the key also
+        holds a digest of the layout, so two different splits never share a buffer.
+        """
+        layout = plan_stage(entries, self.config.max_gap_bytes)
+        key = f"{model}/{stage}/{layout.digest()[:16]}"
+        with self.cache._lock:
+            entry = self.cache.lookup(key)
+            hit = entry is not None
+            if entry is None:
+                entry = self.cache.create(key, model, stage, layout)
+                self.cache.counters["misses"] += 1
+            else:
+                self.cache.counters["hits"] += 1
+            entry.pins += 1
+        if not hit:
+            t = threading.Thread(target=self._run, args=(entry, uri), daemon=True,
+                                 name=f"prefetch-{stage}")
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+        return FetchJob(entry, self.cache, hit)
+
+    def _run(self, entry: Entry, uri: str) -> None:
+        layout, h = entry.layout, entry.handle
+        base = h.extent_offset + DATA_OFFSET
+        data = memoryview(self.pool.mm)[base:base + layout.size]
+        chunks = split_chunks(layout, self.config.fetch.chunk_bytes)
+        progress = ContiguousProgress(chunks)
+        verifier = Verifier(layout.placements, data, progress, entry.header.set_mark,
+                            entry.cancel.set, self.config.verify_checksums)
+        verifier.start()
+        try:
+            reader = open_reader(uri, self.config.fetch.retry)
+            try:
+                stats = fetch_chunks(reader, chunks, data, config=self.config.fetch,
+                                     link=self.link, on_progress=progress.add,
+                                     cancel=entry.cancel)
+            finally:
+                reader.close()
+            verifier.join()
+            if verifier.error is not None:
+                raise verifier.error
+            entry.header.set_mark(layout.size)
+            entry.header.set_state(COMPLETE)
+            entry.state, entry.stats = COMPLETE, stats
+            self.link.record(stats)
+        except Exception as exc:  # recorded in the shared header and re-raised to waiters
+            progress.abort()
+            verifier.join()
+            self._fail(entry, verifier.error or exc)
+        finally:
+            data.release()
+            entry.done_at = time.monotonic()
+            entry.done.set()
+
+    def _fail(self, entry: Entry, exc: BaseException) -> None:
+        if isinstance(exc, ChecksumError):
+            error: PrefetchError = exc
+            self.bad_models[entry.handle.model] = exc.message
+        else:
+            error = FetchFailedError(f"fetch of {entry.key} failed: "
+                                     f"{getattr(exc, 'message', None) or exc}", "model")
+            error.__cause__ = exc
+        self.cache.fail(entry, CODE_OF[type(error)], error.message, error)
+
+    def evict_idle(self) -> int:
+        """Evicts every idle entry (e.g. on memory pressure); returns how many went."""
+        return sum(self.cache.evict(e) for e in self.cache.all_live()) + self.cache.reclaim()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Cancels running fetches, waits for them, and removes the pool file."""
+        for entry in self.cache.all_live():
+            if entry.state == FETCHING:
+                entry.cancel.set()
+        for t in self._threads:
+            t.join(timeout_s)
+        self.pool.close()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
