@@ -9,6 +9,7 @@ from hydraserve.cli.cluster import cluster
 from hydraserve.cli.db import db
 from hydraserve.cli.functions import functions
 from hydraserve.cli.models import make_demo_model
+from hydraserve.cli.store import store
 
 
 @click.group()
@@ -16,5 +17,5 @@ def main() -> None:
     """HydraServe: serverless LLM functions with fast cold starts."""
 
 
-for command in (db, admin, functions, make_demo_model, cluster):
+for command in (db, admin, functions, make_demo_model, cluster, store):
     main.add_command(command)

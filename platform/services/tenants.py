@@ -17,6 +17,7 @@ from hydraserve.db.tenants import ROLES, ApiKey, Tenant
 from hydraserve.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 
 KEY_PREFIX = "hs_"
+MAX_ID = 2**31 - 1  # Postgres integer keys
 ADMIN_TENANT = "admin"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 NAME_RULE = "1-63 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -82,7 +83,7 @@ def issue_key(session: Session, tenant: Tenant, name: str = "", role: str = "ten
 
 
 def revoke_key(session: Session, key_id: int) -> ApiKey:
-    row = session.get(ApiKey, key_id)
+    row = session.get(ApiKey, key_id) if 0 < key_id <= MAX_ID else None
     if row is None:
         raise NotFound(f"API key {key_id} not found", "key_id")
     row.revoked_at = row.revoked_at or utcnow()

@@ -48,7 +48,8 @@ def list_keys(tenant: str):
 
 @operation(bp, "/v1/admin/keys/<int:key_id>", "DELETE", summary="Revoke an API key",
            auth="admin", response=KeyOut,
-           path_params={"key_id": {"type": "integer", "minimum": 1}})
+           path_params={"key_id": {"type": "integer", "minimum": 1,
+                                    "maximum": service.MAX_ID}})
 def revoke_key(key_id: int):
     row = service.revoke_key(db(), key_id)
     return key_out(row, row.tenant.name).model_dump(mode="json")

@@ -1,0 +1,36 @@
+"""`make up`'s command in a scratch directory: migrate, demo model, API, demo function."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import requests
+
+from tests.conftest import ADMIN_KEY
+from tests.e2e.conftest import BIN, free_port
+
+
+def test_cluster_up_then_down(e2e_env, tmp_path):
+    port = free_port()
+    env = e2e_env | {"HYDRA_API_PORT": str(port), "HYDRA_STORE_ROOT": str(tmp_path / "models")}
+    try:
+        up = subprocess.run([str(BIN / "hydraserve"), "cluster", "up"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"http://127.0.0.1:{port}" in up.stdout and f"Bearer {ADMIN_KEY}" in up.stdout
+        listed = requests.get(f"http://127.0.0.1:{port}/v1/functions",
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+        assert [f["name"] for f in listed["data"]] == ["demo-llama"]
+        # running it again is safe: the API restarts, the function is kept
+        again = subprocess.run([str(BIN / "hydraserve"), "cluster", "up"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+    finally:
+        down = subprocess.run([str(BIN / "hydraserve"), "cluster", "down"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert "stopped: api" in down.stdout
+    assert not (tmp_path / ".run" / "api.pid").exists()
+    pid_gone = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True)
+    assert pid_gone.returncode == 1, pid_gone.stdout
+    assert os.path.exists(tmp_path / "models" / "demo-llama" / "config.json")
