@@ -9,6 +9,7 @@ before each piece (the emulated link) and ``on_bytes`` after it (progress).
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from gpu_runtime.store.errors import (
 
 Callback = Callable[[int], None]
 # errors after which a Range request is retried from the first missing byte
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 RETRYABLE = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError,
              ConnectionError, TimeoutError)
 
@@ -195,11 +197,17 @@ class HttpReader:
     def _check_response(self, resp: requests.Response, file: str, first: int, last: int) -> None:
         url, code = self.url(file), resp.status_code
         if code == 206:
-            want = f"bytes {first}-{last}/"
-            if not resp.headers.get("Content-Range", "").startswith(want):
+            got = resp.headers.get("Content-Range", "")
+            m = CONTENT_RANGE_RE.match(got)
+            if m and int(m[1]) == first and int(m[2]) < last and int(m[3]) <= last:
+                raise TruncatedRangeError(
+                    f"{url} holds {m[3]} bytes but the index needs bytes up to {last + 1}: "
+                    "the file is shorter than the index says; re-register the model if the "
+                    "file changed")
+            if not m or (int(m[1]), int(m[2])) != (first, last):
                 raise RangeNotSupportedError(
                     f"GET {url} asked for bytes {first}-{last} but the store answered "
-                    f"Content-Range {resp.headers.get('Content-Range')!r}")
+                    f"Content-Range {got!r}")
             return
         if code == 404:
             raise StoreFileNotFoundError(f"{url} is not in the store (HTTP 404)")

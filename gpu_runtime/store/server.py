@@ -38,11 +38,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
         n = int(last_s)
         return "unsatisfiable" if n == 0 or size == 0 else (max(size - n, 0), size - 1)
     first = int(first_s)
-    last = int(last_s) if last_s else size - 1
-    if last < first:
+    if last_s and int(last_s) < first:
         return None  # syntactically invalid: ignored, as RFC 9110 asks
     if first >= size:
         return "unsatisfiable"
+    last = int(last_s) if last_s else size - 1
     return first, min(last, size - 1)
 
 
