@@ -76,7 +76,7 @@ class Scheduler:
             else:
                 self.blocks.append(seq.seq_id, seq.num_tokens)
                 scheduled.append(seq)
-        self.running = scheduled
+        self.running = list(scheduled)  # the caller iterates ``scheduled`` while finishing
         return scheduled
 
     def _preempt(self, seq: Sequence) -> None:

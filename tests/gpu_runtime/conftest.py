@@ -1,0 +1,88 @@
+"""Shared fixtures: small random checkpoints (made once per session) and a transformers
+reference for greedy generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
+
+# init_std 0.2 keeps greedy argmax margins clear; with 0.02 logits are nearly flat and float
+# rounding could flip ties between implementations that are both right
+STD = 0.2
+FOUR_LAYERS = ("num_hidden_layers", 4)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+VARIANTS: dict[str, DemoModelSpec] = {
+    "llama-gqa": DemoModelSpec("llama", init_std=STD, overrides=(FOUR_LAYERS,)),
+    "llama-mha": DemoModelSpec("llama", init_std=STD, seed=1,
+                               overrides=(("num_key_value_heads", 4),)),
+    "llama-tied": DemoModelSpec("llama", init_std=STD, seed=2, tie_word_embeddings=True),
+    "llama-rope-linear": DemoModelSpec("llama", init_std=STD, seed=3, overrides=(
+        ("rope_scaling", {"rope_type": "linear", "factor": 4.0}), ("rope_theta", 500.0))),
+    "llama-rope-llama3": DemoModelSpec("llama", init_std=STD, seed=4,
+                                       overrides=(("rope_scaling", LLAMA3_ROPE),)),
+    "opt": DemoModelSpec("opt", init_std=STD, seed=5, overrides=(FOUR_LAYERS,)),
+    "opt-proj": DemoModelSpec("opt", init_std=STD, seed=6,
+                              overrides=(("word_embed_proj_dim", 32),)),
+    "opt-untied": DemoModelSpec("opt", init_std=STD, seed=7, tie_word_embeddings=False),
+    "llama-sharded": DemoModelSpec("llama", init_std=STD, seed=8, shard_bytes=40_000,
+                                   overrides=(FOUR_LAYERS,)),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_demo_model(root / name, spec) for name, spec in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    """Loaded transformers models, cached per (dir, dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict = {}
+
+    def get(model_dir: Path, dtype: torch.dtype = torch.float32):
+        key = (str(model_dir), dtype)
+        if key not in cache:
+            cache[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        return cache[key]
+
+    return get
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int,
+              eos_ids: tuple[int, ...] = ()) -> tuple[list[int], list[float]]:
+    """Greedy tokens and log-softmax of each chosen token, with the HF KV cache; stops at EOS."""
+    ids = torch.tensor([prompt])
+    out = model(ids, use_cache=True)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        token = int(lp.argmax())
+        tokens.append(token)
+        logprobs.append(float(lp[token]))
+        if token in eos_ids:
+            break
+        out = model(torch.tensor([[token]]), use_cache=True, **_cache_kwarg(out))
+    return tokens, logprobs
+
+
+def eos_of(model_dir: Path) -> tuple[int, ...]:
+    from gpu_runtime.config import load_config
+
+    return load_config(model_dir).eos_token_ids
+
+
+def _cache_kwarg(out) -> dict:
+    # transformers 5 renamed ``past_key_values`` to ``cache``; accept both
+    if getattr(out, "cache", None) is not None:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
