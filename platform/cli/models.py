@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from gpu_runtime.demo_model import ARCHITECTURES, DTYPES, SIZES, DemoModelSpec, make_demo_model as make
+from gpu_runtime.demo_model import ARCHITECTURES, DTYPES, SIZES, DemoModelSpec
+from gpu_runtime.demo_model import make_demo_model as make
 
 
 @click.command("make-demo-model")

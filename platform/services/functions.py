@@ -6,10 +6,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from hydraserve.schemas import FunctionCreate, FunctionPatch
 from hydraserve.db.base import utcnow
 from hydraserve.db.registry import Function, FunctionVersion
 from hydraserve.errors import Conflict, InvalidRequest, NotFound
+from hydraserve.schemas import FunctionCreate, FunctionPatch
 from hydraserve.services.models import ensure_model
 from hydraserve.services.tenants import Principal, check_name
 from hydraserve.settings import Settings

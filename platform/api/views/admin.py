@@ -8,8 +8,15 @@ from hydraserve.api.auth import db
 from hydraserve.api.openapi import operation
 from hydraserve.api.serialize import key_out, tenant_out
 from hydraserve.db.tenants import Tenant
-from hydraserve.schemas import (NAME_PATTERN, KeyCreate, KeyList, KeyOut, TenantCreate,
-                                TenantList, TenantOut)
+from hydraserve.schemas import (
+    NAME_PATTERN,
+    KeyCreate,
+    KeyList,
+    KeyOut,
+    TenantCreate,
+    TenantList,
+    TenantOut,
+)
 from hydraserve.services import tenants as service
 
 bp = Blueprint("admin", __name__)

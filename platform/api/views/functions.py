@@ -8,8 +8,14 @@ from hydraserve.api.auth import db
 from hydraserve.api.openapi import operation
 from hydraserve.api.serialize import function_out
 from hydraserve.errors import InvalidRequest
-from hydraserve.schemas import (NAME_PATTERN, Deleted, FunctionCreate, FunctionList,
-                                FunctionOut, FunctionPatch)
+from hydraserve.schemas import (
+    NAME_PATTERN,
+    Deleted,
+    FunctionCreate,
+    FunctionList,
+    FunctionOut,
+    FunctionPatch,
+)
 from hydraserve.services import functions as service
 
 bp = Blueprint("functions", __name__)

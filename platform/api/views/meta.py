@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from hydraserve.api import openapi
 from hydraserve.api.auth import db
@@ -24,6 +25,6 @@ def healthz():
     """Liveness plus a database round trip."""
     try:
         db().execute(text("SELECT 1"))
-    except Exception as exc:  # any driver error means the database is not usable
+    except SQLAlchemyError as exc:
         raise ServiceUnavailable(f"database unreachable: {type(exc).__name__}") from None
     return {"status": "ok", "version": VERSION}
