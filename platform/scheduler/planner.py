@@ -1,0 +1,199 @@
+"""The cold-start planner: pipeline size, per-stage memory share and node placement.
+
+A pure function of the cluster snapshot, the function's SLOs and the model's profile (DESIGN.md
+section 6). For pipeline size ``pp`` and ``n_full`` workers holding a full memory share:
+
+    inc       = (pp - n_full) + n_full / pp
+    TPOT_pred = T * inc + hop * (pp - 1)
+    TTFT_pred = M / (pp * BW) + P * inc + w + init
+
+where ``BW`` is the smaller of the n_full-th best full-share node's and the pp-th best node's
+link share once the new fetch joins. The smallest feasible ``pp`` wins; among plans of one size the
+one with the fewest full shares (least memory-time). Cached models are placed where the bytes
+already are. With no feasible plan, pp = 1 on the best-bandwidth node that fits is returned with
+``slo_met=False``; with no node that fits at all, ``None`` (the caller waits and retries).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hydraserve.scheduler.network import Link, Reservation
+
+MAX_PP = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """Constants measured on the cluster (docs/planner.md says how), kept in one place."""
+
+    init_overhead_s: float = 1.0  # worker start not hidden behind the fetch
+    hop_s: float = 0.002  # per-token cost of one pipeline hop
+    kv_reserve_fraction: float = 0.25  # KV cache reserve, as a fraction of model bytes
+    max_pp: int = MAX_PP
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_pp <= MAX_PP:
+            raise ValueError(f"max_pp must be 1..{MAX_PP}, got {self.max_pp}")
+        for name in ("init_overhead_s", "hop_s", "kv_reserve_fraction"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: int
+    free_bytes: int
+    num_workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    node_id: str
+    link: Link
+    devices: tuple[Device, ...]
+    cached_models: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One cold start to plan."""
+
+    model_id: int
+    model_bytes: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+    tpot_s: float  # profiled standalone time per output token (T)
+    prefill_s: float  # profiled standalone prefill time (P)
+    waited_s: float = 0.0  # how long the oldest waiting request has waited (w)
+    demand: int = 1  # instances the queue asks for
+
+    def __post_init__(self) -> None:
+        if self.model_bytes <= 0 or self.demand < 1:
+            raise ValueError(f"model_bytes {self.model_bytes} and demand {self.demand} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlacement:
+    stage: int
+    node_id: str
+    device_id: int
+    memory_bytes: int
+    full_share: bool
+    fetch_bytes: int  # 0 when the node's cache already holds the model
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    pp: int
+    stages: tuple[StagePlacement, ...]
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    slo_met: bool
+    reason: str
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+
+    @property
+    def num_full(self) -> int:
+        return sum(s.full_share for s in self.stages)
+
+
+def memory_need(req: Request, cfg: PlannerConfig, pp: int, full: bool) -> int:
+    total = req.model_bytes * (1 + cfg.kv_reserve_fraction)
+    return math.ceil(total if full else total / pp)
+
+
+def pick_device(node: NodeState, need: int) -> Device | None:
+    """Prefer a device with no co-located worker, then the best fit."""
+    fits = [d for d in node.devices if d.free_bytes >= need]
+    return min(fits, key=lambda d: (d.num_workers > 0, d.free_bytes - need), default=None)
+
+
+def inflation(pp: int, n_full: int) -> float:
+    return (pp - n_full) + n_full / pp
+
+
+def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = PlannerConfig()) -> Plan | None:
+    """Chooses how to start one more instance of ``req``'s model; see the module docstring."""
+    cached = _plan_from_cache(req, nodes, cfg)
+    if cached is not None and cached.slo_met:
+        return cached
+    open_nodes = [n for n in nodes if n.link.admits_one_more()]
+    wanted = min(req.demand, cfg.max_pp)  # full shares become replicas after consolidation
+    partial: Plan | None = None  # feasible, but yields fewer instances than demand asks for
+    for pp in range(1, cfg.max_pp + 1):
+        for n_full in range(min(pp, req.demand), pp + 1):
+            plan = _try(req, open_nodes, cfg, pp, n_full)
+            if plan is not None and n_full >= wanted:
+                return plan
+            partial = partial or plan
+    return partial or cached or _fallback(req, open_nodes, cfg)
+
+
+def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
+         n_full: int) -> Plan | None:
+    inc = inflation(pp, n_full)
+    tpot = req.tpot_s * inc + cfg.hop_s * (pp - 1)
+    if tpot > req.tpot_slo_s:
+        return None
+    by_bw = sorted(nodes, key=lambda n: -n.link.share_with_one_more())
+    full_need, part_need = memory_need(req, cfg, pp, True), memory_need(req, cfg, pp, False)
+    full_nodes = [n for n in by_bw if pick_device(n, full_need)][:n_full]
+    if len(full_nodes) < n_full:
+        return None
+    rest = [n for n in by_bw if n not in full_nodes and pick_device(n, part_need)]
+    chosen = full_nodes + rest[: pp - n_full]
+    if len(chosen) < pp:
+        return None
+    bw = min(n.link.share_with_one_more() for n in chosen)
+    deadline = req.ttft_slo_s - req.waited_s - cfg.init_overhead_s
+    stage_bytes = req.model_bytes / pp
+    ttft = stage_bytes / bw + req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
+    if ttft > req.ttft_slo_s or stage_bytes / bw > deadline:
+        return None
+    stages = tuple(_place(i, n, req, cfg, pp, n in full_nodes) for i, n in enumerate(_order(chosen, full_nodes)))
+    reservations = {n.node_id: Reservation(math.ceil(stage_bytes), deadline) for n in chosen}
+    return Plan(pp, stages, ttft, tpot, True, f"pp={pp} with {n_full} full share(s) meets both SLOs",
+                reservations)
+
+
+def _order(chosen: list[NodeState], full_nodes: list[NodeState]) -> list[NodeState]:
+    # Stage 0 owns the batch and becomes the first standalone replica: give it a full share.
+    return full_nodes + [n for n in chosen if n not in full_nodes]
+
+
+def _place(stage: int, node: NodeState, req: Request, cfg: PlannerConfig, pp: int,
+           full: bool) -> StagePlacement:
+    need = memory_need(req, cfg, pp, full)
+    device = pick_device(node, need)
+    assert device is not None, f"node {node.node_id} lost its device for {need} bytes"
+    return StagePlacement(stage, node.node_id, device.device_id, need, full,
+                          math.ceil(req.model_bytes / pp))
+
+
+def _plan_from_cache(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
+    need = memory_need(req, cfg, 1, True)
+    for node in nodes:
+        device = pick_device(node, need)
+        if req.model_id in node.cached_models and device is not None:
+            ttft = req.prefill_s + req.waited_s + cfg.init_overhead_s
+            met = ttft <= req.ttft_slo_s and req.tpot_s <= req.tpot_slo_s
+            stage = StagePlacement(0, node.node_id, device.device_id, need, True, 0)
+            return Plan(1, (stage,), ttft, req.tpot_s, met, "model cached on the node: no fetch")
+    return None
+
+
+def _fallback(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
+    need = memory_need(req, cfg, 1, True)
+    fits = [n for n in nodes if pick_device(n, need)]
+    if not fits:
+        return None
+    node = max(fits, key=lambda n: n.link.share_with_one_more())
+    bw = node.link.share_with_one_more()
+    ttft = req.model_bytes / bw + req.prefill_s + req.waited_s + cfg.init_overhead_s
+    stage = _place(0, node, req, cfg, 1, True)
+    deadline = req.ttft_slo_s - req.waited_s - cfg.init_overhead_s
+    return Plan(1, (stage,), ttft, req.tpot_s, False,
+                "no plan meets the SLOs; pp=1 on the best-bandwidth node that fits",
+                {node.node_id: Reservation(req.model_bytes, max(deadline, 0.0))})

@@ -1,0 +1,167 @@
+"""The planner as a pure function: worked examples, then properties over random clusters."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hydraserve.scheduler.network import Link, Reservation
+from hydraserve.scheduler.planner import (
+    Device,
+    NodeState,
+    PlannerConfig,
+    Request,
+    inflation,
+    memory_need,
+    plan_cold_start,
+)
+
+GB = 10**9
+MBPS = 10**6
+CFG = PlannerConfig(init_overhead_s=1.0, hop_s=0.002, kv_reserve_fraction=0.25)
+
+
+def node(name: str, mbps: float = 100, free_gb: float = 40, fetches=(), cached=()) -> NodeState:
+    return NodeState(name, Link(mbps * MBPS, tuple(fetches)),
+                     (Device(0, int(free_gb * GB)),), frozenset(cached))
+
+
+def request(**kw) -> Request:
+    base = dict(model_id=7, model_bytes=2 * GB, ttft_slo_s=30.0, tpot_slo_s=0.2, tpot_s=0.05,
+                prefill_s=0.3)
+    return Request(**(base | kw))
+
+
+def test_inflation_formula():
+    assert inflation(1, 1) == 1
+    assert inflation(4, 4) == 1  # every stage full share: standalone speed
+    assert inflation(4, 1) == pytest.approx(3.25)
+    assert inflation(2, 0) == 2
+
+
+def test_loose_slo_gets_pp1():
+    plan = plan_cold_start(request(ttft_slo_s=60), [node("a"), node("b")], CFG)
+    assert plan.pp == 1 and plan.slo_met
+    # 2 GB over 100 MB/s = 20 s, + prefill 0.3 + init 1
+    assert plan.predicted_ttft_s == pytest.approx(21.3)
+
+
+def test_tight_ttft_needs_more_stages():
+    # pp=1: 21.3 s; pp=2 with 1 full share: 10 + 0.3*1.5 + 1 = 11.45; pp=4, 1 full: 5 + 0.3*3.25 + 1
+    plan = plan_cold_start(request(ttft_slo_s=12), [node(n) for n in "abcd"], CFG)
+    assert plan.pp == 2 and plan.num_full == 1 and plan.slo_met
+    assert plan.predicted_ttft_s == pytest.approx(11.45)
+    plan = plan_cold_start(request(ttft_slo_s=7.5), [node(n) for n in "abcd"], CFG)
+    assert plan.pp == 4 and plan.slo_met
+    assert len({s.node_id for s in plan.stages}) == 4
+
+
+def test_tpot_slo_forces_full_shares():
+    # T=0.05; pp=2 with one full share inflates to 0.075 > 0.07; two full shares: 0.052
+    plan = plan_cold_start(request(ttft_slo_s=12, tpot_slo_s=0.07), [node(n) for n in "abcd"], CFG)
+    assert plan.pp == 2 and plan.num_full == 2
+    assert plan.predicted_tpot_s == pytest.approx(0.05 + 0.002)
+    assert all(s.memory_bytes == memory_need(request(), CFG, 2, True) for s in plan.stages)
+
+
+def test_stage_zero_holds_a_full_share():
+    plan = plan_cold_start(request(ttft_slo_s=7.5), [node(n) for n in "abcd"], CFG)
+    assert plan.stages[0].full_share
+    assert [s.stage for s in plan.stages] == [0, 1, 2, 3]
+
+
+def test_demand_for_two_instances_asks_for_two_full_shares():
+    plan = plan_cold_start(request(ttft_slo_s=60, demand=2), [node(n) for n in "abcd"], CFG)
+    assert plan.pp == 2 and plan.num_full == 2
+
+
+def test_cached_model_skips_the_fetch():
+    nodes = [node("a", mbps=1000), node("b", mbps=10, cached=[7])]
+    plan = plan_cold_start(request(ttft_slo_s=5), nodes, CFG)
+    assert plan.pp == 1 and plan.stages[0].node_id == "b" and plan.stages[0].fetch_bytes == 0
+    assert plan.predicted_ttft_s == pytest.approx(0.3 + 1.0)
+
+
+def test_busy_link_is_avoided_when_joining_would_break_a_deadline():
+    # node a: one fetch with 900 MB left and 10 s to go; at 100 MB/s shared by two it needs 18 s
+    busy = node("a", mbps=100, fetches=[Reservation(900 * MBPS, 10.0)])
+    plan = plan_cold_start(request(ttft_slo_s=60), [busy, node("b", mbps=50)], CFG)
+    assert [s.node_id for s in plan.stages] == ["b"]
+
+
+def test_bandwidth_share_counts_existing_fetches():
+    # a has 200 MB/s with one relaxed fetch: a new fetch gets 100 MB/s, same as b alone
+    relaxed = node("a", mbps=200, fetches=[Reservation(10 * MBPS, 100.0)])
+    plan = plan_cold_start(request(ttft_slo_s=60), [relaxed, node("b", mbps=150)], CFG)
+    assert plan.stages[0].node_id == "b"
+
+
+def test_memory_best_fit_and_no_colocation():
+    n = NodeState("a", Link(100 * MBPS), (Device(0, 100 * GB), Device(1, 3 * GB, num_workers=1),
+                                          Device(2, 3 * GB)))
+    plan = plan_cold_start(request(model_bytes=2 * GB, ttft_slo_s=60), [n], CFG)
+    assert plan.stages[0].device_id == 2  # fits 2.5 GB, nothing co-located, tightest
+
+
+def test_infeasible_slo_falls_back_to_best_bandwidth():
+    plan = plan_cold_start(request(ttft_slo_s=1), [node("a", mbps=10), node("b", mbps=80)], CFG)
+    assert plan.pp == 1 and not plan.slo_met and plan.stages[0].node_id == "b"
+
+
+def test_nothing_fits_means_wait():
+    assert plan_cold_start(request(model_bytes=100 * GB), [node("a", free_gb=10)], CFG) is None
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="max_pp must be 1..4, got 5"):
+        PlannerConfig(max_pp=5)
+    with pytest.raises(ValueError, match="hop_s must be >= 0"):
+        PlannerConfig(hop_s=-1)
+
+
+nodes_st = st.lists(
+    st.builds(node, name=st.uuids().map(str), mbps=st.floats(5, 2000),
+              free_gb=st.floats(0.1, 80),
+              fetches=st.lists(st.builds(Reservation, st.integers(0, 5 * GB),
+                                         st.floats(0.5, 120)), max_size=3)),
+    min_size=1, max_size=8, unique_by=lambda n: n.node_id)
+requests_st = st.builds(request, model_bytes=st.integers(GB // 10, 20 * GB),
+                        ttft_slo_s=st.floats(0.5, 120), tpot_slo_s=st.floats(0.01, 1),
+                        tpot_s=st.floats(0.005, 0.5), prefill_s=st.floats(0, 5),
+                        waited_s=st.floats(0, 10), demand=st.integers(1, 6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(req=requests_st, nodes=nodes_st)
+def test_plans_are_sound(req, nodes):
+    plan = plan_cold_start(req, nodes, CFG)
+    if plan is None:  # only when no open link has a device that fits the whole model
+        need = memory_need(req, CFG, 1, True)
+        assert not any(d.free_bytes >= need and n.link.admits_one_more()
+                       for n in nodes for d in n.devices)
+        return
+    by_id = {n.node_id: n for n in nodes}
+    assert len({s.node_id for s in plan.stages}) == plan.pp == len(plan.stages)
+    for s in plan.stages:
+        device = next(d for d in by_id[s.node_id].devices if d.device_id == s.device_id)
+        assert device.free_bytes >= s.memory_bytes, (device, s)
+        if s.fetch_bytes:  # joining this link keeps every existing fetch on time
+            assert by_id[s.node_id].link.admits_one_more(), s.node_id
+    if plan.slo_met:
+        assert plan.predicted_ttft_s <= req.ttft_slo_s + 1e-9
+        assert plan.predicted_tpot_s <= req.tpot_slo_s + 1e-9
+        assert plan.stages[0].full_share
+
+
+@settings(max_examples=200, deadline=None)
+@given(req=requests_st, nodes=nodes_st)
+def test_smallest_feasible_pipeline_is_chosen(req, nodes):
+    one = Request(**{f: getattr(req, f) for f in Request.__slots__} | {"demand": 1})
+    plan = plan_cold_start(one, nodes, CFG)
+    if plan is None or not plan.slo_met or plan.stages[0].fetch_bytes == 0:
+        return
+    for smaller in range(1, plan.pp):
+        narrower = PlannerConfig(CFG.init_overhead_s, CFG.hop_s, CFG.kv_reserve_fraction, smaller)
+        other = plan_cold_start(one, nodes, narrower)
+        assert other is None or not other.slo_met, (smaller, other)
