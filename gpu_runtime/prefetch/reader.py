@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from gpu_runtime.prefetch import locks
@@ -44,6 +45,9 @@ class SharedBuffer:
         self._mm = mmap.mmap(self._fd, handle.extent_bytes, flags, mmap.PROT_READ,
                              offset=handle.extent_offset)
         self._header = Header(self._mm, 0)
+        # tensors are made from this array, not from the mmap: torch keeps a reference to the
+        # array, whose buffer export keeps the mapping from being closed under live tensors
+        self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
         snap = self._header.snapshot()
         if not self._header.magic_ok() or not self._is_ours(snap):
             self._release()
@@ -99,7 +103,7 @@ class SharedBuffer:
             f"{e.name} ends at {placement.buffer_end}, buffer holds {self.handle.size}"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(self._mm, dtype=dtype, count=numel,
+            flat = torch.frombuffer(self._bytes, dtype=dtype, count=numel,
                                     offset=DATA_OFFSET + placement.buffer_offset)
         return flat.view(e.shape)
 
@@ -108,10 +112,12 @@ class SharedBuffer:
         if self._mm is None:
             return
         self._header.release_views()
+        del self._bytes
         try:
             self._mm.close()
         except BufferError as exc:
             self._header = Header(self._mm, 0)
+            self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
             raise BufferInUseError(
                 f"tensors still alias buffer {self.handle.key}; drop them (e.g. unload the "
                 "stage) before closing") from exc
@@ -120,6 +126,7 @@ class SharedBuffer:
     def _release(self) -> None:
         if getattr(self, "_header", None) is not None and hasattr(self._header, "_u32"):
             self._header.release_views()
+        self.__dict__.pop("_bytes", None)
         if not self._mm.closed:
             self._mm.close()
         self._mm = None  # type: ignore[assignment]

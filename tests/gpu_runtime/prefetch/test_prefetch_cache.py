@@ -1,0 +1,163 @@
+"""The shared-memory cache: zero-copy reads equal to a plain load, hits skip the network,
+eviction spares buffers in use, stale handles fail loudly."""
+
+from __future__ import annotations
+
+import gc
+import glob
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpu_runtime.prefetch import (
+    BufferGoneError, BufferInUseError, CacheFullError, LayoutMismatchError, iter_tensors,
+    open_buffer)
+from gpu_runtime.prefetch.header import DATA_OFFSET
+from gpu_runtime.prefetch.locks import count_holders
+from gpu_runtime.store import LinkConfig, plan_stage
+
+
+@pytest.fixture(scope="module")
+def reference(pf_root):
+    tensors = {}
+    for f in sorted(glob.glob(str(pf_root / "small" / "*.safetensors"))):
+        tensors |= load_file(f)
+    return tensors
+
+
+def test_tensors_equal_a_plain_load_bit_for_bit_and_alias_the_cache(
+        make_prefetcher, pf_server, pf_index, reference):
+    pf = make_prefetcher()
+    job = pf.prefetch("small", "all", pf_server.url + "/small", pf_index.tensors)
+    with open_buffer(job.handle) as buf:
+        got = dict(iter_tensors(buf, plan_stage(pf_index.tensors), timeout_s=30))
+        assert got.keys() == reference.keys()
+        lo, hi = buf.address, buf.address + job.handle.size
+        for name, t in got.items():
+            ref = reference[name]
+            assert (t.dtype, t.shape) == (ref.dtype, ref.shape), name
+            assert torch.equal(t.view(torch.uint8), ref.view(torch.uint8)), name  # same bits
+            assert lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi, name  # inside the map
+        assert {t.dtype for t in got.values()} == {torch.bfloat16}
+        # aliasing: a write through the prefetcher's mapping shows up in the worker's tensor
+        name = "model.norm.weight"
+        p = next(p for p in job.layout.placements if p.name == name)
+        at = job.handle.extent_offset + DATA_OFFSET + p.buffer_offset
+        before = bytes(pf.pool.mm[at:at + 2])
+        pf.pool.mm[at:at + 2] = b"\x80\x3f"  # bf16 1.0
+        assert got[name][0].item() == 1.0
+        pf.pool.mm[at:at + 2] = before
+        assert torch.equal(got[name], reference[name])
+        with pytest.raises(BufferInUseError, match="still alias"):
+            buf.close()
+        del got, t
+        gc.collect()
+    assert count_holders(pf.pool.fd, job.handle.extent_offset) == 0
+
+
+def test_cache_hit_skips_the_network(make_prefetcher, pf_server, pf_index):
+    pf = make_prefetcher()
+    uri = pf_server.url + "/small"
+    first = pf.prefetch("small", "all", uri, pf_index.tensors)
+    stats = first.wait(30)
+    requests_after_miss = pf_server.stats["requests"]
+    assert not first.cache_hit and stats.bytes == pf_index.total_bytes and stats.num_requests > 0
+    second = pf.prefetch("small", "all", uri, pf_index.tensors)
+    assert second.cache_hit and second.wait(5).cache_hit
+    assert second.handle == first.handle
+    assert pf_server.stats["requests"] == requests_after_miss
+    assert pf.cache.counters["hits"] == 1 and pf.cache.counters["misses"] == 1
+    assert [s.bytes for s in pf.link.recent()] == [pf_index.total_bytes]
+
+
+def test_concurrent_requests_for_one_stage_share_one_fetch(make_prefetcher, pf_server, pf_index):
+    pf = make_prefetcher(link=LinkConfig(bandwidth_mb_s=40))
+    uri = pf_server.url + "/small"
+    jobs = [pf.prefetch("small", "all", uri, pf_index.tensors) for _ in range(3)]
+    assert [j.cache_hit for j in jobs] == [False, True, True]
+    assert not jobs[0].done  # still downloading at 40 MB/s
+    jobs[0].wait(30)
+    assert pf_server.stats["bytes"] == pf_index.total_bytes
+
+
+def fill(pf, uri, entries, stages):
+    jobs = {s: pf.prefetch("small", s, uri, entries) for s in stages}
+    for j in jobs.values():
+        j.wait(30)
+    return jobs
+
+
+def test_eviction_never_removes_a_buffer_in_use(make_prefetcher, pf_root, pf_index, reference):
+    # each buffer takes an 8 MiB extent: three fit in 24 MiB
+    pf = make_prefetcher(pool_bytes=24 << 20)
+    uri = f"file://{pf_root / 'small'}"
+    jobs = fill(pf, uri, pf_index.tensors, ["s0", "s1", "s2"])
+    reader = open_buffer(jobs["s0"].handle)  # s0 is the least recently used, but mapped
+    jobs["s0"].release()
+    jobs["s1"].release()  # s1 idle; s2 still pinned by its job
+    new = pf.prefetch("small", "s3", uri, pf_index.tensors)
+    new.wait(30)
+    assert sorted(e["stage"] for e in pf.cache.entries()) == ["s0", "s2", "s3"]
+    with pytest.raises(BufferGoneError, match="evicted or replaced"):
+        open_buffer(jobs["s1"].handle)
+    got = dict(iter_tensors(reader, plan_stage(pf_index.tensors), timeout_s=5))
+    assert all(torch.equal(got[n], reference[n]) for n in reference)  # s0 intact
+    with pytest.raises(CacheFullError, match="every other entry is in use"):
+        pf.prefetch("small", "s4", uri, pf_index.tensors)
+    del got
+    reader.close()
+    assert pf.prefetch("small", "s4", uri, pf_index.tensors).wait(30).bytes > 0  # s0 went
+    assert sorted(e["stage"] for e in pf.cache.entries()) == ["s2", "s3", "s4"]
+    assert pf.cache.counters["evictions"] == 2
+
+
+def test_lru_order_among_idle_entries(make_prefetcher, pf_root, pf_index):
+    pf = make_prefetcher(pool_bytes=24 << 20)
+    uri = f"file://{pf_root / 'small'}"
+    for job in fill(pf, uri, pf_index.tensors, ["s0", "s1", "s2"]).values():
+        job.release()
+    pf.prefetch("small", "s0", uri, pf_index.tensors).release()  # s0 used again: s1 is LRU
+    pf.prefetch("small", "s3", uri, pf_index.tensors).wait(30)
+    assert [e["stage"] for e in pf.cache.entries()] == ["s2", "s0", "s3"]
+
+
+def test_forgotten_pin_expires_after_ttl(make_prefetcher, pf_root, pf_index):
+    pf = make_prefetcher(pool_bytes=16 << 20, pin_ttl_s=0.2)
+    uri = f"file://{pf_root / 'small'}"
+    pf.prefetch("small", "s0", uri, pf_index.tensors).wait(30)  # never released
+    pf.prefetch("small", "s1", uri, pf_index.tensors).wait(30)
+    with pytest.raises(CacheFullError):
+        pf.prefetch("small", "s2", uri, pf_index.tensors)
+    import time
+    time.sleep(0.3)
+    pf.prefetch("small", "s2", uri, pf_index.tensors).wait(30)
+    assert [e["stage"] for e in pf.cache.entries()] == ["s1", "s2"]
+
+
+def test_buffer_larger_than_pool_is_rejected(make_prefetcher, pf_root, pf_index):
+    pf = make_prefetcher(pool_bytes=4 << 20)
+    with pytest.raises(CacheFullError, match="whole pool holds 4194304"):
+        pf.prefetch("small", "all", f"file://{pf_root / 'small'}", pf_index.tensors)
+
+
+def test_layout_mismatch_is_detected(make_prefetcher, pf_root, pf_index):
+    pf = make_prefetcher()
+    job = pf.prefetch("small", "all", f"file://{pf_root / 'small'}", pf_index.tensors)
+    with open_buffer(job.handle) as buf:
+        with pytest.raises(LayoutMismatchError, match="same entries"):
+            next(iter_tensors(buf, plan_stage(pf_index.tensors[1:])))
+
+
+def test_extents_are_reused_without_growing_the_pool(make_prefetcher, pf_root, pf_index):
+    import os
+    pf = make_prefetcher(pool_bytes=16 << 20)
+    uri = f"file://{pf_root / 'small'}"
+    blocks = os.stat(pf.pool.path).st_blocks
+    assert blocks * 512 >= 16 << 20  # pre-faulted: every page exists from the start
+    for i in range(4):
+        job = pf.prefetch("small", f"s{i}", uri, pf_index.tensors)
+        job.wait(30)
+        job.release()
+    assert pf.cache.counters["evictions"] >= 2
+    assert os.stat(pf.pool.path).st_blocks == blocks
