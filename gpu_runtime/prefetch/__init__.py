@@ -7,8 +7,15 @@ tensors as their bytes arrive and pass their checksum.
 """
 
 from gpu_runtime.prefetch.errors import (
-    BufferGoneError, BufferInUseError, CacheFullError, ChecksumError, FetchFailedError,
-    LayoutMismatchError, PrefetchError, WaitTimeoutError)
+    BufferGoneError,
+    BufferInUseError,
+    CacheFullError,
+    ChecksumError,
+    FetchFailedError,
+    LayoutMismatchError,
+    PrefetchError,
+    WaitTimeoutError,
+)
 from gpu_runtime.prefetch.handle import TORCH_DTYPES, BufferHandle
 from gpu_runtime.prefetch.prefetcher import FetchJob, PrefetchConfig, Prefetcher
 from gpu_runtime.prefetch.reader import SharedBuffer, iter_tensors, open_buffer

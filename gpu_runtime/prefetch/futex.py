@@ -22,14 +22,18 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _syscall = _libc.syscall
-    _syscall.restype = ctypes.c_long
-except (OSError, AttributeError):  # pragma: no cover - non-Linux
-    _syscall = None
+def _load_syscall():  # noqa: ANN202 - a ctypes function pointer
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):  # pragma: no cover - non-Linux
+        return None
+    fn.restype = ctypes.c_long
+    return fn
 
+
+_syscall = _load_syscall()
 AVAILABLE = _SYS_FUTEX is not None and _syscall is not None and os.uname().sysname == "Linux"
+_NR = _SYS_FUTEX or 0
 POLL_S = 0.0005  # fallback sleep when futexes are not available
 
 
@@ -38,19 +42,19 @@ def wait(addr: int, expected: int, timeout_s: float) -> None:
 
     Returns early on a wake, a signal, or when the word already differs; the caller re-checks.
     """
-    if not AVAILABLE:
+    if not AVAILABLE or _syscall is None:
         time.sleep(min(timeout_s, POLL_S))
         return
     sec = int(timeout_s)
     ts = _Timespec(sec, int((timeout_s - sec) * 1e9))
-    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(FUTEX_WAIT),
+    _syscall(ctypes.c_long(_NR), ctypes.c_void_p(addr), ctypes.c_long(FUTEX_WAIT),
              ctypes.c_long(expected & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_long(0))
 
 
 def wake(addr: int, count: int = _INT_MAX) -> int:
     """Wakes up to ``count`` waiters on the u32 at ``addr``; returns how many woke."""
-    if not AVAILABLE:
+    if not AVAILABLE or _syscall is None:
         return 0
-    return int(_syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr),
+    return int(_syscall(ctypes.c_long(_NR), ctypes.c_void_p(addr),
                         ctypes.c_long(FUTEX_WAKE), ctypes.c_long(count), None, None,
                         ctypes.c_long(0)))

@@ -10,6 +10,7 @@ never faults again. Readers map only their extent (page-aligned offsets) of the 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 import threading
@@ -115,10 +116,8 @@ class ShmPool:
 
     def close(self, unlink: bool = True) -> None:
         """Unmaps and (by default) removes the pool file; readers keep their own mappings."""
-        try:
+        with contextlib.suppress(BufferError):  # header views alive: unmapped at process exit
             self.mm.close()
-        except BufferError:
-            pass  # header views still alive; the mapping goes with the process
         os.close(self.fd)
         if unlink and os.path.exists(self.path):
             os.unlink(self.path)

@@ -148,7 +148,7 @@ class Prefetcher:
             entry.header.set_state(COMPLETE)
             entry.state, entry.stats = COMPLETE, stats
             self.link.record(stats)
-        except Exception as exc:  # recorded in the shared header and re-raised to waiters
+        except Exception as exc:  # noqa: BLE001 - recorded in the header, raised to waiters
             progress.abort()
             verifier.join()
             self._fail(entry, verifier.error or exc)

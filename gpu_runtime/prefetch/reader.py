@@ -21,8 +21,13 @@ import torch
 
 from gpu_runtime.prefetch import locks
 from gpu_runtime.prefetch.errors import (
-    ERROR_CODES, BufferGoneError, BufferInUseError, ChecksumError, LayoutMismatchError,
-    WaitTimeoutError)
+    ERROR_CODES,
+    BufferGoneError,
+    BufferInUseError,
+    ChecksumError,
+    LayoutMismatchError,
+    WaitTimeoutError,
+)
 from gpu_runtime.prefetch.handle import TORCH_DTYPES, BufferHandle
 from gpu_runtime.prefetch.header import DATA_OFFSET, FAILED, FREE, Header, Snapshot
 from gpu_runtime.store.ranges import StageLayout, TensorPlacement

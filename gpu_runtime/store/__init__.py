@@ -6,8 +6,12 @@ emulated link (``NodeLink``), and ``server`` is a Range-capable store for local 
 """
 
 from gpu_runtime.store.errors import (
-    RangeNotSupportedError, StoreError, StoreFileNotFoundError, StoreUnavailableError,
-    TruncatedRangeError)
+    RangeNotSupportedError,
+    StoreError,
+    StoreFileNotFoundError,
+    StoreUnavailableError,
+    TruncatedRangeError,
+)
 from gpu_runtime.store.fetch import Chunk, FetchConfig, fetch_chunks, split_chunks
 from gpu_runtime.store.link import MB, FetchStats, LinkConfig, NodeLink, TokenBucket
 from gpu_runtime.store.ranges import ByteRange, StageLayout, TensorPlacement, plan_stage

@@ -47,6 +47,12 @@ class Chunk:
         return self.end - self.start
 
 
+@dataclass(slots=True)
+class _SharedState:
+    next: int = 0
+    error: Exception | None = None
+
+
 class FetchCancelled(Exception):
     """Raised inside reader threads when another chunk failed or the fetch was cancelled."""
 
@@ -71,7 +77,7 @@ def fetch_chunks(reader: RangeReader, chunks: list[Chunk], dest: memoryview, *,
     at their next piece. Returns the bytes moved, the wall time and the request counters.
     """
     stop = cancel or threading.Event()
-    state = {"next": 0, "error": None}
+    state = _SharedState()
     lock = threading.Lock()
     throttle = link.throttle if link is not None else (lambda n: None)
     requests_before, retries_before = reader.counters.requests, reader.counters.retries
@@ -79,8 +85,8 @@ def fetch_chunks(reader: RangeReader, chunks: list[Chunk], dest: memoryview, *,
     def worker() -> None:
         while not stop.is_set():
             with lock:
-                i = state["next"]
-                state["next"] += 1
+                i = state.next
+                state.next += 1
             if i >= len(chunks):
                 return
             c = chunks[i]
@@ -94,9 +100,9 @@ def fetch_chunks(reader: RangeReader, chunks: list[Chunk], dest: memoryview, *,
                                  throttle, progress)
             except FetchCancelled:
                 return
-            except BaseException as exc:  # handed to the caller below, re-raised there
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, re-raised below
                 with lock:
-                    state["error"] = state["error"] or exc
+                    state.error = state.error or exc
                 stop.set()
                 return
 
@@ -107,8 +113,8 @@ def fetch_chunks(reader: RangeReader, chunks: list[Chunk], dest: memoryview, *,
         t.start()
     for t in threads:
         t.join()
-    if state["error"] is not None:
-        raise state["error"]
+    if state.error is not None:
+        raise state.error
     if cancel is not None and cancel.is_set():
         raise FetchCancelled("fetch cancelled")
     return FetchStats(

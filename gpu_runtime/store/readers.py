@@ -22,8 +22,12 @@ import requests
 import urllib3
 
 from gpu_runtime.store.errors import (
-    RangeNotSupportedError, StoreError, StoreFileNotFoundError, StoreUnavailableError,
-    TruncatedRangeError)
+    RangeNotSupportedError,
+    StoreError,
+    StoreFileNotFoundError,
+    StoreUnavailableError,
+    TruncatedRangeError,
+)
 
 Callback = Callable[[int], None]
 # errors after which a Range request is retried from the first missing byte

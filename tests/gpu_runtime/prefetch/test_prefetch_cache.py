@@ -11,8 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from gpu_runtime.prefetch import (
-    BufferGoneError, BufferInUseError, CacheFullError, LayoutMismatchError, iter_tensors,
-    open_buffer)
+    BufferGoneError,
+    BufferInUseError,
+    CacheFullError,
+    LayoutMismatchError,
+    iter_tensors,
+    open_buffer,
+)
 from gpu_runtime.prefetch.header import DATA_OFFSET
 from gpu_runtime.prefetch.locks import count_holders
 from gpu_runtime.store import LinkConfig, plan_stage
@@ -144,9 +149,8 @@ def test_buffer_larger_than_pool_is_rejected(make_prefetcher, pf_root, pf_index)
 def test_layout_mismatch_is_detected(make_prefetcher, pf_root, pf_index):
     pf = make_prefetcher()
     job = pf.prefetch("small", "all", f"file://{pf_root / 'small'}", pf_index.tensors)
-    with open_buffer(job.handle) as buf:
-        with pytest.raises(LayoutMismatchError, match="same entries"):
-            next(iter_tensors(buf, plan_stage(pf_index.tensors[1:])))
+    with open_buffer(job.handle) as buf, pytest.raises(LayoutMismatchError, match="same entries"):
+        next(iter_tensors(buf, plan_stage(pf_index.tensors[1:])))
 
 
 def test_extents_are_reused_without_growing_the_pool(make_prefetcher, pf_root, pf_index):

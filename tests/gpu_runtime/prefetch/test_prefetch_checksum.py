@@ -102,9 +102,9 @@ def test_truncated_store_file_fails_the_fetch(make_prefetcher, pf_root, pf_index
         job = pf.prefetch("small", "all", server.url + "/small", pf_index.tensors)
         with pytest.raises(FetchFailedError, match="shorter than the index"):
             job.wait(30)
-        with open_buffer(job.handle) as buf:
-            with pytest.raises(FetchFailedError, match="shorter than the index"):
-                list(iter_tensors(buf, plan_stage(pf_index.tensors), timeout_s=5))
+        with open_buffer(job.handle) as buf, \
+                pytest.raises(FetchFailedError, match="shorter than the index"):
+            list(iter_tensors(buf, plan_stage(pf_index.tensors), timeout_s=5))
         assert "small" not in pf.bad_models  # a store error, not a checksum mismatch
     finally:
         server.shutdown()

@@ -78,7 +78,7 @@ def test_readers_in_other_processes_follow_the_mark_and_share_one_copy(
     assert maps[0]["inode"] == __import__("os").stat(pf.pool.path).st_ino
     assert maps[0]["offset"] == job.handle.extent_offset
     model_kb = pf_index.total_bytes // 1024
-    for m, res in zip(maps, results):
+    for m, res in zip(maps, results, strict=False):
         assert m["Rss"] >= 0.95 * model_kb  # the whole stage is resident in this reader ...
         # ... but shared: Pss splits it between the prefetcher and the three readers
         assert m["Pss"] <= 0.5 * m["Rss"], m

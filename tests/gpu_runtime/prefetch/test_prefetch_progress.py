@@ -16,7 +16,7 @@ from gpu_runtime.store.ranges import plan_stage
 
 def chunks_of(lengths: list[int], pad: int = 0) -> list[Chunk]:
     out, offset = [], 0
-    for i, n in enumerate(lengths):
+    for n in lengths:
         out.append(Chunk("f", 0, n, offset))
         offset += n + pad
     return out
@@ -29,7 +29,7 @@ def completions(draw):
     for i, n in enumerate(lengths):
         cuts = sorted(draw(st.lists(st.integers(1, n - 1), max_size=3, unique=True))) if n > 1 else []
         bounds = [0, *cuts, n]
-        pieces.append([(i, b - a) for a, b in zip(bounds, bounds[1:])])
+        pieces.append([(i, b - a) for a, b in zip(bounds, bounds[1:], strict=False)])
     order = []
     queues = [list(p) for p in pieces]
     while any(queues):

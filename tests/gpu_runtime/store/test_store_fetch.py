@@ -7,14 +7,21 @@ import zlib
 from dataclasses import replace
 
 import pytest
+from store_helpers import start_server
 
 from gpu_runtime.store import (
-    FetchConfig, RangeNotSupportedError, RetryPolicy, StoreFileNotFoundError,
-    StoreUnavailableError, TruncatedRangeError, fetch_chunks, open_reader, plan_stage,
-    split_chunks)
+    FetchConfig,
+    RangeNotSupportedError,
+    RetryPolicy,
+    StoreFileNotFoundError,
+    StoreUnavailableError,
+    TruncatedRangeError,
+    fetch_chunks,
+    open_reader,
+    plan_stage,
+    split_chunks,
+)
 from gpu_runtime.store.server import StoreHandler
-
-from store_helpers import start_server
 
 FAST_RETRY = RetryPolicy(max_retries=3, backoff_s=0.01, timeout_s=5)
 

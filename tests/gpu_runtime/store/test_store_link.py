@@ -11,8 +11,16 @@ import time
 import pytest
 
 from gpu_runtime.store import (
-    MB, FetchConfig, LinkConfig, NodeLink, TokenBucket, fetch_chunks, open_reader, plan_stage,
-    split_chunks)
+    MB,
+    FetchConfig,
+    LinkConfig,
+    NodeLink,
+    TokenBucket,
+    fetch_chunks,
+    open_reader,
+    plan_stage,
+    split_chunks,
+)
 
 
 def test_bucket_caps_one_caller():
@@ -91,8 +99,8 @@ def test_two_nodes_have_independent_links(ckpt_root, ckpt_index):
     a = NodeLink("a", LinkConfig(bandwidth_mb_s=40, burst_bytes=256 * 1024))
     b = NodeLink("b", LinkConfig(bandwidth_mb_s=40, burst_bytes=256 * 1024))
     results = []
-    threads = [threading.Thread(target=lambda l=l: results.append(_fetch(l, uri, ckpt_index.tensors)))
-               for l in (a, b)]
+    threads = [threading.Thread(target=lambda link=link: results.append(_fetch(link, uri, ckpt_index.tensors)))
+               for link in (a, b)]
     started = time.perf_counter()
     for t in threads:
         t.start()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from store_helpers import file_bytes
 
 from gpu_runtime.checkpoint import TensorEntry
 from gpu_runtime.store.ranges import DATA_ALIGN, plan_stage
-
-from store_helpers import file_bytes
 
 
 def test_contiguous_tensors_of_one_file_become_one_range(ckpt_index):
@@ -69,12 +68,12 @@ def test_layout_covers_every_tensor_once(case):
     entries, gap = case
     layout = plan_stage(entries, max_gap=gap)
     spans = sorted((r.buffer_offset, r.buffer_offset + r.length) for r in layout.ranges)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # no overlap
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans  # no overlap
     assert spans[-1][1] == layout.size
     for p in layout.placements:
         r = next(r for r in layout.ranges if r.file == p.entry.file
                  and r.start <= p.entry.offset and p.entry.end <= r.end)
         assert p.buffer_offset == r.buffer_offset + p.entry.offset - r.start
     # ranges never merge across a gap larger than max_gap
-    for a, b in zip(layout.ranges, layout.ranges[1:]):
+    for a, b in zip(layout.ranges, layout.ranges[1:], strict=False):
         assert a.file != b.file or b.start - a.end > gap
