@@ -152,3 +152,64 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class Sampling(Strict):
+    """Sampling settings shared by invocations and the OpenAI-compatible endpoints."""
+
+    max_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    logprobs: bool = False
+
+
+class InvokeRequest(Sampling):
+    """Body of ``POST /v1/functions/<name>/invocations``: exactly one of prompt, prompt_ids or
+    messages."""
+
+    prompt: str | None = Field(default=None, max_length=100_000)
+    prompt_ids: list[int] | None = Field(default=None, min_length=1, max_length=32_768)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "InvokeRequest":
+        given = [k for k in ("prompt", "prompt_ids", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"send exactly one of prompt, prompt_ids or messages (got {given or 'none'})")
+        return self
+
+
+class Timings(BaseModel):
+    queued_at: datetime
+    planned_at: datetime | None = None
+    fetched_at: datetime | None = None
+    loaded_at: datetime | None = None
+    first_token_at: datetime | None = None
+    finished_at: datetime | None = None
+    ttft_ms: float | None = Field(default=None, description="queued to first token")
+    breakdown_ms: dict[str, float] = Field(
+        default_factory=dict, description="queue/plan, fetch, load, prefill phases of the TTFT")
+
+
+class InvocationOut(BaseModel):
+    object: Literal["invocation"] = "invocation"
+    id: str
+    function: str
+    version: int
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    cold: bool | None
+    output: dict | None
+    error: ErrorDetail | None
+    tokens_in: int | None
+    tokens_out: int | None
+    attempts: int
+    instance_ids: list[int]
+    timings: Timings

@@ -46,6 +46,7 @@ class Settings:
     model_roots: tuple[str, ...] = ()  # extra directories file:// model URIs may point into
     api_port: int = 8000
     registration_timeout_s: int = 60
+    sync_deadline_s: int = 30  # a sync invocation answers 202 + id after this long
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -76,6 +77,7 @@ class Settings:
             "model_roots": tuple(p for p in env.get("HYDRA_MODEL_ROOTS", "").split(":") if p),
             "api_port": _env_int("HYDRA_API_PORT", 8000, 1, 65535),
             "registration_timeout_s": _env_int("HYDRA_REGISTRATION_TIMEOUT_S", 60, 1, 3600),
+            "sync_deadline_s": _env_int("HYDRA_SYNC_DEADLINE_S", 30, 0, 600),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from flask import Flask, g, jsonify
 from sqlalchemy.orm import sessionmaker
@@ -11,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from hydraserve.db.base import make_engine, make_session_factory
 from hydraserve.errors import HydraError, RateLimited
+from hydraserve.messaging import Publisher, ReplyListener
 from hydraserve.services.tenants import bootstrap_admin_key
 from hydraserve.settings import Settings
 
@@ -19,21 +21,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Extension:
+    """Per-process state of the API: settings, sessions, and broker clients opened on first use
+    (after gunicorn has forked, so no connection is shared between workers)."""
+
     settings: Settings
     session_factory: sessionmaker
+    _publisher: Publisher | None = None
+    _listener: ReplyListener | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def publisher(self) -> Publisher:
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = Publisher(self.settings.broker_url)
+            return self._publisher
+
+    def listener(self) -> ReplyListener:
+        with self._lock:
+            if self._listener is None:
+                self._listener = ReplyListener(self.settings.broker_url).start()
+            return self._listener
 
 
 def create_app(settings: Settings | None = None,
                session_factory: sessionmaker | None = None) -> Flask:
     """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
-    from hydraserve.api.views import admin, functions, meta
+    from hydraserve.api.views import admin, functions, invocations, meta
 
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
     app = Flask(__name__)
     app.json.sort_keys = False
     app.extensions["hydraserve"] = Extension(settings, session_factory)
-    for bp in (meta.bp, functions.bp, admin.bp):
+    for bp in (meta.bp, functions.bp, invocations.bp, admin.bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
     app.teardown_appcontext(close_session)

@@ -65,8 +65,13 @@ class Instance(Base):
     stage_index: Mapped[int] = mapped_column(default=0)
     num_stages: Mapped[int] = mapped_column(default=1)
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default="starting")
+    # starting -> ready -> stopping -> released, or failed from any state
+    status: Mapped[str] = mapped_column(String(16), default="starting", index=True)
+    address: Mapped[str] = mapped_column(String(255), default="")  # activation channel endpoint
+    pid: Mapped[int | None]
     timeline: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    error: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[datetime | None]
+    last_active_at: Mapped[datetime | None]
     released_at: Mapped[datetime | None]

@@ -1,0 +1,141 @@
+"""Invocations: sync (202 after a deadline), async (``Prefer: respond-async``), SSE streams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, current_app, g, request, stream_with_context
+
+from hydraserve.api.auth import db
+from hydraserve.api.openapi import operation
+from hydraserve.api.serialize import invocation_out
+from hydraserve.db.registry import FunctionVersion
+from hydraserve.errors import InvalidRequest, ServiceUnavailable
+from hydraserve.schemas import NAME_PATTERN, InvocationOut, InvokeRequest
+from hydraserve.services import functions, invocations
+from hydraserve.services.invocations import Waiter
+
+bp = Blueprint("invocations", __name__)
+NAME = {"name": {"type": "string", "pattern": NAME_PATTERN}}
+ID = {"id": {"type": "string", "maxLength": 40}}
+
+
+def runtime():
+    return current_app.extensions["hydraserve"]
+
+
+def wants_stream() -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def wants_async() -> bool:
+    return "respond-async" in request.headers.get("Prefer", "")
+
+
+def sync_deadline_s() -> float:
+    raw = request.args.get("timeout_s")
+    if raw is None:
+        return runtime().settings.sync_deadline_s
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"timeout_s={raw!r} is not a number", "timeout_s") from None
+    if not 0 <= value <= 600:
+        raise InvalidRequest(f"timeout_s={value} is out of range 0..600", "timeout_s")
+    return value
+
+
+def start(name: str, body: InvokeRequest, kind: str, follow: bool):
+    """Accepts an invocation; with ``follow``, subscribes to its events first."""
+    fn = functions.get_function(db(), g.principal, name)
+    rt = runtime()
+    inv_id = invocations.new_id()
+    listener = rt.listener() if follow else None
+    events = listener.subscribe(inv_id) if listener else None
+    try:
+        inv = invocations.accept(db(), rt.publisher(), g.principal, fn, body, kind, inv_id,
+                                 listener.queue_name if listener else None)
+    except ServiceUnavailable:
+        if listener:
+            listener.unsubscribe(inv_id)
+        raise
+    return fn, inv, (Waiter(db(), listener, inv, events) if listener else None)
+
+
+@operation(bp, "/v1/functions/<name>/invocations", "POST", summary="Invoke a function",
+           body=InvokeRequest, response=InvocationOut, path_params=NAME,
+           query_params={"timeout_s": {"type": "number", "minimum": 0, "maximum": 600}})
+def invoke(name: str, body: InvokeRequest):
+    deadline = sync_deadline_s()
+    if wants_async():
+        fn, inv, _ = start(name, body, "invoke", follow=False)
+        return accepted(function_of(inv), inv)
+    fn, inv, waiter = start(name, body, "invoke", follow=True)
+    if wants_stream():
+        return sse(function_of(inv), waiter, deadline_s=max(deadline, 3600))
+    try:
+        for _event in waiter.follow(deadline):
+            pass
+    finally:
+        waiter.close()
+    db().refresh(inv)
+    if inv.status not in invocations.FINISHED:
+        return accepted(function_of(inv), inv)
+    return finished(function_of(inv), inv)
+
+
+def accepted(function: tuple[str, int], inv):
+    out = invocation_out(inv, *function).model_dump(mode="json")
+    return out, 202, {"Location": f"/v1/invocations/{inv.id}"}
+
+
+def finished(function: tuple[str, int], inv):
+    out = invocation_out(inv, *function).model_dump(mode="json")
+    if inv.status == "failed" and (inv.error or {}).get("type") == "invalid_request_error":
+        return {"error": inv.error}, 400, {"X-Invocation-Id": inv.id}
+    return out, 200, {"X-Invocation-Id": inv.id}
+
+
+def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Response:
+    def stream() -> Iterator[str]:
+        done = False
+        try:
+            yield ": accepted " + waiter.inv.id + "\n\n"
+            for event in waiter.follow(deadline_s):
+                if event is None:
+                    yield ": keep-alive\n\n"  # a cold start is in progress
+                    continue
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            db().refresh(waiter.inv)
+            done = waiter.inv.status in invocations.FINISHED
+            final = invocation_out(waiter.inv, *function).model_dump(mode="json")
+            yield f"event: invocation\ndata: {json.dumps(final)}\n\n"
+        finally:
+            waiter.close()
+            if not done:  # the client went away (or the deadline passed): stop the work
+                invocations.cancel(db(), waiter.inv)
+
+    return Response(stream_with_context(stream()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Invocation-Id": waiter.inv.id})
+
+
+@operation(bp, "/v1/invocations/<id>", "GET", summary="Read an invocation",
+           response=InvocationOut, path_params=ID)
+def get_invocation(id: str):  # noqa: A002 (the path parameter's name)
+    inv = invocations.get(db(), g.principal, id)
+    return invocation_out(inv, *function_of(inv)).model_dump(mode="json")
+
+
+@operation(bp, "/v1/invocations/<id>/cancel", "POST", summary="Cancel an invocation",
+           response=InvocationOut, path_params=ID)
+def cancel_invocation(id: str):  # noqa: A002
+    inv = invocations.get(db(), g.principal, id)
+    invocations.cancel(db(), inv)
+    return invocation_out(inv, *function_of(inv)).model_dump(mode="json")
+
+
+def function_of(inv) -> tuple[str, int]:
+    """(function name, version number) an invocation ran against."""
+    version = db().get(FunctionVersion, inv.function_version_id)
+    return version.function.name, version.version

@@ -1,0 +1,112 @@
+"""Invocations: accept (row + durable message), read, cancel, and wait for the outcome."""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pika.exceptions import AMQPError
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from hydraserve.db.base import utcnow
+from hydraserve.db.registry import Function, FunctionVersion
+from hydraserve.db.serving import Invocation
+from hydraserve.errors import NotFound, ServiceUnavailable
+from hydraserve.messaging import Publisher, ReplyListener, request_queue
+from hydraserve.schemas import InvokeRequest
+from hydraserve.services.functions import alias_spec
+from hydraserve.services.tenants import Principal
+
+FINISHED = ("succeeded", "failed", "cancelled")
+EVENTS_CHANNEL = "hydra_events"  # Postgres NOTIFY channel the scheduler listens on
+DB_POLL_S = 1.0
+
+
+def new_id() -> str:
+    return "inv_" + uuid.uuid4().hex
+
+
+def notify(session: Session, what: str) -> None:
+    session.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENTS_CHANNEL, "p": what})
+
+
+def accept(session: Session, publisher: Publisher, who: Principal, fn: Function,
+           body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None) -> Invocation:
+    """Stores the invocation, then publishes it; if the broker refuses, the row records why.
+    Subscribe to ``inv_id``'s replies before calling this, so no token event is missed."""
+    spec: FunctionVersion = alias_spec(fn)
+    inv = Invocation(id=inv_id, tenant_id=who.tenant_id, function_id=fn.id,
+                     function_version_id=spec.id, status="queued",
+                     request={"kind": kind, **body.model_dump(exclude_none=True)})
+    session.add(inv)
+    notify(session, f"queued:{fn.id}")
+    session.commit()
+    message = {"id": inv.id, "function_version_id": spec.id, "request": inv.request}
+    try:
+        publisher.publish(request_queue(fn.id), message, reply_to=reply_to, correlation_id=inv.id)
+    except (AMQPError, OSError) as exc:  # record it: nothing is silently lost
+        fail(session, inv, "service_unavailable", f"message broker unavailable: {type(exc).__name__}")
+        raise ServiceUnavailable("the message broker is unavailable; retry shortly") from None
+    return inv
+
+
+def fail(session: Session, inv: Invocation, kind: str, message: str, param: str | None = None) -> None:
+    inv.status, inv.finished_at = "failed", utcnow()
+    inv.error = {"type": kind, "message": message, "param": param}
+    session.commit()
+
+
+def get(session: Session, who: Principal, invocation_id: str) -> Invocation:
+    inv = session.scalar(select(Invocation).where(Invocation.id == invocation_id,
+                                                  Invocation.tenant_id == who.tenant_id))
+    if inv is None:
+        raise NotFound(f"invocation {invocation_id!r} not found", "id")
+    return inv
+
+
+def cancel(session: Session, inv: Invocation) -> None:
+    """Marks an unfinished invocation cancelled; the worker aborts it at its next check."""
+    session.refresh(inv)
+    if inv.status not in FINISHED:
+        inv.status, inv.finished_at = "cancelled", utcnow()
+        session.commit()
+
+
+@dataclass(slots=True)
+class Waiter:
+    """Follows one invocation: token events from the reply queue, Postgres as the fallback."""
+
+    session: Session
+    listener: ReplyListener
+    inv: Invocation
+    events: queue.Queue
+
+    def close(self) -> None:
+        self.listener.unsubscribe(self.inv.id)
+
+    def follow(self, deadline_s: float, tick_s: float = 1.0) -> Iterator[dict | None]:
+        """Yields token events as they come and ``None`` every ``tick_s`` of silence (SSE
+        keep-alive); ends after the ``done``/``error`` event, or when the row is finished, or at
+        the deadline."""
+        end = time.monotonic() + deadline_s
+        last_poll = time.monotonic()
+        while time.monotonic() < end:
+            try:
+                event = self.events.get(timeout=min(tick_s, max(end - time.monotonic(), 0.01)))
+            except queue.Empty:
+                event = None
+            if event is not None:
+                yield event
+                if event["type"] in ("done", "error"):
+                    return
+                continue
+            if time.monotonic() - last_poll >= DB_POLL_S:
+                last_poll = time.monotonic()
+                self.session.refresh(self.inv)
+                if self.inv.status in FINISHED:
+                    return
+            yield None

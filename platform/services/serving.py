@@ -1,0 +1,101 @@
+"""Bookkeeping of serving workers in Postgres: invocation start and end, group readiness,
+activity. Called from worker processes; every write commits at once, since a worker may die."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from hydraserve.db.base import utcnow
+from hydraserve.db.cluster import Instance, Plan
+from hydraserve.db.serving import Invocation
+from hydraserve.services.invocations import FINISHED, notify
+
+MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
+
+
+def begin(session: Session, inv_id: str, group: tuple[int, ...]) -> Invocation | None:
+    """Claims an invocation for this group; None when it is already finished (a redelivery) or
+    has used up its attempts (then it is failed here, with the reason)."""
+    inv = session.scalar(select(Invocation).where(Invocation.id == inv_id).with_for_update())
+    if inv is None or inv.status in FINISHED:
+        session.commit()
+        return None
+    inv.attempts += 1
+    if inv.attempts > MAX_ATTEMPTS:
+        inv.status, inv.finished_at = "failed", utcnow()
+        inv.error = {"type": "service_unavailable", "param": None,
+                     "message": f"gave up after {MAX_ATTEMPTS} attempts: the workers serving it "
+                                "stopped before it finished"}
+        session.commit()
+        return None
+    lead = session.get(Instance, group[0])
+    plan = session.get(Plan, lead.plan_id) if lead.plan_id else None
+    inv.status, inv.instance_ids = "running", list(group)
+    inv.cold = bool(lead.ready_at and lead.ready_at > inv.queued_at)
+    if inv.cold and plan is not None:
+        timeline = lead.timeline or {}
+        inv.planned_at = plan.created_at
+        inv.fetched_at = _at(timeline.get("fetch_end"))
+        inv.loaded_at = lead.ready_at
+    session.commit()
+    return inv
+
+
+def _at(value: float | None) -> datetime | None:
+    from datetime import timezone
+
+    return datetime.fromtimestamp(value, tz=timezone.utc) if value else None
+
+
+def complete(session: Session, inv_id: str, output: dict, tokens_in: int, tokens_out: int,
+             first_token_at: datetime | None) -> None:
+    inv = session.get(Invocation, inv_id)
+    if inv is None or inv.status in FINISHED:  # cancelled meanwhile: keep the cancel
+        session.commit()
+        return
+    inv.status, inv.output, inv.finished_at = "succeeded", output, utcnow()
+    inv.tokens_in, inv.tokens_out, inv.first_token_at = tokens_in, tokens_out, first_token_at
+    session.commit()
+
+
+def fail(session: Session, inv_id: str, kind: str, message: str, param: str | None) -> None:
+    inv = session.get(Invocation, inv_id)
+    if inv is not None and inv.status not in FINISHED:
+        inv.status, inv.finished_at = "failed", utcnow()
+        inv.error = {"type": kind, "message": message, "param": param}
+    session.commit()
+
+
+def cancelled(session: Session, inv_ids: list[str]) -> set[str]:
+    if not inv_ids:
+        return set()
+    rows = session.scalars(select(Invocation.id).where(Invocation.id.in_(inv_ids),
+                                                       Invocation.status == "cancelled"))
+    ids = set(rows)
+    session.commit()
+    return ids
+
+
+def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> None:
+    now = utcnow()
+    session.execute(update(Instance).where(Instance.id.in_(group), Instance.status == "starting")
+                    .values(status="ready", ready_at=now, last_active_at=now))
+    lead = session.get(Instance, group[0])
+    lead.timeline = {**(lead.timeline or {}), **timeline}
+    notify(session, f"ready:{group[0]}")
+    session.commit()
+
+
+def touch(session: Session, group: tuple[int, ...]) -> None:
+    session.execute(update(Instance).where(Instance.id.in_(group))
+                    .values(last_active_at=utcnow()))
+    session.commit()
+
+
+def instance_status(session: Session, instance_id: int) -> str:
+    status = session.scalar(select(Instance.status).where(Instance.id == instance_id))
+    session.commit()
+    return status or "released"

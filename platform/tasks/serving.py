@@ -1,0 +1,217 @@
+"""The serving loop of stage 0: consume the function's request queue, batch continuously,
+stream tokens to the API's reply queue, record results in Postgres, then ack.
+
+Run as ``python -m hydraserve.tasks.serving --instance-id N`` by the node agent. A request is
+acked only after its outcome is committed, so a worker that dies leaves its requests on the
+queue for the next group (at-least-once; ``services.serving.begin`` makes redelivery safe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pika
+
+from gpu_runtime.engine import EngineConfig, LLMEngine
+from gpu_runtime.errors import RuntimeInputError
+from gpu_runtime.sampling import SamplingParams
+from hydraserve.db.base import make_engine, make_session_factory, utcnow
+from hydraserve.messaging import Publisher, connect, request_queue
+from hydraserve.services import serving
+from hydraserve.settings import Settings
+from hydraserve.tasks.assignment import Assignment, load_assignment
+
+log = logging.getLogger("hydraserve.serving")
+MAX_BATCH = 16
+CANCEL_CHECK_S = 0.5
+TOUCH_S = 2.0
+
+
+@dataclass(slots=True)
+class Active:
+    """An invocation in the engine."""
+
+    inv_id: str
+    delivery_tag: int
+    reply_to: str | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    sent_text: str = ""
+    first_token_at: datetime | None = None
+    want_logprobs: bool = False
+
+
+def sampling_params(req: dict) -> SamplingParams:
+    return SamplingParams(max_tokens=req.get("max_tokens", 64),
+                          temperature=req.get("temperature", 0.0), top_p=req.get("top_p", 1.0),
+                          top_k=req.get("top_k", 0), seed=req.get("seed"),
+                          stop=tuple(req.get("stop", ())))
+
+
+class Server:
+    def __init__(self, settings: Settings, assignment: Assignment, engine: LLMEngine) -> None:
+        self.settings, self.a, self.engine = settings, assignment, engine
+        self.sessions = make_session_factory(make_engine(settings.database_url))
+        self.publisher = Publisher(settings.broker_url)
+        self.active: dict[str, Active] = {}
+        self.stopping = False
+        self._last_cancel_check = self._last_touch = time.monotonic()
+
+    # ---- intake -----------------------------------------------------------------------------
+
+    def on_message(self, ch, method, props, body: bytes) -> None:
+        msg = json.loads(body)
+        inv_id, req = msg["id"], msg["request"]
+        with self.sessions() as s:
+            inv = serving.begin(s, inv_id, self.a.group)
+        if inv is None:  # finished already (redelivery) or out of attempts
+            ch.basic_ack(method.delivery_tag)
+            self._event(props.reply_to, inv_id, {"type": "done"})
+            return
+        active = Active(inv_id, method.delivery_tag, props.reply_to,
+                        want_logprobs=bool(req.get("logprobs")))
+        try:
+            self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
+        except RuntimeInputError as exc:
+            self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
+            return
+        self.active[inv_id] = active
+
+    def _prompt_ids(self, req: dict) -> list[int]:
+        tok = self.engine.tokenizer
+        if "prompt_ids" in req:
+            return list(req["prompt_ids"])
+        if tok is None:
+            raise RuntimeInputError("this model has no tokenizer.json; send prompt_ids", "prompt")
+        if "messages" in req:
+            return tok.encode_chat(req["messages"])
+        return tok.encode(req["prompt"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        conn = connect(self.settings.broker_url)
+        ch = conn.channel()
+        queue = request_queue(self.a.function_id)
+        ch.queue_declare(queue, durable=True)
+        ch.basic_qos(prefetch_count=MAX_BATCH)
+        tag = ch.basic_consume(queue, self.on_message)
+        while True:
+            busy = self.engine.has_unfinished()
+            conn.process_data_events(time_limit=0 if busy else 0.2)
+            if busy:
+                self._step(ch)
+            self._housekeeping(ch)
+            if self.stopping and tag:
+                ch.basic_cancel(tag)  # take no more; unacked prefetched messages go back
+                tag = None
+            if self.stopping and not self.active:
+                break
+        conn.close()
+
+    def _step(self, ch) -> None:
+        for out in self.engine.step():
+            active = self.active.get(out.request_id)
+            if active is None:
+                continue
+            if out.new_token_ids and active.first_token_at is None:
+                active.first_token_at = utcnow()
+            active.token_ids += out.new_token_ids
+            active.logprobs += out.new_logprobs
+            self._stream(active, out)
+            if out.finished:
+                self._finish_ok(ch, active, out)
+
+    def _stream(self, active: Active, out) -> None:
+        if not active.reply_to or not out.new_token_ids:
+            return
+        text = self._text(active, out)
+        delta, active.sent_text = text[len(active.sent_text):], text
+        self._event(active.reply_to, active.inv_id, {
+            "type": "token", "token_ids": out.new_token_ids, "text": delta,
+            **({"logprobs": out.new_logprobs} if active.want_logprobs else {})})
+
+    def _text(self, active: Active, out) -> str:
+        if out.text:
+            return out.text
+        tok = self.engine.tokenizer
+        return tok.decode(active.token_ids) if tok is not None else ""
+
+    def _finish_ok(self, ch, active: Active, out) -> None:
+        output = {"text": self._text(active, out), "token_ids": active.token_ids,
+                  "finish_reason": out.finish_reason}
+        if active.want_logprobs:
+            output["logprobs"] = active.logprobs
+        with self.sessions() as s:
+            serving.complete(s, active.inv_id, output, out.num_prompt_tokens,
+                             out.num_output_tokens, active.first_token_at)
+        ch.basic_ack(active.delivery_tag)
+        self.active.pop(active.inv_id, None)
+        self._event(active.reply_to, active.inv_id, {"type": "done", **output})
+
+    def _finish_failed(self, ch, active: Active, kind: str, message: str, param: str | None) -> None:
+        with self.sessions() as s:
+            serving.fail(s, active.inv_id, kind, message, param)
+        ch.basic_ack(active.delivery_tag)
+        self.active.pop(active.inv_id, None)
+        self._event(active.reply_to, active.inv_id,
+                    {"type": "error", "error": {"type": kind, "message": message, "param": param}})
+
+    def _housekeeping(self, ch) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_check >= CANCEL_CHECK_S and self.active:
+            self._last_cancel_check = now
+            with self.sessions() as s:
+                gone = serving.cancelled(s, list(self.active))
+            for inv_id in gone:
+                self.engine.abort(inv_id)
+                active = self.active.pop(inv_id)
+                ch.basic_ack(active.delivery_tag)  # the row says cancelled: nothing to redo
+                self._event(active.reply_to, inv_id, {"type": "done", "cancelled": True})
+        if now - self._last_touch >= TOUCH_S and self.active:
+            self._last_touch = now
+            with self.sessions() as s:
+                serving.touch(s, self.a.group)
+
+    def _event(self, reply_to: str | None, inv_id: str, event: dict) -> None:
+        if reply_to:
+            try:
+                self.publisher.publish(reply_to, event, correlation_id=inv_id, durable=False)
+            except pika.exceptions.AMQPError:
+                log.warning("could not send %s event of %s", event["type"], inv_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Serve stage 0 of a pipeline group.")
+    ap.add_argument("--instance-id", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as s:
+        a = load_assignment(s, args.instance_id)
+    timeline = {"init_start": time.time()}
+    engine = LLMEngine(EngineConfig(
+        model=a.model_dir, pp=a.pp, num_threads=args.threads,
+        stage_addresses=a.addresses if a.pp > 1 else None))
+    timeline["ready"] = time.time()
+    with sessions() as s:
+        serving.mark_ready(s, a.group, timeline)
+    server = Server(settings, a, engine)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
+    log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)
+    try:
+        server.run()
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
