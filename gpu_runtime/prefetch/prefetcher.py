@@ -167,6 +167,12 @@ class Prefetcher:
             error.__cause__ = exc
         self.cache.fail(entry, CODE_OF[type(error)], error.message, error)
 
+    def holds(self, model: str, stage: str, entries: Sequence[TensorEntry]) -> bool:
+        """Whether the cache holds this stage complete (a fetch-free candidate for the planner)."""
+        key = f"{model}/{stage}/{plan_stage(entries, self.config.max_gap_bytes).digest()[:16]}"
+        entry = self.cache.lookup(key)
+        return entry is not None and entry.state == COMPLETE
+
     def evict_idle(self) -> int:
         """Evicts every idle entry (e.g. on memory pressure); returns how many went."""
         return sum(self.cache.evict(e) for e in self.cache.all_live()) + self.cache.reclaim()

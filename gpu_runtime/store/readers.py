@@ -220,6 +220,8 @@ class HttpReader:
                 f"{url} has no bytes {first}-{last} (HTTP 416, Content-Range "
                 f"{resp.headers.get('Content-Range')!r}): the file is shorter than the index "
                 "says; re-register the model if the file changed")
+        if code == 200 and first == 0 and resp.headers.get("Content-Length") == str(last + 1):
+            return  # the range is the whole file; some stores answer that with a plain 200
         if code == 200:
             raise RangeNotSupportedError(
                 f"{url} ignored the Range header (HTTP 200); the store must answer Range "
