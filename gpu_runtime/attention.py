@@ -86,13 +86,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """(num_blocks, block_size, kv_heads, hd) -> (batch, kv_heads, max_context, hd)."""
     num_blocks_needed = -(-meta.max_context // meta.block_size)
-    tables = meta.block_tables[:, :num_blocks_needed]
+    tables = meta.block_tables[:, :num_blocks_needed]  # (batch, blocks)
     batch = tables.shape[0]
-    if batch == 1:  # a slice of blocks is a view when they are consecutive; keep the cheap path
-        ctx = cache.index_select(0, tables[0])  # (blocks, block_size, kv_heads, hd)
-    else:
-        ctx = cache[tables]  # (batch, blocks, block_size, kv_heads, hd)
-    ctx = ctx.reshape(batch, -1, cache.shape[2], cache.shape[3])[:, :meta.max_context]
+    # index_select over whole blocks is a row memcpy; advanced indexing is several times slower
+    ctx = cache.index_select(0, tables.reshape(-1))  # (batch * blocks, block_size, kvh, hd)
+    ctx = ctx.view(batch, -1, cache.shape[2], cache.shape[3])[:, :meta.max_context]
     return ctx.transpose(1, 2)  # (batch, kv_heads, max_context, hd)
 
 
