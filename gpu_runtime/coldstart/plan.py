@@ -119,7 +119,8 @@ def plan_group(model: str, index: CheckpointIndex, pp: int, *, kv_cache_bytes: i
     when stages run on different hosts. ``uri`` defaults to the index's own URI.
     """
     config = parse_config(index.config)
-    specs = split_stages(config, index.tensors, pp)
+    # frozen TensorEntry fields are read-only, which mypy's Protocol check does not accept
+    specs = split_stages(config, index.tensors, pp)  # type: ignore[arg-type]
     blocks = kv_blocks(index, specs, kv_cache_bytes, block_size, dtype)
     shape = EngineShape(dtype, blocks, block_size, num_threads)
     addrs = tuple(addresses) if addresses is not None else (

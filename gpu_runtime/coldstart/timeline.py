@@ -99,7 +99,7 @@ class StageTimeline:
             d["init_exposed"] = max(0.0, self.init_end - self.fetch_end)
         _put(d, "ready_after_load", self.load_end, self.ready)
         _put(d, "prefill", self.ready, self.first_token)
-        last = max((t for t in (getattr(self, p) for p in PHASES) if t is not None))
+        last = max(t for t in (getattr(self, p) for p in PHASES) if t is not None)
         d["total"] = last - self.plan
         return d
 

@@ -1,0 +1,291 @@
+"""The node's pool of pre-started generic workers.
+
+    pool = WorkerPool(WorkerPoolConfig(node_id="n1", num_prestarted=2))
+    handle = pool.assign(assignment)      # a booted worker if one is free, else a new process
+    report = handle.wait_ready(600)
+    result = handle.generate([("r1", [1, 2, 3], SamplingParams(max_tokens=8))])   # stage 0
+
+A pre-started worker has imported torch and the runtime and initialised its device, so taking
+it removes process start from the cold start's critical path. When none is free the pool
+spawns one at once: the node has already started the fetch, so the new process boots while
+the bytes arrive. With ``refill`` the pool starts a replacement whenever it hands one out.
+The pool is a data-plane library: the node agent (a Celery worker) owns one and drives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from gpu_runtime.coldstart.errors import (
+    AssignmentError,
+    PoolClosedError,
+    WorkerDiedError,
+    WorkerFailedError,
+    WorkerStartError,
+    WorkerTimeoutError,
+)
+from gpu_runtime.coldstart.plan import StageAssignment
+from gpu_runtime.coldstart.worker import WorkerBoot, worker_main
+from gpu_runtime.sampling import SamplingParams
+
+POLL_S = 0.05
+MAX_PRESTARTED = 64
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPoolConfig:
+    """One node's pool: how many idle workers to keep, on which device, with how many threads."""
+
+    node_id: str = "local"
+    num_prestarted: int = 1
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    num_threads: int | None = None
+    refill: bool = True  # start a replacement whenever a pre-started worker is taken
+    boot_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_prestarted <= MAX_PRESTARTED:
+            raise AssignmentError(f"num_prestarted={self.num_prestarted}; allowed "
+                                  f"0..{MAX_PRESTARTED}", "num_prestarted")
+        kind, _, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (
+                kind == "cpu" and index):
+            raise AssignmentError(f"device {self.device!r}; allowed 'cpu', 'cuda' or 'cuda:N'",
+                                  "device")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise AssignmentError(f"num_threads={self.num_threads}; allowed >= 1 or None",
+                                  "num_threads")
+        if self.boot_timeout_s <= 0:
+            raise AssignmentError(f"boot_timeout_s={self.boot_timeout_s}; must be > 0",
+                                  "boot_timeout_s")
+
+
+class _Worker:
+    """The pool's side of one process: the process, its pipe, and its boot report."""
+
+    def __init__(self, proc: mp.process.BaseProcess, conn: Connection, spawned_at: float) -> None:
+        self.proc, self.conn, self.spawned_at = proc, conn, spawned_at
+        self.booted: dict | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None, "worker process has no pid (not started)"
+        return self.proc.pid
+
+    def recv(self, timeout_s: float | None, what: str) -> tuple:
+        """Next message other than the boot report; raises the worker's error, its death or a
+        timeout as typed errors."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self.conn.poll(POLL_S):
+                try:
+                    msg = self.conn.recv()
+                except EOFError as exc:
+                    raise self._died(what) from exc
+                if msg[0] == "idle":
+                    self.booted = msg[1]
+                    continue
+                if msg[0] == "error":
+                    info = msg[1]
+                    raise WorkerFailedError(
+                        f"worker {self.pid} failed while {what}: {info['type']}: "
+                        f"{info['message']}\n{info['traceback']}", info["type"])
+                return msg
+            if not self.proc.is_alive() and not self.conn.poll(0):
+                raise self._died(what)
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerTimeoutError(f"worker {self.pid} did not finish {what} within "
+                                         f"{timeout_s} s")
+
+    def _died(self, what: str) -> WorkerDiedError:
+        self.proc.join(1.0)
+        return WorkerDiedError(f"worker {self.proc.pid} exited (code {self.proc.exitcode}) "
+                               f"while {what}")
+
+    def poll_boot(self) -> bool:
+        """True once the boot report arrived (non-blocking); raises if the boot failed."""
+        if self.booted is None and self.conn.poll(0):
+            msg = self.conn.recv()
+            if msg[0] == "error":
+                raise WorkerStartError(f"worker {self.pid} failed to boot: {msg[1]['type']}: "
+                                       f"{msg[1]['message']}")
+            assert msg[0] == "idle", f"booting worker {self.pid} sent {msg[0]!r}"
+            self.booted = msg[1]
+        return self.booted is not None
+
+    def terminate(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(5.0)
+        self.conn.close()
+
+
+class StageHandle:
+    """The node's handle on one worker serving one stage."""
+
+    def __init__(self, worker: _Worker, assignment: StageAssignment, prestarted: bool,
+                 assigned_at: float) -> None:
+        self._worker, self.assignment = worker, assignment
+        self.prestarted, self.assigned_at = prestarted, assigned_at
+        self.report: dict | None = None
+        self._lock = threading.Lock()
+        self.stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self._worker.pid
+
+    @property
+    def stage(self) -> int:
+        return self.assignment.plan.spec.index
+
+    @property
+    def boot(self) -> dict | None:
+        """The worker's boot report (pid, spawned, booted), once it arrived."""
+        return self._worker.booted
+
+    def wait_ready(self, timeout_s: float | None = 600.0) -> dict:
+        """Blocks until the stage serves; returns the worker's report (init, load, ready)."""
+        with self._lock:
+            if self.report is None:
+                msg = self._worker.recv(timeout_s, f"loading stage {self.stage}")
+                assert msg[0] == "ready", f"worker {self.pid} sent {msg[0]!r} before ready"
+                self.report = msg[1]
+            return self.report
+
+    def generate(self, requests: list[tuple[str, list[int], SamplingParams]],
+                 timeout_s: float | None = 600.0) -> dict:
+        """Runs ``requests`` to completion on stage 0; returns outputs and first-token time."""
+        if self.stage != 0:
+            raise AssignmentError(f"stage {self.stage} takes no requests; send them to stage 0",
+                                  "stage")
+        self.wait_ready(timeout_s)
+        with self._lock:
+            self._worker.conn.send(("generate", requests))
+            msg = self._worker.recv(timeout_s, "generating")
+        assert msg[0] == "result", f"worker {self.pid} answered {msg[0]!r} to generate"
+        return msg[1]
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stage 0: stops the ring and the process. Other stages stop when the ring does; their
+        process is terminated if it has not exited within ``timeout_s``."""
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            with self._lock:
+                if self.stage == 0 and self._worker.proc.is_alive():
+                    self._worker.conn.send(("stop",))
+                self._worker.recv(timeout_s, "stopping")
+        except (WorkerDiedError, WorkerTimeoutError, WorkerFailedError, OSError):
+            pass  # exited or stuck: terminated below either way
+        self._worker.terminate()
+
+
+class WorkerPool:
+    """Pre-started generic workers of one node, and the stages handed to them."""
+
+    def __init__(self, config: WorkerPoolConfig = WorkerPoolConfig()) -> None:
+        self.config = config
+        self._ctx = mp.get_context("spawn")
+        self._idle: list[_Worker] = []
+        self._handles: list[StageHandle] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count = 0
+        for _ in range(config.num_prestarted):
+            self._idle.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        self._count += 1
+        boot = WorkerBoot(self.config.device, self.config.num_threads, time.time())
+        proc = self._ctx.Process(target=worker_main, args=(child, boot), daemon=True,
+                                 name=f"hydra-worker-{self.config.node_id}-{self._count}")
+        proc.start()
+        child.close()
+        return _Worker(proc, parent, boot.spawned_at)
+
+    def wait_booted(self, timeout_s: float | None = None) -> list[int]:
+        """Blocks until every idle worker has booted; returns their pids. A worker that failed
+        to boot is dropped and raises ``WorkerStartError``."""
+        timeout_s = self.config.boot_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            for w in list(self._idle):
+                while not self._poll(w):
+                    if time.monotonic() > deadline:
+                        raise WorkerStartError(f"worker {w.pid} of node {self.config.node_id} "
+                                               f"did not boot within {timeout_s} s")
+                    time.sleep(POLL_S)
+            return [w.pid for w in self._idle]
+
+    def _poll(self, w: _Worker) -> bool:
+        try:
+            if not w.poll_boot() and not w.proc.is_alive():
+                raise WorkerStartError(f"worker {w.pid} exited (code {w.proc.exitcode}) "
+                                       "during boot")
+            return w.booted is not None
+        except WorkerStartError:
+            self._idle.remove(w)
+            w.terminate()
+            raise
+
+    @property
+    def num_idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def assign(self, assignment: StageAssignment) -> StageHandle:
+        """Hands ``assignment`` to a free worker (booted ones first), or to a new process."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError(f"worker pool of node {self.config.node_id} is closed")
+            worker = self._take()
+            prestarted = worker is not None
+            if worker is None:
+                worker = self._spawn()
+            assigned_at = time.time()
+            worker.conn.send(("assign", assignment, prestarted, assigned_at))
+            handle = StageHandle(worker, assignment, prestarted, assigned_at)
+            self._handles.append(handle)
+            if prestarted and self.config.refill:
+                self._idle.append(self._spawn())
+            return handle
+
+    def _take(self) -> _Worker | None:
+        for w in list(self._idle):  # drop workers that died while idle
+            if not w.proc.is_alive():
+                self._idle.remove(w)
+                w.terminate()
+        booted = [w for w in self._idle if w.booted is not None or w.poll_boot()]
+        pick = booted[0] if booted else (self._idle[0] if self._idle else None)
+        if pick is not None:
+            self._idle.remove(pick)
+        return pick
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stops every stage (stage 0 first, so rings shut down in order) and idle worker."""
+        with self._lock:
+            self._closed = True
+            handles, idle = list(self._handles), list(self._idle)
+            self._handles, self._idle = [], []
+        for h in sorted(handles, key=lambda h: h.stage):
+            h.stop(timeout_s)
+        for w in idle:
+            with contextlib.suppress(OSError):  # already gone
+                w.conn.send(("stop",))
+        for w in idle:
+            w.proc.join(timeout_s)
+            w.terminate()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""A generic worker process: boots (torch imported, device initialised), waits for a stage
+assignment, cold-starts the stage from the node cache, then serves it.
+
+Protocol on the pool's pipe (tuples, pickled)::
+
+    worker -> pool   ("idle", {pid, spawned, booted})        after boot
+    pool -> worker   ("assign", StageAssignment, prestarted, assigned_at) or ("stop",)
+    worker -> pool   ("ready", report)                       stage loaded and serving
+    pool -> worker   ("generate", [(request_id, prompt_ids, SamplingParams), ...])   stage 0
+    worker -> pool   ("result", {outputs, first_token, finished})
+    pool -> worker   ("stop",)  stage 0 stops the ring; other stages stop when the ring does
+    worker -> pool   ("stopped", {})  or  ("error", {type, message, traceback}) at any point
+
+Spawned, never forked: a forked child would inherit the parent's threads and (on GPUs) a CUDA
+context it must not use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBoot:
+    """How the pool starts a worker."""
+
+    device: str = "cpu"
+    num_threads: int | None = None
+    spawned_at: float = 0.0  # wall clock when the pool started the process
+
+
+def worker_main(conn: Connection, boot: WorkerBoot) -> None:
+    """Process entry point (``multiprocessing`` spawn target)."""
+    try:
+        _boot(boot)
+    except BaseException as exc:  # noqa: BLE001 - reported to the pool, then the process ends
+        _send_error(conn, exc)
+        return
+    conn.send(("idle", {"pid": os.getpid(), "spawned": boot.spawned_at, "booted": time.time()}))
+    msg = conn.recv()
+    if msg[0] != "assign":
+        conn.send(("stopped", {}))
+        return
+    _, assignment, prestarted, assigned_at = msg
+    try:
+        # init starts when the pool handed the stage over, or, for a process started for this
+        # stage, when the pool started it: its boot is part of this stage's init
+        _serve(conn, assignment, boot, assigned_at if prestarted else boot.spawned_at,
+               prestarted)
+    except BaseException as exc:  # noqa: BLE001 - reported to the pool, then the process ends
+        _send_error(conn, exc)
+
+
+def _boot(boot: WorkerBoot) -> None:
+    """Imports the whole runtime and initialises the device: what a pre-started worker has
+    already paid for when a stage arrives."""
+    import torch
+
+    import gpu_runtime.coldstart.runtime as runtime
+    import gpu_runtime.coldstart.stream  # noqa: F401 - imported now so a stage costs no import
+    import gpu_runtime.pipeline  # noqa: F401
+
+    runtime.init_device(torch.device(boot.device), boot.num_threads)
+
+
+def _send_error(conn: Connection, exc: BaseException) -> None:
+    with contextlib.suppress(OSError, ValueError):  # the pool is gone: nothing to tell
+        conn.send(("error", {"type": type(exc).__name__,
+                             "message": getattr(exc, "message", None) or str(exc),
+                             "traceback": traceback.format_exc(limit=20)}))
+
+
+def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
+           prestarted: bool) -> None:
+    import torch
+
+    from gpu_runtime.coldstart.runtime import PreparedStageWorker, RuntimeInit, engine_for
+    from gpu_runtime.coldstart.stream import stream_stage
+    from gpu_runtime.config import parse_config
+    from gpu_runtime.loader import resolve_dtype
+    from gpu_runtime.prefetch import open_buffer
+
+    plan = assignment.plan
+    config = parse_config(plan.config)
+    dtype = resolve_dtype(plan.engine.dtype, config)
+    device = torch.device(boot.device)
+    # pages of the pool exist already (the node pre-faults it): map them all now, during the
+    # fetch, so neither loading nor the first forward takes a page fault per 4 KiB
+    buffer = open_buffer(assignment.handle, populate=True)
+    init = RuntimeInit(plan, config, dtype, device)
+    init.start()
+    loaded = stream_stage(config, plan.spec, buffer, assignment.layout, dtype, device)
+    parts = init.result()
+    report = {"pid": os.getpid(), "stage": plan.spec.index, "node": assignment.node,
+              "prestarted": prestarted, "init_start": init_start, "init_end": parts.ended,
+              "load_end": loaded.stats.load_end, "load": loaded.stats.to_dict()}
+    if not plan.spec.is_first:
+        assert parts.channel is not None, f"stage {plan.spec.index} has no channel"
+        conn.send(("ready", report | {"ready": time.time()}))
+        try:
+            PreparedStageWorker(loaded.stage, parts.channel, parts.kv).serve()
+        finally:
+            parts.channel.close()
+        conn.send(("stopped", {}))
+        return
+    engine = engine_for(loaded.stage, parts, plan)  # pp > 1: waits for the whole ring
+    conn.send(("ready", report | {"ready": time.time()}))
+    try:
+        _serve_requests(conn, engine)
+    finally:
+        engine.close()
+    conn.send(("stopped", {}))
+
+
+def _serve_requests(conn: Connection, engine) -> None:
+    """Stage 0's control loop: run batches of requests until told to stop."""
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        assert msg[0] == "generate", f"stage 0 got unknown command {msg[0]!r}"
+        for request_id, prompt_ids, params in msg[1]:
+            engine.add_request(request_id, prompt_ids, params)
+        outputs: dict[str, list[int]] = {rid: [] for rid, _, _ in msg[1]}
+        first_token = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[out.request_id].extend(out.new_token_ids)
+                if first_token is None and out.new_token_ids:
+                    first_token = time.time()
+        conn.send(("result", {"outputs": outputs, "first_token": first_token,
+                              "finished": time.time()}))
