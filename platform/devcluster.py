@@ -18,7 +18,8 @@ import requests
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
 from hydraserve.settings import Settings
 
-DEMO_FUNCTIONS = {"demo-llama": DemoModelSpec(arch="llama", size="tiny")}
+DEMO_FUNCTIONS = {"demo-llama": DemoModelSpec(arch="llama", size="tiny"),
+                  "demo-opt": DemoModelSpec(arch="opt", size="tiny")}
 
 
 class ClusterError(RuntimeError):
@@ -104,20 +105,87 @@ def wait_healthy(url: str, layout: Layout, name: str, timeout_s: float = 60.0) -
                        f"see {layout.logfile(name)}")
 
 
-def start_api(layout: Layout, settings: Settings, key: str) -> str:
-    stop(layout, "api")
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """The local cluster: N node agents, each with its own emulated link."""
+
+    num_nodes: int = 4
+    link_mbps: float | None = 800.0  # megabits per second per node (100 MB/s)
+    device_mem: str = "4GiB"
+    worker_threads: int = 1
+    store_port: int = 8300
+
+    def node_ids(self) -> list[str]:
+        return [f"n{i + 1}" for i in range(self.num_nodes)]
+
+
+def child_env(layout: Layout, settings: Settings, key: str) -> dict[str, str]:
+    return os.environ | {
+        "HYDRA_ADMIN_KEY": key, "HYDRA_STORE_ROOT": settings.store_root,
+        "HYDRA_DATABASE_URL": settings.database_url, "HYDRA_BROKER_URL": settings.broker_url,
+        "HYDRA_QUEUE_PREFIX": settings.queue_prefix, "HYDRA_LOG_DIR": str(layout.run)}
+
+
+def process_names(spec: ClusterSpec) -> list[str]:
+    return ["api", "scheduler", "store", *(f"node-{n}" for n in spec.node_ids())]
+
+
+def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpec) -> str:
+    """Starts API, scheduler, store and node agents; returns the API base URL once the API
+    answers and every node has registered."""
+    for name in process_names(spec):
+        stop(layout, name)
     if not port_free(settings.api_port):
         raise ClusterError(f"port {settings.api_port} is taken by another program; "
                            "set HYDRA_API_PORT to a free port")
-    env = os.environ | {"HYDRA_ADMIN_KEY": key, "HYDRA_STORE_ROOT": settings.store_root,
-                        "HYDRA_DATABASE_URL": settings.database_url}
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    start(layout, "api", [gunicorn, "--worker-class", "gthread", "--workers", "2",
-                          "--threads", "8", "--bind", f"127.0.0.1:{settings.api_port}",
+    env = child_env(layout, settings, key)
+    bin_dir = Path(sys.executable).parent
+    cli = str(bin_dir / "hydraserve")
+    start(layout, "api", [str(bin_dir / "gunicorn"), "--worker-class", "gthread", "--workers",
+                          "2", "--threads", "16", "--bind", f"127.0.0.1:{settings.api_port}",
                           "hydraserve.api.wsgi:app"], env)
+    start(layout, "scheduler", [cli, "scheduler"], env)
+    start(layout, "store", [cli, "store", "--root", settings.store_root,
+                            "--port", str(spec.store_port)], env)
+    for node_id in spec.node_ids():
+        link = ["--link-mbps", str(spec.link_mbps)] if spec.link_mbps else []
+        start(layout, f"node-{node_id}", [cli, "node", "--node-id", node_id, "--devices", "cpu:1",
+                                          "--device-mem", spec.device_mem, "--threads",
+                                          str(spec.worker_threads), *link], env)
     base = f"http://127.0.0.1:{settings.api_port}"
     wait_healthy(base + "/healthz", layout, "api")
+    wait_nodes(settings, spec.node_ids(), layout)
     return base
+
+
+def wait_nodes(settings: Settings, node_ids: list[str], layout: Layout,
+               timeout_s: float = 120.0) -> None:
+    from sqlalchemy import select
+
+    from hydraserve.db.base import make_engine, make_session_factory
+    from hydraserve.db.cluster import Node
+
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            with sessions() as s:
+                up = set(s.scalars(select(Node.id).where(Node.status == "up",
+                                                         Node.id.in_(node_ids))))
+            if up == set(node_ids):
+                return
+            dead = [n for n in node_ids if is_running(layout.pidfile(f"node-{n}")) is None]
+            if dead:
+                raise ClusterError(f"node agent(s) {dead} exited; see {layout.run}/node-*.log")
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+    raise ClusterError(f"nodes {sorted(set(node_ids) - up)} did not register in {timeout_s:.0f} s")
+
+
+def stop_cluster(layout: Layout, spec: ClusterSpec) -> list[str]:
+    return [name for name in process_names(spec) if stop(layout, name)]
 
 
 def ensure_demo_models(settings: Settings) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """RabbitMQ plumbing for requests and replies (pika: a raw AMQP client fits these two loops
 better than Celery, which carries the node and scheduler tasks).
 
-- ``fn.<function_id>``: durable request queue of a function; messages are persistent, acked by
+- ``fn.<function_id>.v<version>``: durable request queue of a function version; messages are persistent, acked by
   stage 0 of a serving group only after the result is in Postgres, so a worker that dies hands
   its requests back to the queue.
 - ``reply.<uuid>``: one exclusive queue per API process; workers publish token events there with
@@ -23,26 +23,37 @@ from pika.exceptions import AMQPError
 log = logging.getLogger(__name__)
 
 
-def request_queue(function_id: int) -> str:
-    return f"fn.{function_id}"
+def request_queue(function_id: int, version: int, prefix: str = "") -> str:
+    """One queue per function version: after an alias move, old workers never take requests
+    meant for the new version."""
+    return f"{prefix}fn.{function_id}.v{version}"
 
 
-def node_queue(node_id: str) -> str:
-    return f"node.{node_id}"
+def node_queue(node_id: str, prefix: str = "") -> str:
+    return f"{prefix}node.{node_id}"
+
+
+def pika_url(url: str) -> str:
+    """Celery/kombu write the default vhost as a trailing ``//``; pika wants ``/%2F``."""
+    url = url.replace("pyamqp://", "amqp://")
+    return url[:-2] + "/%2F" if url.endswith("//") else url
 
 
 def connect(url: str) -> pika.BlockingConnection:
-    params = pika.URLParameters(url.replace("pyamqp://", "amqp://"))
+    params = pika.URLParameters(pika_url(url))
     params.heartbeat = 30
     params.blocked_connection_timeout = 30
     return pika.BlockingConnection(params)
 
 
 class Publisher:
-    """Thread-safe publishing: one connection per thread, re-opened after a broker restart."""
+    """Thread-safe publishing: one connection per thread, re-opened after a broker restart.
+    With ``confirm`` each publish returns only once the broker holds the message (requests);
+    without, it returns at once (token events, which Postgres backs up anyway)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, confirm: bool = True) -> None:
         self.url = url
+        self.confirm = confirm
         self._local = threading.local()
 
     def _channel(self):
@@ -50,7 +61,8 @@ class Publisher:
         if ch is None or ch.is_closed:
             conn = connect(self.url)
             ch = conn.channel()
-            ch.confirm_delivery()  # publish returns only once the broker has the message
+            if self.confirm:
+                ch.confirm_delivery()
             self._local.conn, self._local.channel, self._local.declared = conn, ch, set()
         return ch
 
@@ -66,7 +78,7 @@ class Publisher:
                 if durable and queue_name not in self._local.declared:
                     ch.queue_declare(queue_name, durable=True)
                     self._local.declared.add(queue_name)
-                ch.basic_publish("", queue_name, payload, props, mandatory=durable)
+                ch.basic_publish("", queue_name, payload, props, mandatory=durable and self.confirm)
                 return
             except AMQPError:
                 self._local.channel = None

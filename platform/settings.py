@@ -47,6 +47,7 @@ class Settings:
     api_port: int = 8000
     registration_timeout_s: int = 60
     sync_deadline_s: int = 30  # a sync invocation answers 202 + id after this long
+    queue_prefix: str = ""  # namespaces queues when several clusters share one RabbitMQ
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -78,6 +79,7 @@ class Settings:
             "api_port": _env_int("HYDRA_API_PORT", 8000, 1, 65535),
             "registration_timeout_s": _env_int("HYDRA_REGISTRATION_TIMEOUT_S", 60, 1, 3600),
             "sync_deadline_s": _env_int("HYDRA_SYNC_DEADLINE_S", 30, 0, 600),
+            "queue_prefix": env.get("HYDRA_QUEUE_PREFIX", ""),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

@@ -9,6 +9,7 @@ from hydraserve.cli.cluster import cluster
 from hydraserve.cli.db import db
 from hydraserve.cli.functions import functions
 from hydraserve.cli.models import make_demo_model
+from hydraserve.cli.node import node, scheduler
 from hydraserve.cli.store import store
 
 
@@ -17,5 +18,5 @@ def main() -> None:
     """HydraServe: serverless LLM functions with fast cold starts."""
 
 
-for command in (db, admin, functions, make_demo_model, cluster, store):
+for command in (db, admin, functions, make_demo_model, cluster, store, node, scheduler):
     main.add_command(command)

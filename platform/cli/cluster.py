@@ -11,6 +11,8 @@ from hydraserve import devcluster
 from hydraserve.cli.db import create_database, upgrade
 from hydraserve.settings import Settings
 
+DEMO_PROMPT = {"prompt": "Hello, world! How are you today?", "max_tokens": 16}
+
 
 @click.group()
 def cluster() -> None:
@@ -18,42 +20,66 @@ def cluster() -> None:
 
 
 @cluster.command("up")
-def up() -> None:
-    """Migrate, make the demo model, start the API, register and list the demo function."""
+@click.option("--nodes", default=4, show_default=True, type=click.IntRange(1, 16))
+@click.option("--link-mbps", default=800.0, show_default=True, type=click.FloatRange(min=1),
+              help="emulated link per node, megabits per second")
+def up(nodes: int, link_mbps: float) -> None:
+    """Migrate, make demo models, start API, scheduler, store and node agents, register the
+    demo functions, invoke one cold and then warm, and show the TTFT breakdown."""
     settings = Settings.from_env()
     layout = devcluster.Layout(Path.cwd())
     layout.run.mkdir(exist_ok=True)
+    spec = devcluster.ClusterSpec(num_nodes=nodes, link_mbps=link_mbps)
     step("database", lambda: (create_database(settings.database_url),
                               upgrade(settings.database_url)))
-    uris = step("demo model", lambda: devcluster.ensure_demo_models(settings))
+    uris = step("demo models", lambda: devcluster.ensure_demo_models(settings))
     key = devcluster.admin_key(layout)
     try:
-        base = step("API (gunicorn)", lambda: devcluster.start_api(layout, settings, key))
-        fns = step("demo function", lambda: devcluster.register_demo_functions(base, key, uris))
+        base = step(f"API, scheduler, store, {nodes} node agents",
+                    lambda: devcluster.start_cluster(layout, settings, key, spec))
+        step("demo functions", lambda: devcluster.register_demo_functions(base, key, uris))
     except devcluster.ClusterError as exc:
         raise click.ClickException(str(exc)) from None
-    listed = requests.get(f"{base}/v1/functions", headers={"Authorization": f"Bearer {key}"},
-                          timeout=30).json()["data"]
+    headers = {"Authorization": f"Bearer {key}"}
+    listed = requests.get(f"{base}/v1/functions", headers=headers, timeout=30).json()["data"]
     click.echo("")
-    click.echo(f"API:        {base}   (logs: {layout.logfile('api')})")
-    click.echo(f"admin key:  {key}")
     for fn in listed:
         m = fn["spec"]["model"]
-        click.echo(f"function:   {fn['name']}  v{fn['alias_version']}  {m['architecture']}  "
-                   f"{m['num_parameters']:,} params  {m['total_bytes']:,} bytes  {m['uri']}")
-    assert {f["name"] for f in fns} <= {f["name"] for f in listed}, (fns, listed)
+        click.echo(f"function:   {fn['name']:11} {m['architecture']:17} {m['num_parameters']:>9,} "
+                   f"params  {m['uri']}")
     click.echo("")
+    show_invocations(base, headers)
+    click.echo("")
+    click.echo(f"API:        {base}   (logs: {layout.run}/)")
+    click.echo(f"admin key:  {key}")
     click.echo("try:")
-    click.echo(f"  curl -s -H 'Authorization: Bearer {key}' {base}/v1/functions")
-    click.echo(f"  curl -s -H 'Authorization: Bearer {key}' {base}/v1/functions/demo-llama")
+    click.echo(f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+               f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 8}}' "
+               f"{base}/v1/functions/demo-llama/invocations")
     click.echo("stop with: make down")
+
+
+def show_invocations(base: str, headers: dict) -> None:
+    """Invokes demo-llama twice (the first finds no instance: a cold start) and prints the
+    TTFT of each with its phases."""
+    url = f"{base}/v1/functions/demo-llama/invocations?timeout_s=300"
+    click.echo(f"{'invocation':11} {'cold':5} {'TTFT ms':>9}  breakdown (ms)")
+    for label in ("first", "second"):
+        resp = requests.post(url, json=DEMO_PROMPT, headers=headers, timeout=320)
+        if resp.status_code != 200:
+            raise click.ClickException(f"{label} invocation: HTTP {resp.status_code} {resp.text}")
+        inv = resp.json()
+        t = inv["timings"]
+        phases = "  ".join(f"{k} {v:,.0f}" for k, v in t["breakdown_ms"].items())
+        click.echo(f"{label:11} {str(inv['cold']).lower():5} {t['ttft_ms']:>9,.1f}  {phases}")
+    click.echo(f"output:     {inv['output']['text']!r} ({inv['tokens_out']} tokens)")
 
 
 @cluster.command("down")
 def down() -> None:
     """Stop every process that ``up`` started."""
     layout = devcluster.Layout(Path.cwd())
-    stopped = [name for name in ("api",) if devcluster.stop(layout, name)]
+    stopped = devcluster.stop_cluster(layout, devcluster.ClusterSpec(num_nodes=16))
     click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 

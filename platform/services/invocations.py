@@ -35,7 +35,8 @@ def notify(session: Session, what: str) -> None:
 
 
 def accept(session: Session, publisher: Publisher, who: Principal, fn: Function,
-           body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None) -> Invocation:
+           body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None,
+           prefix: str = "") -> Invocation:
     """Stores the invocation, then publishes it; if the broker refuses, the row records why.
     Subscribe to ``inv_id``'s replies before calling this, so no token event is missed."""
     spec: FunctionVersion = alias_spec(fn)
@@ -47,7 +48,7 @@ def accept(session: Session, publisher: Publisher, who: Principal, fn: Function,
     session.commit()
     message = {"id": inv.id, "function_version_id": spec.id, "request": inv.request}
     try:
-        publisher.publish(request_queue(fn.id), message, reply_to=reply_to, correlation_id=inv.id)
+        publisher.publish(request_queue(fn.id, spec.version, prefix), message, reply_to=reply_to, correlation_id=inv.id)
     except (AMQPError, OSError) as exc:  # record it: nothing is silently lost
         fail(session, inv, "service_unavailable", f"message broker unavailable: {type(exc).__name__}")
         raise ServiceUnavailable("the message broker is unavailable; retry shortly") from None

@@ -19,6 +19,7 @@ class Assignment:
     plan_id: int
     function_id: int
     function_version_id: int
+    version: int
     model_dir: str
     dtype: str
     pp: int
@@ -45,6 +46,6 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
     model = session.get(Model, version.model_id)
     return Assignment(
         instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
-        function_version_id=version.id, model_dir=local_dir(model.uri), dtype=model.dtype,
+        function_version_id=version.id, version=version.version, model_dir=local_dir(model.uri), dtype=model.dtype,
         pp=plan.pp, stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
         group=tuple(i.id for i in group))

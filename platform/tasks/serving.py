@@ -31,6 +31,7 @@ log = logging.getLogger("hydraserve.serving")
 MAX_BATCH = 16
 CANCEL_CHECK_S = 0.5
 TOUCH_S = 2.0
+INCOMPLETE = "\ufffd"  # what decoding shows for a UTF-8 sequence cut between tokens
 
 
 @dataclass(slots=True)
@@ -58,7 +59,7 @@ class Server:
     def __init__(self, settings: Settings, assignment: Assignment, engine: LLMEngine) -> None:
         self.settings, self.a, self.engine = settings, assignment, engine
         self.sessions = make_session_factory(make_engine(settings.database_url))
-        self.publisher = Publisher(settings.broker_url)
+        self.publisher = Publisher(settings.broker_url, confirm=False)
         self.active: dict[str, Active] = {}
         self.stopping = False
         self._last_cancel_check = self._last_touch = time.monotonic()
@@ -98,7 +99,7 @@ class Server:
     def run(self) -> None:
         conn = connect(self.settings.broker_url)
         ch = conn.channel()
-        queue = request_queue(self.a.function_id)
+        queue = request_queue(self.a.function_id, self.a.version, self.settings.queue_prefix)
         ch.queue_declare(queue, durable=True)
         ch.basic_qos(prefetch_count=MAX_BATCH)
         tag = ch.basic_consume(queue, self.on_message)
@@ -131,7 +132,7 @@ class Server:
     def _stream(self, active: Active, out) -> None:
         if not active.reply_to or not out.new_token_ids:
             return
-        text = self._text(active, out)
+        text = self._text(active, out).rstrip(INCOMPLETE)  # hold back a split UTF-8 sequence
         delta, active.sent_text = text[len(active.sent_text):], text
         self._event(active.reply_to, active.inv_id, {
             "type": "token", "token_ids": out.new_token_ids, "text": delta,

@@ -55,7 +55,8 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool):
     events = listener.subscribe(inv_id) if listener else None
     try:
         inv = invocations.accept(db(), rt.publisher(), g.principal, fn, body, kind, inv_id,
-                                 listener.queue_name if listener else None)
+                                 listener.queue_name if listener else None,
+                                 rt.settings.queue_prefix)
     except ServiceUnavailable:
         if listener:
             listener.unsubscribe(inv_id)

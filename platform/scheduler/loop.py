@@ -1,0 +1,145 @@
+"""The scheduler process: one leader (Postgres advisory lock), woken by NOTIFY or a tick.
+
+Each tick applies, in order: silent nodes out; broken or stuck groups stopped; requests of dead
+groups back to ``queued``; idle groups past keep-alive stopped (down to ``min_instances``); new
+groups planned for queued demand or ``min_instances``. A cold start that cannot be placed stays
+queued and is planned again on the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+import psycopg
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from hydraserve.db.base import make_engine, make_session_factory, utcnow
+from hydraserve.db.cluster import Instance
+from hydraserve.db.registry import Function, FunctionVersion
+from hydraserve.db.serving import Invocation
+from hydraserve.scheduler import actions, state
+from hydraserve.scheduler.actions import Profile, Sender
+from hydraserve.scheduler.planner import PlannerConfig
+from hydraserve.services.invocations import EVENTS_CHANNEL
+from hydraserve.services.nodes import close_instance
+from hydraserve.settings import Settings
+
+log = logging.getLogger("hydraserve.scheduler")
+LOCK_KEY = 0x48594452  # "HYDR"
+MAX_BATCH = 16
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, cfg: PlannerConfig | None = None,
+                 profile: Profile | None = None, sender: Sender | None = None,
+                 tick_s: float = 0.5, heartbeat_timeout_s: float = 10.0,
+                 start_timeout_s: float = 600.0) -> None:
+        self.settings = settings
+        self.cfg, self.profile = cfg or PlannerConfig(), profile or Profile()
+        if sender is None:
+            from hydraserve.tasks.celery_app import celery_app
+
+            sender = Sender(celery_app, settings.queue_prefix)
+        self.sender = sender
+        self.sessions = make_session_factory(make_engine(settings.database_url))
+        self.tick_s, self.heartbeat_timeout_s = tick_s, heartbeat_timeout_s
+        self.start_timeout_s = start_timeout_s
+
+    def run(self) -> None:
+        url = make_url(self.settings.database_url).set(drivername="postgresql")
+        with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+                time.sleep(1.0)  # a standby: the leader holds the lock until its session ends
+            log.info("scheduler is the leader")
+            conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+            while True:
+                self.tick()
+                for _ in conn.notifies(timeout=self.tick_s, stop_after=1):
+                    pass
+
+    def tick(self) -> None:
+        with self.sessions() as s:
+            actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
+            self.stop_broken_groups(s)
+            self.requeue_orphans(s)
+            self.scale_in(s)
+            self.scale_out(s)
+
+    def stop_broken_groups(self, s) -> None:
+        stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)
+        for group in state.groups(s).values():
+            live = [i for i in group if i.status != "stopping"]
+            if not live:
+                continue
+            stuck = [i for i in live if i.status == "starting" and i.created_at < stuck_before]
+            for inst in stuck:
+                close_instance(s, inst.id, "failed", f"not ready after {self.start_timeout_s:.0f} s")
+            if stuck or len(group) < group[0].num_stages:
+                log.warning("plan %s is broken (%d of %d stages live): stopping it",
+                            group[0].plan_id, len(group), group[0].num_stages)
+                actions.stop_group(s, self.sender, [i for i in group if i not in stuck], kill=True)
+
+    def requeue_orphans(self, s) -> None:
+        """Running invocations whose group is gone go back to queued (their message is back on
+        the queue already, since it was never acked)."""
+        dead = select(Instance.id).where(Instance.status.in_(("failed", "released")))
+        running = s.scalars(select(Invocation).where(Invocation.status == "running")).all()
+        dead_ids = set(s.scalars(dead.where(Instance.id.in_(
+            {i.instance_ids[0] for i in running if i.instance_ids}))))
+        for inv in running:
+            if inv.instance_ids and inv.instance_ids[0] in dead_ids:
+                inv.status = "queued"
+        s.commit()
+
+    def scale_in(self, s) -> None:
+        now = utcnow()
+        by_version: dict[int, list[list[Instance]]] = {}
+        for group in state.groups(s).values():
+            by_version.setdefault(group[0].function_version_id, []).append(group)
+        for fv_id, groups in by_version.items():
+            fv = s.get(FunctionVersion, fv_id)
+            ready = [g for g in groups if all(i.status == "ready" for i in g)]
+            idle = [g for g in ready if g[0].last_active_at is not None and
+                    now - g[0].last_active_at > timedelta(seconds=fv.keep_alive_s)]
+            keep = self.min_instances(s, fv)
+            for group in idle[: max(len(groups) - keep, 0)]:
+                log.info("plan %s idle for over %d s: scaling in", group[0].plan_id,
+                         fv.keep_alive_s)
+                actions.stop_group(s, self.sender, group, kill=False)
+
+    def min_instances(self, s, fv: FunctionVersion) -> int:
+        fn = s.get(Function, fv.function_id)
+        live_alias = fn.deleted_at is None and fn.alias_version == fv.version
+        return fv.min_instances if live_alias else 0
+
+    def scale_out(self, s) -> None:
+        wants = {d.function_version_id: d for d in state.demand(s)}
+        for fv in self.prewarm_versions(s):
+            wants.setdefault(fv, None)
+        for fv_id, d in wants.items():
+            fv = s.get(FunctionVersion, fv_id)
+            groups = [g for g in state.groups(s, fv_id).values()
+                      if all(i.status != "stopping" for i in g)]
+            starting = any(any(i.status == "starting" for i in g) for g in groups)
+            queued = d.queued if d else 0
+            need = (not groups and queued > 0) or len(groups) < self.min_instances(s, fv) or (
+                not starting and queued > MAX_BATCH * len(groups))
+            if not need or len(groups) >= fv.max_instances:
+                continue
+            waited = (utcnow() - d.oldest_queued_at).total_seconds() if d else 0.0
+            plan = actions.plan_for(s, fv, queued, waited, self.cfg, self.profile)
+            if plan is None:
+                log.info("function version %s: no node fits now; %d request(s) wait", fv_id, queued)
+                continue
+            actions.launch(s, self.sender, fv, plan)
+
+    def prewarm_versions(self, s) -> list[int]:
+        rows = s.execute(select(FunctionVersion.id).join(
+            Function, (Function.id == FunctionVersion.function_id)
+            & (Function.alias_version == FunctionVersion.version))
+            .where(Function.deleted_at.is_(None), FunctionVersion.min_instances > 0))
+        return [r[0] for r in rows]
+

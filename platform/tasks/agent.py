@@ -1,0 +1,150 @@
+"""The node agent: registers the node, heartbeats, and runs the worker processes of the stages
+the scheduler places here. One per host: ``hydraserve node --node-id ID ...``.
+
+Worker processes are started fresh (never forked from a process that touched CUDA) and get
+SIGTERM when the agent dies (PR_SET_PDEATHSIG), so a killed node takes its workers with it and
+their unacked requests go back to the queue.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from hydraserve.db.base import make_engine, make_session_factory
+from hydraserve.services import nodes, serving
+from hydraserve.services.nodes import DeviceSpec
+from hydraserve.settings import Settings
+from hydraserve.tasks.assignment import load_assignment
+
+log = logging.getLogger("hydraserve.node")
+HEARTBEAT_S = 2.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class NodeAgent:
+    settings: Settings
+    node_id: str
+    devices: list[DeviceSpec]
+    link_mbps: float | None = None
+    threads_per_worker: int | None = None
+    children: dict[int, subprocess.Popen] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.sessions = make_session_factory(make_engine(self.settings.database_url))
+        self.log_dir = os.environ.get("HYDRA_LOG_DIR", "")
+
+    # ---- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self.sessions() as s:
+            nodes.register(s, self.node_id, "127.0.0.1", self.link_mbps, self.devices, self.info())
+        for target in (self._heartbeat, self._monitor):
+            threading.Thread(target=target, daemon=True, name=target.__name__).start()
+        log.info("node %s up with %d device(s)", self.node_id, len(self.devices))
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "workers": len(self.children)}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            procs = dict(self.children)
+        for proc in procs.values():
+            proc.terminate()
+        for instance_id, proc in procs.items():
+            self._reap(instance_id, proc, wait_s=20)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self.sessions() as s:
+                    nodes.heartbeat(s, self.node_id, self.info())
+            except SQLAlchemyError:  # a database hiccup must not kill the heartbeat thread
+                log.exception("heartbeat failed")
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(0.3):
+            with self._lock:
+                exited = [(i, p) for i, p in self.children.items() if p.poll() is not None]
+            for instance_id, proc in exited:
+                self._reap(instance_id, proc)
+
+    def _reap(self, instance_id: int, proc: subprocess.Popen, wait_s: float = 0) -> None:
+        try:
+            code = proc.wait(timeout=wait_s) if wait_s else proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        with self._lock:
+            self.children.pop(instance_id, None)
+        with self.sessions() as s:
+            nodes.instance_exited(s, instance_id, code)
+        log.info("instance %s exited with %s", instance_id, code)
+
+    # ---- tasks ----------------------------------------------------------------------------
+
+    def start_stage(self, instance_id: int) -> None:
+        """Starts the worker process of one stage, once (a redelivered task is a no-op)."""
+        with self._lock:
+            if instance_id in self.children:
+                return
+        with self.sessions() as s:
+            if serving.instance_status(s, instance_id) != "starting":
+                return
+            a = load_assignment(s, instance_id)
+        argv = self._argv(a)
+        out = open(os.path.join(self.log_dir, f"instance-{instance_id}.log"), "ab") \
+            if self.log_dir else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        with self._lock:
+            self.children[instance_id] = proc
+        with self.sessions() as s:
+            nodes.set_pid(s, instance_id, proc.pid)
+        log.info("instance %s: stage %d/%d started as pid %d", instance_id, a.stage_index, a.pp,
+                 proc.pid)
+
+    def _argv(self, a) -> list[str]:
+        threads = ["--threads", str(self.threads_per_worker)] if self.threads_per_worker else []
+        if a.stage_index == 0:
+            return [sys.executable, "-m", "hydraserve.tasks.serving", "--instance-id",
+                    str(a.instance_id), *threads]
+        return [sys.executable, "-m", "gpu_runtime.pipeline", "--model", a.model_dir,
+                "--pp", str(a.pp), "--stage", str(a.stage_index),
+                "--addresses", ",".join(a.addresses), *threads]
+
+    def stop_stage(self, instance_id: int, kill: bool = False) -> None:
+        with self._lock:
+            proc = self.children.get(instance_id)
+        if proc is not None:
+            proc.kill() if kill else proc.terminate()
+
+
+_agent: NodeAgent | None = None
+
+
+def set_agent(agent: NodeAgent) -> None:
+    global _agent
+    _agent = agent
+
+
+def agent() -> NodeAgent:
+    assert _agent is not None, "node tasks run only inside a node agent (hydraserve node)"
+    return _agent
+
