@@ -1,0 +1,95 @@
+"""The worker pool across real processes: a pre-started worker takes a stage, a new process is
+started when none is free, a pp=2 ring over the channel generates what the plain engine does,
+the timeline is ordered, and worker-side failures come back typed."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_runtime.coldstart import (
+    AssignmentError,
+    ColdStartGroup,
+    WorkerFailedError,
+    WorkerPool,
+    WorkerPoolConfig,
+    launch_stage,
+    plan_group,
+)
+from gpu_runtime.engine import EngineConfig, LLMEngine
+from gpu_runtime.sampling import SamplingParams
+from gpu_runtime.store import LinkConfig
+
+REQUESTS = [("a", [1, 5, 9, 33, 7]), ("b", [2, 4, 8, 16, 32, 64])]
+
+
+def plain_tokens(model_dir) -> dict[str, list[int]]:
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=4 << 20))
+    for rid, prompt in REQUESTS:
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    out: dict[str, list[int]] = {rid: [] for rid, _ in REQUESTS}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    return out
+
+
+@pytest.fixture
+def pools():
+    made: list[WorkerPool] = []
+
+    def make(**kwargs) -> WorkerPool:
+        pool = WorkerPool(WorkerPoolConfig(num_threads=1, **kwargs))
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close(10)
+
+
+def test_prestarted_worker_takes_a_stage_and_a_new_one_is_spawned_when_none_is_free(
+        pools, make_prefetcher, cs_server, cs_index, cs_root):
+    node0 = pools(node_id="n0", num_prestarted=1, refill=True)
+    node1 = pools(node_id="n1", num_prestarted=0)
+    [prestarted_pid] = node0.wait_booted(120)
+    plans = plan_group("llama", cs_index["llama"], 2, kv_cache_bytes=4 << 20, num_threads=1)
+    # a capped link keeps the fetch running while the spawned worker boots
+    nodes = [(make_prefetcher(link=LinkConfig(bandwidth_mb_s=8)), node0),
+             (make_prefetcher(link=LinkConfig(bandwidth_mb_s=8)), node1)]
+    group = ColdStartGroup(nodes, plans)
+    try:
+        s0, s1 = (s.handle for s in group.stages)
+        assert (s0.prestarted, s0.pid) == (True, prestarted_pid)
+        assert not s1.prestarted and s1.pid != prestarted_pid
+        assert node0.num_idle == 1 and node1.num_idle == 0  # node0 refilled, node1 keeps none
+        reports = group.wait_ready(120)
+        assert [r["stage"] for r in reports] == [0, 1]
+        assert all(r["load"]["aliased_bytes"] == r["load"]["num_bytes"] > 0 for r in reports)
+        result = group.generate([(rid, p, SamplingParams(max_tokens=6, ignore_eos=True))
+                                 for rid, p in REQUESTS], 120)
+        assert result["outputs"] == plain_tokens(cs_root / "llama")
+        timeline = group.timeline().check()
+        st0, st1 = timeline.stages
+        assert st0.prestarted and not st1.prestarted
+        assert st0.fetch_start <= st0.init_start  # handed over after the prefetch started
+        assert st1.init_start < st1.fetch_end  # the new process booted during the fetch
+        assert st0.first_token > st0.ready >= st1.ready >= st1.load_end >= st1.fetch_start
+        assert timeline.ttft is not None and 0 < timeline.ttft < 120
+        assert [s.fetch_bytes for s in timeline.stages] == [p.fetch_bytes for p in plans]
+    finally:
+        group.stop(20)
+    # the refilled worker serves the next stage; a fetch from a wrong URI fails loudly there
+    bad = plan_group("llama", cs_index["llama"], 1, uri=f"{cs_server.url}/missing")[0]
+    launched = launch_stage(make_prefetcher(), node0, bad)
+    assert launched.handle.prestarted
+    with pytest.raises(WorkerFailedError, match="missing") as info:
+        launched.wait_ready(60)
+    assert info.value.remote_type == "FetchFailedError"
+    launched.stop(5)
+
+
+def test_pool_config_is_validated():
+    with pytest.raises(AssignmentError, match="device 'gpu'"):
+        WorkerPoolConfig(device="gpu")
+    with pytest.raises(AssignmentError, match="num_prestarted=-1"):
+        WorkerPoolConfig(num_prestarted=-1)
