@@ -13,6 +13,7 @@ from gpu_runtime.prefetch.errors import (
     ChecksumError,
     FetchFailedError,
     LayoutMismatchError,
+    PoolInUseError,
     PrefetchError,
     WaitTimeoutError,
 )
@@ -23,6 +24,6 @@ from gpu_runtime.prefetch.reader import SharedBuffer, iter_tensors, open_buffer
 __all__ = [
     "TORCH_DTYPES", "BufferGoneError", "BufferHandle", "BufferInUseError", "CacheFullError",
     "ChecksumError", "FetchFailedError", "FetchJob", "LayoutMismatchError", "PrefetchConfig",
-    "PrefetchError", "Prefetcher", "SharedBuffer", "WaitTimeoutError", "iter_tensors",
+    "PoolInUseError", "PrefetchError", "Prefetcher", "SharedBuffer", "WaitTimeoutError", "iter_tensors",
     "open_buffer",
 ]

@@ -36,6 +36,12 @@ class CacheFullError(PrefetchError):
     status = 507
 
 
+class PoolInUseError(PrefetchError):
+    """Another live node agent owns the pool file this prefetcher would use."""
+
+    status = 409
+
+
 class BufferGoneError(PrefetchError):
     """A handle names a buffer that was evicted or replaced since the handle was made."""
 

@@ -17,9 +17,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from gpu_runtime.prefetch import locks
+from gpu_runtime.prefetch.errors import PoolInUseError
 from gpu_runtime.prefetch.header import DATA_OFFSET
 
 EXTENT_ALIGN = 1024 * 1024
+OWNER_BYTE = 1 << 62  # locked by the live owner; far past any extent (locks may pass EOF)
 PREFAULT_STEP = 64 * 1024 * 1024
 
 
@@ -40,6 +43,22 @@ class PoolConfig:
                              "such as /dev/shm")
 
 
+def _remove_stale_pool(path: str) -> None:
+    """Removes a pool left by a dead agent; refuses to touch one whose owner is alive."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        if not locks.try_lock_exclusive(fd, OWNER_BYTE):
+            raise PoolInUseError(
+                f"pool {path} belongs to a running node agent; give each agent on a host its "
+                "own node_id (the pool file is named after it)", "node_id")
+        os.unlink(path)  # its readers keep their mappings; new readers get BufferGoneError
+    finally:
+        os.close(fd)
+
+
 def extent_bytes(data_bytes: int) -> int:
     """Extent size (header page + data, rounded up to EXTENT_ALIGN) for ``data_bytes``."""
     need = DATA_OFFSET + data_bytes
@@ -52,9 +71,9 @@ class ShmPool:
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
         self.path = config.path
-        if os.path.exists(self.path):  # left over by a crashed agent: its readers are gone too
-            os.unlink(self.path)
+        _remove_stale_pool(self.path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        locks.try_lock_exclusive(self.fd, OWNER_BYTE)  # held for the agent's lifetime
         os.ftruncate(self.fd, config.size_bytes)
         self.mm = mmap.mmap(self.fd, config.size_bytes, mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)

@@ -117,11 +117,11 @@ class Prefetcher:
             else:
                 self.cache.counters["hits"] += 1
             entry.pins += 1
-        if not hit:
-            t = threading.Thread(target=self._run, args=(entry, uri), daemon=True,
-                                 name=f"prefetch-{stage}")
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
+            if not hit:
+                t = threading.Thread(target=self._run, args=(entry, uri), daemon=True,
+                                     name=f"prefetch-{stage}")
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                t.start()
         return FetchJob(entry, self.cache, hit)
 
     def _run(self, entry: Entry, uri: str) -> None:

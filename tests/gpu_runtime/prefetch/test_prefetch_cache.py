@@ -165,3 +165,18 @@ def test_extents_are_reused_without_growing_the_pool(make_prefetcher, pf_root, p
         job.release()
     assert pf.cache.counters["evictions"] >= 2
     assert os.stat(pf.pool.path).st_blocks == blocks
+
+
+def test_a_live_pool_is_never_taken_over_but_a_dead_one_is(make_prefetcher, tmp_path):
+    import os
+
+    from gpu_runtime.prefetch import PoolInUseError
+    first = make_prefetcher(node_id="dup-node", pool_bytes=2 << 20)
+    with pytest.raises(PoolInUseError, match="own node_id"):
+        make_prefetcher(node_id="dup-node", pool_bytes=2 << 20)
+    assert os.path.exists(first.pool.path)
+    # a pool left behind by a dead agent (no owner lock) is replaced
+    stale = tmp_path / "hydraserve-stale.pool"
+    stale.write_bytes(b"x" * 4096)
+    second = make_prefetcher(node_id="stale", shm_dir=str(tmp_path), pool_bytes=2 << 20)
+    assert os.stat(second.pool.path).st_size == 2 << 20

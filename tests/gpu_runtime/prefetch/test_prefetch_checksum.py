@@ -46,7 +46,10 @@ def test_corrupted_range_fails_loudly_and_serves_nothing_past_it(make_prefetcher
         with pytest.raises(ChecksumError):
             next(iter_tensors(buf, layout, timeout_s=5))
     order = [p.name for p in sorted(layout.placements, key=lambda p: p.buffer_end)]
-    assert served == order[:order.index(victim.name)]  # exactly the verified prefix
+    # only verified tensors, in order, were served; once the buffer failed, nothing more (a
+    # slow reader may get fewer than all the tensors verified before the bad one)
+    assert len(served) <= order.index(victim.name)
+    assert served == order[:len(served)]
     assert victim.name in info.value.message
     with pytest.raises(ChecksumError) as job_error:
         job.wait(30)
