@@ -23,9 +23,11 @@ from gpu_runtime.errors import (DuplicateRequestError, PromptTooLongError, Runti
 from gpu_runtime.kv_cache import KVCache, KVCacheSpec, blocks_for_budget
 from gpu_runtime.loader import default_device, load_stage, plan_stages, resolve_dtype
 from gpu_runtime.model_runner import LocalRunner, prepare_step
+from gpu_runtime.pipeline import PipelineRunner
 from gpu_runtime.sampling import SamplingParams
 from gpu_runtime.scheduler import Scheduler, SchedulerConfig
 from gpu_runtime.sequence import RequestOutput, Sequence, SequenceStatus
+from gpu_runtime.stage import Stage, StageSpec
 from gpu_runtime.tokenizer import Tokenizer
 
 
@@ -56,46 +58,64 @@ class EngineConfig:
                                     f"{self.pp}; give one per stage", "stage_addresses")
 
 
+def _blocks_for_budget(config: EngineConfig, model_config: ModelConfig, specs: list[StageSpec],
+                       dtype: torch.dtype) -> int:
+    most_layers = max(len(s.layers) for s in specs)  # one block count on every stage
+    return blocks_for_budget(config.kv_cache_bytes, most_layers, config.block_size,
+                             model_config.num_kv_heads, model_config.head_dim, dtype)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
-        self.config = config
+        """Loads stage 0 from ``config.model`` (and starts the other stages when pp > 1)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         model_config, specs, files = plan_stages(config.model, config.pp)
-        self.model_config: ModelConfig = model_config
-        self.specs = specs
         dtype = resolve_dtype(config.dtype, model_config)
         device = torch.device(config.device) if config.device else default_device()
         stage = load_stage(config.model, specs[0], model_config, files, dtype, device)
-        num_blocks = config.num_kv_blocks or self._blocks_for_budget(dtype)
+        num_blocks = config.num_kv_blocks or _blocks_for_budget(config, model_config, specs,
+                                                                 dtype)
         if num_blocks < 1:
             raise RuntimeInputError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of "
                                     f"{config.block_size} tokens; raise it", "kv_cache_bytes")
         kv = KVCache(KVCacheSpec(0, len(specs[0].layers), num_blocks, config.block_size,
                                  model_config.num_kv_heads, model_config.head_dim, dtype), device)
+        self._setup(config, specs, kv, self._runner(config, stage, kv),
+                    tokenizer if tokenizer is not None else Tokenizer.maybe(config.model))
+
+    @classmethod
+    def from_loaded(cls, config: EngineConfig, specs: list[StageSpec], kv: KVCache,
+                    runner: LocalRunner | PipelineRunner,
+                    tokenizer: Tokenizer | None = None) -> LLMEngine:
+        """An engine around a stage 0 someone else loaded (the cold-start loader): ``runner``
+        already holds the stage and ``kv``; the block count comes from ``kv``."""
+        engine = cls.__new__(cls)
+        engine._setup(config, specs, kv, runner, tokenizer)
+        return engine
+
+    def _setup(self, config: EngineConfig, specs: list[StageSpec], kv: KVCache,
+               runner: LocalRunner | PipelineRunner, tokenizer: Tokenizer | None) -> None:
+        self.config = config
+        self.specs = specs
+        self.model_config: ModelConfig = runner.stage.config
         self.kv = kv
-        self.runner = self._runner(stage, kv)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.runner = runner
+        self.blocks = BlockManager(kv.spec.num_blocks, kv.spec.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.maybe(config.model)
-        self.max_len = min(model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.tokenizer = tokenizer
+        self.max_len = min(self.model_config.max_position_embeddings,
+                           kv.spec.num_blocks * kv.spec.block_size)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
-    def _blocks_for_budget(self, dtype: torch.dtype) -> int:
-        c = self.model_config
-        most_layers = max(len(s.layers) for s in self.specs)  # same block count on every stage
-        return blocks_for_budget(self.config.kv_cache_bytes, most_layers, self.config.block_size,
-                                 c.num_kv_heads, c.head_dim, dtype)
-
-    def _runner(self, stage, kv):
-        if self.config.pp == 1:
+    @staticmethod
+    def _runner(config: EngineConfig, stage: Stage, kv: KVCache) -> LocalRunner | PipelineRunner:
+        if config.pp == 1:
             return LocalRunner(stage, kv)
-        from gpu_runtime.pipeline import PipelineRunner
-
-        addresses = list(self.config.stage_addresses) if self.config.stage_addresses else None
-        return PipelineRunner.start(stage, kv, self.config.model, addresses, self.config.dtype,
-                                    self.config.device, self.config.num_threads)
+        addresses = list(config.stage_addresses) if config.stage_addresses else None
+        return PipelineRunner.start(stage, kv, config.model, addresses, config.dtype,
+                                    config.device, config.num_threads)
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpu_runtime.config import RopeConfig
@@ -17,11 +18,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in float32 as the reference does; then back to the input dtype
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        # statistics in float32 as the reference does, then back to the input dtype, then the
+        # weight; one fused kernel when the input already is float32
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -57,4 +58,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (tokens, heads, hd); rotate-half convention of the HF Llama checkpoints."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, rotated, sin)
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on queries and keys in one pass: (tokens, heads, hd), (tokens, kv_heads, hd).
+    One concatenation costs less than running the elementwise kernels twice."""
+    heads = q.shape[1]
+    qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)  # (tokens, heads + kv_heads, hd)
+    return qk[:, :heads], qk[:, heads:]

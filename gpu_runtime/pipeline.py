@@ -4,14 +4,16 @@ Stage 0 owns the batch, the sequences and the block tables; it runs its layers, 
 hidden states plus the step's attention inputs to stage 1. Every other stage runs its layers on
 what it receives (writing its own KV cache at the same slots) and passes on; the last stage
 samples and sends token ids and logprobs back to stage 0. Workers are spawned (never forked) on
-this machine, or started by hand on other hosts with ``python -m gpu_runtime.pipeline``.
+this machine (as ``python -m gpu_runtime.pipeline`` child processes: a fresh interpreter, never a
+fork, and no re-import of the parent's main module), or started the same way on other hosts.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -132,7 +134,7 @@ class PipelineRunner:
     """Stage 0's side of a pipeline: runs stage 0 here, the rest through the channel."""
 
     def __init__(self, stage: Stage, kv: KVCache, channel: Channel,
-                 procs: list[mp.Process]) -> None:
+                 procs: list[subprocess.Popen]) -> None:
         assert stage.spec.is_first and not stage.spec.is_last, f"{stage.spec} is not stage 0"
         self.stage, self.kv, self.channel, self.procs = stage, kv, channel, procs
         self.wait_s = 0.0  # time stage 0 spent waiting for the rest of the pipeline
@@ -140,21 +142,19 @@ class PipelineRunner:
     @classmethod
     def start(cls, stage: Stage, kv: KVCache, model_dir: str, addresses: list[str] | None,
               dtype: str | None, device: str | None, num_threads: int | None) -> PipelineRunner:
-        """Spawns stages 1..pp-1 (when ``addresses`` is None; otherwise they run elsewhere and
-        listen on ``addresses[1:]``) and waits until every stage holds its KV cache."""
+        """Starts stages 1..pp-1 as child processes (when ``addresses`` is None; otherwise they
+        run elsewhere and listen on ``addresses[1:]``) and waits until each holds its KV cache."""
         pp = stage.spec.num_stages
         spawn = addresses is None
         addresses = addresses or ipc_addresses(pp)
-        procs = []
-        if spawn:
-            ctx = mp.get_context("spawn")
-            for i in range(1, pp):
-                p = ctx.Process(target=worker_main, daemon=True, name=f"hydra-stage-{i}", args=(
-                    model_dir, pp, i, addresses, dtype, device, num_threads))
-                p.start()
-                procs.append(p)
+        procs = [_start_worker(model_dir, pp, i, addresses, dtype, device, num_threads)
+                 for i in range(1, pp)] if spawn else []
         runner = cls(stage, kv, Channel(addresses[0], addresses[1]), procs)
-        runner._handshake(KVLayout(kv.spec.num_blocks, kv.spec.block_size))
+        try:
+            runner._handshake(KVLayout(kv.spec.num_blocks, kv.spec.block_size))
+        except BaseException:
+            runner._stop_procs()
+            raise
         return runner
 
     def _handshake(self, layout: KVLayout) -> None:
@@ -171,9 +171,10 @@ class PipelineRunner:
             msg = self.channel.recv(STEP_POLL_MS)
             if msg is not None:
                 return msg
-            dead = [p.name for p in self.procs if not p.is_alive()]
+            dead = [(i + 1, p.returncode) for i, p in enumerate(self.procs)
+                    if p.poll() is not None]
             if dead:
-                raise ChannelError(f"pipeline stage process(es) {dead} exited")
+                raise ChannelError(f"pipeline stage process(es) exited (stage, code): {dead}")
         raise ChannelError(f"no answer from the pipeline within {timeout_s:.0f}s")
 
     @torch.inference_mode()
@@ -197,11 +198,30 @@ class PipelineRunner:
             self._recv(10.0)
         except ChannelError:
             pass  # a stage already gone; the join below cleans up
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
+        self._stop_procs()
         self.channel.close()
+
+    def _stop_procs(self) -> None:
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                p.wait(timeout=10)
+
+
+def _start_worker(model_dir: str, pp: int, index: int, addresses: list[str], dtype: str | None,
+                  device: str | None, num_threads: int | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "gpu_runtime.pipeline", "--model", str(model_dir), "--pp",
+           str(pp), "--stage", str(index), "--addresses", ",".join(addresses)]
+    for flag, value in (("--dtype", dtype), ("--device", device), ("--threads", num_threads)):
+        if value:
+            cmd += [flag, str(value)]
+    # the package root on the path, so a child finds gpu_runtime however the parent was started
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> None:

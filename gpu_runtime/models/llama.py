@@ -12,7 +12,7 @@ from torch import nn
 
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
-from gpu_runtime.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from gpu_runtime.layers import RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
 
 # HF tensor name -> our parameter path; ``{0}`` is the layer index. Tied embeddings add a
 # second target (see ``param_paths``).
@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, hd)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_qk(q, k, cos, sin)
         return self.o_proj(paged_attention(q, k, v, k_cache, v_cache, meta))
 
 
