@@ -180,3 +180,25 @@ def test_a_live_pool_is_never_taken_over_but_a_dead_one_is(make_prefetcher, tmp_
     stale.write_bytes(b"x" * 4096)
     second = make_prefetcher(node_id="stale", shm_dir=str(tmp_path), pool_bytes=2 << 20)
     assert os.stat(second.pool.path).st_size == 2 << 20
+
+
+def test_stages_of_one_model_are_separate_buffers(make_prefetcher, pf_server, pf_index,
+                                                  reference):
+    pf = make_prefetcher()
+    uri = pf_server.url + "/small"
+    half = len(pf_index.tensors) // 2
+    stages = {"pp2-s0": pf_index.tensors[:half], "pp2-s1": pf_index.tensors[half:]}
+    jobs = {s: pf.prefetch("small", s, uri, e) for s, e in stages.items()}
+    assert not pf.holds("small", "pp2-s0", stages["pp2-s0"]) or jobs["pp2-s0"].done
+    for stage, entries in stages.items():
+        stats = jobs[stage].wait(30)
+        assert stats.bytes == sum(e.length for e in entries)
+        assert pf.holds("small", stage, entries)
+        with open_buffer(jobs[stage].handle) as buf:
+            got = dict(iter_tensors(buf, plan_stage(entries), timeout_s=30))
+            assert sorted(got) == sorted(e.name for e in entries)
+            assert all(torch.equal(t.view(torch.uint8), reference[n].view(torch.uint8))
+                       for n, t in got.items())
+            del got
+    assert jobs["pp2-s0"].handle.extent_offset != jobs["pp2-s1"].handle.extent_offset
+    assert not pf.holds("small", "pp2-s0", pf_index.tensors)  # a different split: not cached

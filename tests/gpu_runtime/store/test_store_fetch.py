@@ -154,3 +154,26 @@ def test_missing_file_is_not_found(ckpt_root, ckpt_index, store_server):
         fetch_all(store_server.url + "/small", ghost)
     with pytest.raises(StoreFileNotFoundError):
         fetch_all(f"file://{ckpt_root / 'small'}", ghost)
+
+
+def test_server_errors_are_retried(ckpt_root, ckpt_index):
+    class Busy(StoreHandler):
+        remaining = 2
+
+        def _serve(self, body):
+            if Busy.remaining > 0:
+                Busy.remaining -= 1
+                self.send_response(503)
+                self._headers(0, {})
+                return
+            super()._serve(body)
+
+    server = start_server(ckpt_root, Busy)
+    try:
+        layout, buf, stats = fetch_all(server.url + "/small", ckpt_index.tensors[:4],
+                                       connections=1)
+        assert_crcs(layout, buf)
+        assert stats.num_retries == 2 and Busy.remaining == 0
+    finally:
+        server.shutdown()
+        server.server_close()
