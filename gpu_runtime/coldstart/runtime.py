@@ -34,9 +34,19 @@ from gpu_runtime.tokenizer import Tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+def warm_meta() -> None:
+    """Builds a tiny module on ``meta`` once: the first random init on ``meta`` imports
+    ``torch._dynamo`` (about 1-2 s here), a cost a worker should pay at boot, not per stage."""
+    with torch.device("meta"):
+        torch.nn.Embedding(4, 4)
+        torch.nn.Linear(4, 4)
+
+
 def init_device(device: torch.device, num_threads: int | None = None) -> float:
-    """Creates the device context (CUDA) or warms the CPU kernels; returns seconds taken."""
+    """Creates the device context (CUDA) or warms the CPU kernels, and warms the ``meta``
+    skeleton path; returns seconds taken."""
     started = time.perf_counter()
+    warm_meta()
     if num_threads:
         torch.set_num_threads(num_threads)
     if device.type == "cuda":
