@@ -8,7 +8,6 @@ KV cache, loads the tokenizer and binds the stage's channel while the main threa
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 import threading
 import time
@@ -18,7 +17,6 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
-from gpu_runtime.block_manager import BlockManager
 from gpu_runtime.channel import Channel, Message
 from gpu_runtime.checkpoint import Source
 from gpu_runtime.coldstart.plan import StagePlan
@@ -27,7 +25,6 @@ from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.kv_cache import KVCache, KVCacheSpec
 from gpu_runtime.model_runner import LocalRunner
 from gpu_runtime.pipeline import PipelineRunner, StageWorker
-from gpu_runtime.scheduler import Scheduler
 from gpu_runtime.stage import Stage
 from gpu_runtime.tokenizer import Tokenizer
 
@@ -119,12 +116,9 @@ class RuntimeInit(threading.Thread):
 
 
 def engine_for(stage: Stage, parts: RuntimeParts, plan: StagePlan) -> LLMEngine:
-    """An ``LLMEngine`` around a stage 0 that is already loaded, with the prepared KV cache.
-
-    The engine's constructor loads weights from a local directory itself, which a cold start
-    must not do; this fills the same attributes from the streamed stage instead (see
-    docs/loading.md: to be replaced by an engine constructor taking a loaded stage).
-    """
+    """An ``LLMEngine`` around a stage 0 that is already loaded, with the KV cache prepared
+    during the fetch; with ``pp > 1`` this connects the ring and waits until every stage
+    answers."""
     assert stage.spec.is_first, f"stage {stage.spec.index} cannot host the engine loop"
     shape = plan.engine
     config = EngineConfig(model=plan.uri, dtype=shape.dtype, device=str(stage.device),
@@ -137,20 +131,7 @@ def engine_for(stage: Stage, parts: RuntimeParts, plan: StagePlan) -> LLMEngine:
     else:
         runner = PipelineRunner.start(stage, parts.kv, plan.uri, list(plan.addresses),
                                       shape.dtype, str(stage.device), shape.num_threads)
-    engine = LLMEngine.__new__(LLMEngine)
-    engine.config = config
-    engine.model_config = stage.config
-    engine.specs = [stage.spec]
-    engine.kv = parts.kv
-    engine.runner = runner
-    engine.blocks = BlockManager(shape.num_kv_blocks, shape.block_size)
-    engine.scheduler = Scheduler(config.scheduler, engine.blocks)
-    engine.tokenizer = parts.tokenizer
-    engine.max_len = min(stage.config.max_position_embeddings,
-                         shape.num_kv_blocks * shape.block_size)
-    engine._seqs = {}
-    engine._ids = itertools.count()
-    return engine
+    return LLMEngine.from_loaded(config, [stage.spec], parts.kv, runner, parts.tokenizer)
 
 
 class PreparedStageWorker(StageWorker):
