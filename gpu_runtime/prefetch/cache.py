@@ -145,6 +145,7 @@ class BufferCache:
         try:
             entry.header.set_state(FREE)
             entry.state = FREE
+            entry.header.release_views()  # the entry is gone; keep no export on the pool map
         finally:
             locks.unlock(self.pool.fd, start)
         self.pool.free(start, entry.handle.extent_bytes)
@@ -158,6 +159,13 @@ class BufferCache:
                      "readers": locks.count_holders(self.pool.fd, e.handle.extent_offset),
                      "idle_s": time.monotonic() - e.last_used}
                     for e in self._entries.values()]
+
+    def release_views(self) -> None:
+        """Drops every header view into the pool mapping, so the pool can be unmapped."""
+        with self._lock:
+            for entry in [*self._entries.values(), *self._doomed]:
+                if hasattr(entry.header, "_u32"):
+                    entry.header.release_views()
 
     def all_live(self) -> list[Entry]:
         with self._lock:

@@ -153,7 +153,7 @@ class ShmPool:
 
     def close(self, unlink: bool = True) -> None:
         """Unmaps and (by default) removes the pool file; readers keep their own mappings."""
-        with contextlib.suppress(BufferError):  # header views alive: unmapped at process exit
+        with contextlib.suppress(BufferError):  # views still alive: unmapped at process exit
             self.mm.close()
         os.close(self.fd)
         if unlink and os.path.exists(self.path):

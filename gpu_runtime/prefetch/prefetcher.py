@@ -10,12 +10,19 @@ from __future__ import annotations
 import re
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gpu_runtime.checkpoint import TensorEntry
 from gpu_runtime.prefetch.cache import BufferCache, Entry
-from gpu_runtime.prefetch.errors import CODE_OF, ChecksumError, FetchFailedError, PrefetchError
+from gpu_runtime.prefetch.errors import (
+    CODE_OF,
+    ChecksumError,
+    FetchFailedError,
+    PrefetchError,
+    WaitTimeoutError,
+)
 from gpu_runtime.prefetch.handle import BufferHandle
 from gpu_runtime.prefetch.header import COMPLETE, DATA_OFFSET, FETCHING
 from gpu_runtime.prefetch.pool import PoolConfig, ShmPool
@@ -68,7 +75,8 @@ class FetchJob:
     def wait(self, timeout_s: float | None = None) -> FetchStats:
         """Blocks until the buffer is complete and verified; raises the fetch's error."""
         if not self._entry.done.wait(timeout_s):
-            raise TimeoutError(f"fetch of {self.handle.key} not done after {timeout_s} s")
+            raise WaitTimeoutError(f"fetch of {self.handle.key} not done after {timeout_s} s; "
+                                   "the store or the link is slower than expected")
         if self._entry.error is not None:
             raise self._entry.error
         if self.cache_hit:
@@ -158,6 +166,7 @@ class Prefetcher:
             entry.done.set()
 
     def _fail(self, entry: Entry, exc: BaseException) -> None:
+        _clear_frames(exc)
         if isinstance(exc, ChecksumError):
             error: PrefetchError = exc
             self.bad_models[entry.handle.model] = exc.message
@@ -184,6 +193,7 @@ class Prefetcher:
                 entry.cancel.set()
         for t in self._threads:
             t.join(timeout_s)
+        self.cache.release_views()
         self.pool.close()
 
     def __enter__(self) -> Prefetcher:
@@ -191,3 +201,13 @@ class Prefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _clear_frames(exc: BaseException | None) -> None:
+    """Drops the locals of the frames in an error's traceback chain: they hold memoryviews of
+    the pool, and the error lives on in the entry (a held view would pin the pool mapping)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__

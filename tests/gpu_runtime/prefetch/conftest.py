@@ -50,3 +50,4 @@ def make_prefetcher():
     yield make
     for pf in made:
         pf.close()
+        assert pf.pool.mm.closed  # no view left behind: the pool's pages are given back
