@@ -35,13 +35,17 @@ class AttentionMetadata:
     query_index: torch.Tensor | None = None  # (batch * max_q,) flat token of each padded query
     output_index: torch.Tensor | None = None  # (num_tokens,) padded-query row of each token
     max_context: int = 0
+    is_fresh_prefill: bool = False  # every sequence's context is exactly this step's tokens
 
     def __post_init__(self) -> None:
         assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
             f"batch mismatch: {len(self.context_lens)} context lens, {len(self.query_lens)} "
             f"query lens, block table {tuple(self.block_tables.shape)}")
         self.max_context = max(self.context_lens)
-        if self.attn_mask is None:
+        # prefill of new (or recomputed) sequences attends to this step's own keys and values:
+        # no cache read, no mask (is_causal), no padding
+        self.is_fresh_prefill = (not self.is_decode and self.context_lens == self.query_lens)
+        if self.attn_mask is None and not self.is_fresh_prefill:
             self._build_mask()
 
     @property
@@ -98,8 +102,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
     """q: (tokens, heads, hd); k, v: (tokens, kv_heads, hd) -> (tokens, heads * hd)."""
-    num_tokens, num_heads, head_dim = q.shape
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.is_fresh_prefill:
+        return _prefill_attention(q, k, v, meta.query_lens)
+    return _cached_attention(q, k_cache, v_cache, meta)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       query_lens: list[int]) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    gqa = num_heads != k.shape[1]
+    outs, start = [], 0
+    for n in query_lens:  # one causal attention per sequence; prefill steps are few
+        qs, ks, vs = (t[start:start + n].transpose(0, 1)[None] for t in (q, k, v))  # (1, h, n, hd)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1).reshape(n, num_heads * head_dim))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
     keys = gather_context(k_cache, meta)
     values = gather_context(v_cache, meta)
     gqa = num_heads != keys.shape[1]
