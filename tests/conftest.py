@@ -73,6 +73,7 @@ def store_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("store")
     make_demo_model(root / "llama-tiny", DemoModelSpec(arch="llama", size="tiny"))
     make_demo_model(root / "opt-tiny", DemoModelSpec(arch="opt", size="tiny"))
+    make_demo_model(root / "llama-small", DemoModelSpec(arch="llama", size="small", seed=2))
     make_demo_model(root / "llama-sharded", DemoModelSpec(arch="llama", size="tiny",
                                                           shard_bytes=100_000, seed=1))
     return root

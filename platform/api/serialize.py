@@ -5,8 +5,16 @@ from __future__ import annotations
 from hydraserve.db.registry import Function, FunctionVersion, Model
 from hydraserve.db.serving import Invocation
 from hydraserve.db.tenants import ApiKey, Tenant
-from hydraserve.schemas import (FunctionOut, InvocationOut, KeyOut, ModelOut, Slo, TenantOut,
-                                Timings, VersionOut)
+from hydraserve.schemas import (
+    FunctionOut,
+    InvocationOut,
+    KeyOut,
+    ModelOut,
+    Slo,
+    TenantOut,
+    Timings,
+    VersionOut,
+)
 from hydraserve.services.functions import alias_spec
 
 

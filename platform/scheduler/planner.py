@@ -10,7 +10,7 @@ section 6). For pipeline size ``pp`` and ``n_full`` workers holding a full memor
 where ``BW`` is the smaller of the n_full-th best full-share node's and the pp-th best node's
 link share once the new fetch joins. The smallest feasible ``pp`` wins; among plans of one size the
 one with the fewest full shares (least memory-time). Cached models are placed where the bytes
-already are. With no feasible plan, pp = 1 on the best-bandwidth node that fits is returned with
+already are. A model that fits on no single device gets a pipeline of part shares only. With no feasible plan, pp = 1 on the best-bandwidth node that fits is returned with
 ``slo_met=False``; with no node that fits at all, ``None`` (the caller waits and retries).
 """
 
@@ -128,7 +128,18 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
             if plan is not None and n_full >= wanted:
                 return plan
             partial = partial or plan
-    return partial or cached or _fallback(req, open_nodes, cfg)
+    return partial or cached or _part_shares_only(req, open_nodes, cfg) or _fallback(
+        req, open_nodes, cfg)
+
+
+def _part_shares_only(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
+    """A model no single device holds can still be served by a pipeline of part shares; it
+    just never consolidates (there is no full-share worker to become a replica)."""
+    for pp in range(2, cfg.max_pp + 1):
+        plan = _try(req, nodes, cfg, pp, 0)
+        if plan is not None:
+            return plan
+    return None
 
 
 def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pika.exceptions import AMQPError
@@ -79,15 +79,26 @@ def cancel(session: Session, inv: Invocation) -> None:
 
 @dataclass(slots=True)
 class Waiter:
-    """Follows one invocation: token events from the reply queue, Postgres as the fallback."""
+    """Follows one invocation: token events from the reply queue, Postgres as the fallback.
+    Uses a short-lived session per look, so it outlives the request's own session (SSE)."""
 
-    session: Session
+    sessions: Callable[[], Session]
     listener: ReplyListener
-    inv: Invocation
+    inv_id: str
     events: queue.Queue
 
     def close(self) -> None:
-        self.listener.unsubscribe(self.inv.id)
+        self.listener.unsubscribe(self.inv_id)
+
+    def load(self) -> Invocation:
+        with self.sessions() as s:
+            inv = s.get(Invocation, self.inv_id)
+            s.expunge(inv)
+            return inv
+
+    def cancel(self) -> None:
+        with self.sessions() as s:
+            cancel(s, s.get(Invocation, self.inv_id))
 
     def follow(self, deadline_s: float, tick_s: float = 1.0) -> Iterator[dict | None]:
         """Yields token events as they come and ``None`` every ``tick_s`` of silence (SSE
@@ -107,7 +118,6 @@ class Waiter:
                 continue
             if time.monotonic() - last_poll >= DB_POLL_S:
                 last_poll = time.monotonic()
-                self.session.refresh(self.inv)
-                if self.inv.status in FINISHED:
+                if self.load().status in FINISHED:
                     return
             yield None

@@ -3,7 +3,7 @@ activity. Called from worker processes; every write commits at once, since a wor
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -45,9 +45,8 @@ def begin(session: Session, inv_id: str, group: tuple[int, ...]) -> Invocation |
 
 
 def _at(value: float | None) -> datetime | None:
-    from datetime import timezone
 
-    return datetime.fromtimestamp(value, tz=timezone.utc) if value else None
+    return datetime.fromtimestamp(value, tz=UTC) if value else None
 
 
 def complete(session: Session, inv_id: str, output: dict, tokens_in: int, tokens_out: int,

@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from hydraserve.db.cluster import Instance, Plan
 from hydraserve.db.registry import FunctionVersion, Model
 
+KV_FLOOR_BYTES = 2**20
+
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
@@ -26,6 +28,14 @@ class Assignment:
     stage_index: int
     addresses: tuple[str, ...]  # every stage's channel endpoint, stage 0 first
     group: tuple[int, ...]  # instance ids of the pipeline group, by stage
+    memory_bytes: int  # this stage's device memory share
+    model_bytes: int
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """What the share leaves after this stage's weights, with a 1 MiB floor so that a tiny
+        model still holds a useful context (the floor is not billed)."""
+        return max(self.memory_bytes - self.model_bytes // self.pp, KV_FLOOR_BYTES)
 
 
 def local_dir(uri: str) -> str:
@@ -48,4 +58,5 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
         instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
         function_version_id=version.id, version=version.version, model_dir=local_dir(model.uri), dtype=model.dtype,
         pp=plan.pp, stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
-        group=tuple(i.id for i in group))
+        group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
+        model_bytes=model.total_bytes)

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         a = load_assignment(s, args.instance_id)
     timeline = {"init_start": time.time()}
     engine = LLMEngine(EngineConfig(
-        model=a.model_dir, pp=a.pp, num_threads=args.threads,
+        model=a.model_dir, pp=a.pp, num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
         stage_addresses=a.addresses if a.pp > 1 else None))
     timeline["ready"] = time.time()
     with sessions() as s:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, request
 
 from hydraserve.api.auth import db
 from hydraserve.api.openapi import operation
@@ -61,7 +61,8 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool):
         if listener:
             listener.unsubscribe(inv_id)
         raise
-    return fn, inv, (Waiter(db(), listener, inv, events) if listener else None)
+    waiter = Waiter(rt.session_factory, listener, inv_id, events) if listener else None
+    return fn, inv, waiter
 
 
 @operation(bp, "/v1/functions/<name>/invocations", "POST", summary="Invoke a function",
@@ -102,23 +103,23 @@ def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Respons
     def stream() -> Iterator[str]:
         done = False
         try:
-            yield ": accepted " + waiter.inv.id + "\n\n"
+            yield f": accepted {waiter.inv_id}\n\n"
             for event in waiter.follow(deadline_s):
                 if event is None:
                     yield ": keep-alive\n\n"  # a cold start is in progress
                     continue
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-            db().refresh(waiter.inv)
-            done = waiter.inv.status in invocations.FINISHED
-            final = invocation_out(waiter.inv, *function).model_dump(mode="json")
+            inv = waiter.load()
+            done = inv.status in invocations.FINISHED
+            final = invocation_out(inv, *function).model_dump(mode="json")
             yield f"event: invocation\ndata: {json.dumps(final)}\n\n"
         finally:
             waiter.close()
             if not done:  # the client went away (or the deadline passed): stop the work
-                invocations.cancel(db(), waiter.inv)
+                waiter.cancel()
 
-    return Response(stream_with_context(stream()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Invocation-Id": waiter.inv.id})
+    return Response(stream(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Invocation-Id": waiter.inv_id})
 
 
 @operation(bp, "/v1/invocations/<id>", "GET", summary="Read an invocation",

@@ -1,0 +1,82 @@
+"""A whole local cluster for end-to-end tests: API, scheduler, store and node agents, each a
+real process, on a throwaway database and queue namespace."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import requests
+from sqlalchemy import create_engine, text
+
+from gpu_runtime.engine import EngineConfig, LLMEngine
+from gpu_runtime.sampling import SamplingParams
+from hydraserve import devcluster
+from hydraserve.settings import Settings
+from tests.conftest import ADMIN_KEY
+
+HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@dataclass
+class Cluster:
+    base: str
+    settings: Settings
+    layout: devcluster.Layout
+    spec: devcluster.ClusterSpec
+
+    def __post_init__(self) -> None:
+        self.db = create_engine(self.settings.database_url)
+
+    def register(self, name: str, model_dir, **extra) -> dict:
+        body = {"model": model_dir.as_uri(), "slo": {"ttft_ms": 120_000, "tpot_ms": 5_000}} | extra
+        resp = requests.put(f"{self.base}/v1/functions/{name}", json=body, headers=HEADERS,
+                            timeout=60)
+        assert resp.status_code == 201, resp.text
+        return resp.json()
+
+    def invoke(self, name: str, body: dict, headers: dict | None = None, timeout_s: int = 240,
+               **kw) -> requests.Response:
+        return requests.post(f"{self.base}/v1/functions/{name}/invocations?timeout_s={timeout_s}",
+                             json=body, headers=HEADERS | (headers or {}),
+                             timeout=timeout_s + 30, **kw)
+
+    def get(self, inv_id: str) -> dict:
+        return requests.get(f"{self.base}/v1/invocations/{inv_id}", headers=HEADERS,
+                            timeout=30).json()
+
+    def query(self, sql: str, **params) -> list:
+        with self.db.connect() as conn:
+            return list(conn.execute(text(sql), params))
+
+    def wait_for(self, predicate, timeout_s: float, what: str, every_s: float = 0.2):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(every_s)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def start(layout, database_url: str, store_root, api_port: int, store_port: int) -> Cluster:
+    settings = Settings(database_url=database_url, store_root=str(store_root),
+                        admin_key=ADMIN_KEY, api_port=api_port,
+                        queue_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    # 12 MiB per device: the tiny models fit whole, llama-small (16 MB) needs two stages.
+    spec = devcluster.ClusterSpec(num_nodes=4, link_mbps=None, device_mem="12MiB",
+                                  worker_threads=1, store_port=store_port)
+    base = devcluster.start_cluster(layout, settings, ADMIN_KEY, spec)
+    return Cluster(base, settings, layout, spec)
+
+
+def reference_tokens(model_dir, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of the same model run in this process, one stage, no platform."""
+    with LLMEngine(EngineConfig(model=str(model_dir))) as engine:
+        engine.add_request("ref", prompt_ids, SamplingParams(max_tokens=max_tokens))
+        tokens: list[int] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+    return tokens

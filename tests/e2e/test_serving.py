@@ -1,0 +1,167 @@
+"""Serving through the whole platform: real API, scheduler, node agents, workers, Postgres and
+RabbitMQ. Cold and warm, pipeline cold starts, streaming, async, scale to zero, concurrency,
+bad input, and a node agent killed during a cold start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from hydraserve.cli.db import drop_database, upgrade
+from tests.conftest import fresh_database_url
+from tests.e2e.conftest import free_port
+from tests.e2e.serving_cluster import Cluster, reference_tokens, start
+
+PROMPT = [1, 5, 9, 13, 200, 31]
+
+
+@pytest.fixture(scope="module")
+def cluster(store_root, tmp_path_factory):
+    from hydraserve import devcluster
+
+    url = fresh_database_url("srv")
+    upgrade(url)
+    layout = devcluster.Layout(tmp_path_factory.mktemp("cluster"))
+    c = start(layout, url, store_root, free_port(), free_port())
+    yield c
+    devcluster.stop_cluster(layout, c.spec)
+    c.db.dispose()
+    drop_database(url)
+
+
+def test_cold_then_warm(cluster: Cluster, store_root):
+    cluster.register("chat", store_root / "llama-tiny")
+    expected = reference_tokens(store_root / "llama-tiny", PROMPT, 8)
+    first = cluster.invoke("chat", {"prompt_ids": PROMPT, "max_tokens": 8})
+    assert first.status_code == 200, first.text
+    cold = first.json()
+    assert cold["status"] == "succeeded" and cold["cold"] is True
+    assert cold["output"]["token_ids"] == expected
+    assert (cold["tokens_in"], cold["tokens_out"]) == (len(PROMPT), len(expected))
+    assert set(cold["timings"]["breakdown_ms"]) >= {"plan", "load", "first_token"}
+    assert cold["timings"]["ttft_ms"] > 0
+    warm = cluster.invoke("chat", {"prompt_ids": PROMPT, "max_tokens": 8}).json()
+    assert warm["cold"] is False and warm["instance_ids"] == cold["instance_ids"]
+    assert warm["output"]["token_ids"] == expected
+    assert warm["timings"]["ttft_ms"] < cold["timings"]["ttft_ms"]
+
+
+def test_pipeline_cold_start_across_nodes(cluster: Cluster, store_root):
+    cluster.register("big", store_root / "llama-small")
+    expected = reference_tokens(store_root / "llama-small", PROMPT, 6)
+    resp = cluster.invoke("big", {"prompt_ids": PROMPT, "max_tokens": 6})
+    assert resp.status_code == 200, resp.text
+    inv = resp.json()
+    assert inv["cold"] is True and len(inv["instance_ids"]) == 2
+    assert inv["output"]["token_ids"] == expected
+    nodes = cluster.query("SELECT node_id FROM instances WHERE id = ANY(:ids)",
+                          ids=inv["instance_ids"])
+    assert len({n for (n,) in nodes}) == 2, nodes  # each stage on its own node
+    (pp,) = cluster.query("SELECT pp FROM plans p JOIN instances i ON i.plan_id = p.id "
+                          "WHERE i.id = :i", i=inv["instance_ids"][0])[0]
+    assert pp == 2
+
+
+def test_sse_stream(cluster: Cluster, store_root):
+    cluster.register("stream", store_root / "opt-tiny")
+    expected = reference_tokens(store_root / "opt-tiny", PROMPT, 5)
+    resp = cluster.invoke("stream", {"prompt_ids": PROMPT, "max_tokens": 5},
+                          headers={"Accept": "text/event-stream"}, stream=True)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    events, comments = [], 0
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith(":"):
+            comments += 1
+        elif line.startswith("data: "):
+            events.append(json.loads(line[6:]))
+    tokens = [t for e in events if e.get("type") == "token" for t in e["token_ids"]]
+    assert tokens == expected
+    assert events[-1]["object"] == "invocation" and events[-1]["status"] == "succeeded"
+    assert comments >= 1  # the accepted comment, then keep-alives during the cold start
+
+
+def test_async_then_poll(cluster: Cluster, store_root):
+    cluster.register("later", store_root / "llama-tiny")
+    resp = cluster.invoke("later", {"prompt_ids": PROMPT, "max_tokens": 3},
+                          headers={"Prefer": "respond-async"})
+    assert resp.status_code == 202 and resp.headers["Location"].startswith("/v1/invocations/")
+    inv_id = resp.json()["id"]
+    done = cluster.wait_for(lambda: (i := cluster.get(inv_id))["status"] == "succeeded" and i,
+                            180, "the async invocation")
+    assert len(done["output"]["token_ids"]) == 3
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"prompt_ids": [1] * 600, "max_tokens": 4}, 400, "prompt has 600 tokens"),
+    ({"prompt_ids": [1, 99999], "max_tokens": 4}, 400, "outside the vocabulary"),
+    ({"max_tokens": 4}, 400, "exactly one of prompt"),
+    ({"prompt": "x", "temperature": 5}, 400, "temperature"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+])
+def test_bad_invocations(cluster: Cluster, store_root, body, status, fragment):
+    cluster.register("strict", store_root / "llama-tiny") if not cluster.query(
+        "SELECT 1 FROM functions WHERE name = 'strict'") else None
+    resp = cluster.invoke("strict", body)
+    assert resp.status_code == status, resp.text
+    assert fragment in resp.json()["error"]["message"]
+
+
+def test_unknown_function_and_invocation(cluster: Cluster):
+    assert cluster.invoke("ghost", {"prompt": "x"}).status_code == 404
+    resp = requests.get(f"{cluster.base}/v1/invocations/inv_nope",
+                        headers={"Authorization": f"Bearer {cluster.settings.admin_key}"},
+                        timeout=10)
+    assert resp.status_code == 404
+
+
+def test_concurrent_invocations_of_several_functions(cluster: Cluster, store_root):
+    cluster.register("fa", store_root / "opt-tiny")
+    cluster.register("fb", store_root / "llama-tiny")
+    jobs = [(name, i) for name in ("fa", "fb") for i in range(6)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(
+            lambda job: cluster.invoke(job[0], {"prompt_ids": [1, 2, 3 + job[1]],
+                                                "max_tokens": 4}), jobs))
+    assert [r.status_code for r in results] == [200] * len(jobs), [r.text for r in results]
+    assert all(r.json()["status"] == "succeeded" for r in results)
+
+
+def test_scale_to_zero_after_keep_alive(cluster: Cluster, store_root):
+    cluster.register("brief", store_root / "opt-tiny", keep_alive_s=1)
+    first = cluster.invoke("brief", {"prompt_ids": PROMPT, "max_tokens": 2}).json()
+    assert first["cold"] is True
+    ids = first["instance_ids"]
+    cluster.wait_for(lambda: all(s == "released" for (s,) in cluster.query(
+        "SELECT status FROM instances WHERE id = ANY(:ids)", ids=ids)), 60, "scale to zero")
+    usage = cluster.query("SELECT ended_at - started_at FROM usage_records "
+                          "WHERE instance_id = ANY(:ids)", ids=ids)
+    assert usage and all(d is not None and d.total_seconds() > 0 for (d,) in usage)
+    again = cluster.invoke("brief", {"prompt_ids": PROMPT, "max_tokens": 2}).json()
+    assert again["cold"] is True and again["instance_ids"] != ids
+
+
+def test_node_agent_killed_during_cold_start(cluster: Cluster, store_root):
+    cluster.register("fragile", store_root / "opt-tiny")
+    resp = cluster.invoke("fragile", {"prompt_ids": PROMPT, "max_tokens": 3},
+                          headers={"Prefer": "respond-async"})
+    inv_id = resp.json()["id"]
+    starting = cluster.wait_for(lambda: cluster.query(
+        "SELECT i.id, i.node_id FROM instances i JOIN function_versions v "
+        "ON v.id = i.function_version_id JOIN functions f ON f.id = v.function_id "
+        "WHERE f.name = 'fragile' AND i.status = 'starting'"), 60, "a starting instance", 0.02)
+    instance_id, node_id = starting[0]
+    pid = int(cluster.layout.pidfile(f"node-{node_id}").read_text())
+    os.killpg(pid, signal.SIGKILL)  # the agent and, through PDEATHSIG, its workers
+    final = cluster.wait_for(lambda: (i := cluster.get(inv_id))["status"] in (
+        "succeeded", "failed") and i, 120, "the invocation to end")
+    # Nothing is lost: it completed on a re-plan, or ended with a recorded error.
+    assert final["status"] == "succeeded" or final["error"]["message"], final
+    if final["status"] == "succeeded":
+        assert instance_id not in final["instance_ids"]
+    (status,) = cluster.query("SELECT status FROM instances WHERE id = :i", i=instance_id)[0]
+    assert status == "failed"
