@@ -9,7 +9,6 @@ never faults again. Readers map only their extent (page-aligned offsets) of the 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import mmap
@@ -22,6 +21,7 @@ import numpy as np
 
 from gpu_runtime.prefetch import locks
 from gpu_runtime.prefetch.errors import PoolInUseError
+from gpu_runtime.prefetch.extents import ExtentAllocator
 from gpu_runtime.prefetch.header import DATA_OFFSET
 
 EXTENT_ALIGN = 1024 * 1024
@@ -81,7 +81,7 @@ class ShmPool:
         self.mm = mmap.mmap(self.fd, config.size_bytes, mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)
         self.prefault_seconds = self._prefault() if config.prefault else 0.0
-        self._free: list[tuple[int, int]] = [(0, config.size_bytes)]  # sorted (offset, length)
+        self._extents = ExtentAllocator(config.size_bytes)
         self._lock = threading.Lock()
         self._generation = 0
 
@@ -119,37 +119,22 @@ class ShmPool:
         """Offset of a free extent of ``nbytes`` (a multiple of EXTENT_ALIGN), or None."""
         assert nbytes > 0 and nbytes % EXTENT_ALIGN == 0, f"bad extent size {nbytes}"
         with self._lock:
-            for i, (offset, length) in enumerate(self._free):
-                if length >= nbytes:
-                    if length == nbytes:
-                        del self._free[i]
-                    else:
-                        self._free[i] = (offset + nbytes, length - nbytes)
-                    return offset
-        return None
+            return self._extents.allocate(nbytes)
 
     def free(self, offset: int, nbytes: int) -> None:
         """Returns an extent to the free list, merging it with free neighbours."""
         with self._lock:
-            i = bisect.bisect_left(self._free, (offset, 0))
-            assert i == len(self._free) or self._free[i][0] >= offset + nbytes, \
-                f"double free of extent {offset}+{nbytes}: overlaps {self._free[i]}"
-            self._free.insert(i, (offset, nbytes))
-            if i + 1 < len(self._free) and offset + nbytes == self._free[i + 1][0]:
-                self._free[i] = (offset, nbytes + self._free.pop(i + 1)[1])
-            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
-                prev = self._free.pop(i - 1)
-                self._free[i - 1] = (prev[0], prev[1] + self._free[i - 1][1])
+            self._extents.free(offset, nbytes)
 
     @property
     def free_bytes(self) -> int:
         with self._lock:
-            return sum(length for _, length in self._free)
+            return self._extents.free_bytes
 
     @property
     def largest_free(self) -> int:
         with self._lock:
-            return max((length for _, length in self._free), default=0)
+            return self._extents.largest_free
 
     def close(self, unlink: bool = True) -> None:
         """Unmaps and (by default) removes the pool file; readers keep their own mappings."""
