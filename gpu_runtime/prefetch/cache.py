@@ -66,6 +66,11 @@ class BufferCache:
                 entry.last_used = time.monotonic()
             return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """Like ``lookup`` but leaves the LRU order alone (for planner queries)."""
+        with self._lock:
+            return self._entries.get(key)
+
     def create(self, key: str, model: str, stage: str, layout: StageLayout) -> Entry:
         """Reserves an extent for a new buffer (evicting idle entries if needed)."""
         need = extent_bytes(layout.size)

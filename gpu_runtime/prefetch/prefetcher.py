@@ -179,7 +179,7 @@ class Prefetcher:
     def holds(self, model: str, stage: str, entries: Sequence[TensorEntry]) -> bool:
         """Whether the cache holds this stage complete (a fetch-free candidate for the planner)."""
         key = f"{model}/{stage}/{plan_stage(entries, self.config.max_gap_bytes).digest()[:16]}"
-        entry = self.cache.lookup(key)
+        entry = self.cache.peek(key)
         return entry is not None and entry.state == COMPLETE
 
     def evict_idle(self) -> int:
