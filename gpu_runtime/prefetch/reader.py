@@ -47,8 +47,14 @@ class SharedBuffer:
                                   "exist (node agent restarted?); prefetch again") from exc
         locks.lock_shared(self._fd, handle.extent_offset)
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-        self._mm = mmap.mmap(self._fd, handle.extent_bytes, flags, mmap.PROT_READ,
-                             offset=handle.extent_offset)
+        try:
+            self._mm = mmap.mmap(self._fd, handle.extent_bytes, flags, mmap.PROT_READ,
+                                 offset=handle.extent_offset)
+        except ValueError as exc:  # a new, smaller pool replaced the one the handle names
+            os.close(self._fd)
+            raise BufferGoneError(f"pool {handle.pool_path} no longer holds extent "
+                                  f"{handle.extent_offset}+{handle.extent_bytes} of buffer "
+                                  f"{handle.key}; prefetch again") from exc
         self._header = Header(self._mm, 0)
         # tensors are made from this array, not from the mmap: torch keeps a reference to the
         # array, whose buffer export keeps the mapping from being closed under live tensors

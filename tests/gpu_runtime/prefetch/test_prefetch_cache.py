@@ -202,3 +202,15 @@ def test_stages_of_one_model_are_separate_buffers(make_prefetcher, pf_server, pf
             del got
     assert jobs["pp2-s0"].handle.extent_offset != jobs["pp2-s1"].handle.extent_offset
     assert not pf.holds("small", "pp2-s0", pf_index.tensors)  # a different split: not cached
+
+
+def test_handle_into_a_replaced_smaller_pool_is_gone(make_prefetcher, pf_root, pf_index):
+    from dataclasses import replace
+    pf = make_prefetcher(pool_bytes=16 << 20)
+    job = pf.prefetch("small", "all", f"file://{pf_root / 'small'}", pf_index.tensors)
+    job.wait(30)
+    beyond = replace(job.handle, extent_offset=64 << 20)
+    with pytest.raises(BufferGoneError, match="no longer holds extent"):
+        open_buffer(beyond)
+    with pytest.raises(BufferGoneError, match="does not exist"):
+        open_buffer(replace(job.handle, pool_path=pf.pool.path + ".missing"))
