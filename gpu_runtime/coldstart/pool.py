@@ -236,6 +236,15 @@ class WorkerPool:
             w.terminate()
             raise
 
+    def replenish(self) -> int:
+        """Starts processes until ``num_prestarted`` workers are idle; returns how many."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError(f"worker pool of node {self.config.node_id} is closed")
+            missing = max(0, self.config.num_prestarted - len(self._idle))
+            self._idle.extend(self._spawn() for _ in range(missing))
+            return missing
+
     @property
     def num_idle(self) -> int:
         with self._lock:
