@@ -213,3 +213,36 @@ class InvocationOut(BaseModel):
     attempts: int
     instance_ids: list[int]
     timings: Timings
+
+
+class OpenAIBase(BaseModel):
+    """Fields shared by the OpenAI-compatible endpoints. Unknown fields are ignored, as OpenAI
+    clients send many; the ones we read are validated."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=63, description="the function's name")
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+
+    def sampling(self, default_max_tokens: int) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stop) > 4:
+            raise ValueError(f"stop has {len(stop)} strings; at most 4 are allowed")
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": stop}
+
+
+class CompletionRequest(OpenAIBase):
+    prompt: str | list[int] = Field(description="text, or token ids")
+
+
+class ChatRequest(OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)

@@ -46,14 +46,14 @@ class Extension:
 def create_app(settings: Settings | None = None,
                session_factory: sessionmaker | None = None) -> Flask:
     """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
-    from hydraserve.api.views import admin, functions, invocations, meta
+    from hydraserve.api.views import admin, functions, invocations, meta, openai
 
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
     app = Flask(__name__)
     app.json.sort_keys = False
     app.extensions["hydraserve"] = Extension(settings, session_factory)
-    for bp in (meta.bp, functions.bp, invocations.bp, admin.bp):
+    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, admin.bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
     app.teardown_appcontext(close_session)

@@ -131,6 +131,41 @@ def test_concurrent_invocations_of_several_functions(cluster: Cluster, store_roo
     assert all(r.json()["status"] == "succeeded" for r in results)
 
 
+def test_openai_client_streams_a_chat_from_a_cold_function(cluster: Cluster, store_root):
+    import openai
+
+    cluster.register("gpt", store_root / "llama-tiny")
+    client = openai.OpenAI(base_url=f"{cluster.base}/v1", api_key=cluster.settings.admin_key)
+    assert "gpt" in {m.id for m in client.models.list()}
+    stream = client.chat.completions.create(
+        model="gpt", messages=[{"role": "user", "content": "Hello, how are you?"}],
+        max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens == 8 or chunks[-1].choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    (cold, stored) = cluster.query("SELECT cold, output->>'text' FROM invocations i "
+                                   "JOIN functions f ON f.id = i.function_id "
+                                   "WHERE f.name = 'gpt'")[0]
+    assert cold is True and text == stored
+
+
+def test_openai_completions_match_the_engine(cluster: Cluster, store_root):
+    import openai
+
+    cluster.register("complete", store_root / "opt-tiny")
+    client = openai.OpenAI(base_url=f"{cluster.base}/v1", api_key=cluster.settings.admin_key)
+    done = client.completions.create(model="complete", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert done.usage.prompt_tokens == len(PROMPT)
+    assert done.usage.completion_tokens == len(reference_tokens(store_root / "opt-tiny", PROMPT, 4))
+    assert done.object == "text_completion" and isinstance(done.choices[0].text, str)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="missing", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="complete", prompt="x", temperature=9)
+
+
 def test_scale_to_zero_after_keep_alive(cluster: Cluster, store_root):
     cluster.register("brief", store_root / "opt-tiny", keep_alive_s=1)
     first = cluster.invoke("brief", {"prompt_ids": PROMPT, "max_tokens": 2}).json()
