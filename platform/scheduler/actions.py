@@ -86,7 +86,8 @@ def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan) ->
         instances.append(inst)
     session.flush()
     for inst in instances:
-        inst.address = f"tcp://127.0.0.1:{PORT_BASE + inst.id % PORT_SPAN}"
+        host = session.get(Node, inst.node_id).address or "127.0.0.1"
+        inst.address = f"tcp://{host}:{PORT_BASE + inst.id % PORT_SPAN}"
         kind = session.get(Device, inst.device_id).kind
         session.add(UsageRecord(instance_id=inst.id, tenant_id=fn.tenant_id, function_id=fn.id,
                                 device_kind=kind.split(":")[0], started_at=utcnow(),

@@ -48,12 +48,14 @@ class NodeAgent:
     def __post_init__(self) -> None:
         self.sessions = make_session_factory(make_engine(self.settings.database_url))
         self.log_dir = os.environ.get("HYDRA_LOG_DIR", "")
+        # the host name other nodes reach this one's stage channels at
+        self.host = os.environ.get("HYDRA_NODE_HOST", "127.0.0.1")
 
     # ---- life cycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         with self.sessions() as s:
-            nodes.register(s, self.node_id, "127.0.0.1", self.link_mbps, self.devices, self.info())
+            nodes.register(s, self.node_id, self.host, self.link_mbps, self.devices, self.info())
         for target in (self._heartbeat, self._monitor):
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
         log.info("node %s up with %d device(s)", self.node_id, len(self.devices))
