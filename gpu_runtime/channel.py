@@ -34,11 +34,28 @@ class Message:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy; from CUDA through a pinned buffer (a DMA copy, not a staged one)."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return host
+    return t.contiguous()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Received bytes onto the stage's device (pinned first on CUDA so the copy is async)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def encode(msg: Message) -> list:
     """Message -> zmq frames (header, then raw bytes per tensor)."""
     descs, frames = [], []
     for name, t in msg.tensors.items():
-        t = t.detach().contiguous().cpu()
+        t = to_host(t.detach())
         descs.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."),
                       "shape": list(t.shape)})
         frames.append(t.view(torch.uint8).numpy() if t.numel() else b"")  # raw bytes, no copy

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_runtime.channel import Channel, ChannelError, Message
+from gpu_runtime.channel import Channel, ChannelError, Message, to_device
 from gpu_runtime.kv_cache import KVCache, KVCacheSpec
 from gpu_runtime.model_runner import StepBatch, run_stage
 from gpu_runtime.sampling import SamplingBatch, sample
@@ -102,7 +102,8 @@ class StageWorker:
         assert self.kv is not None, f"stage {self.stage.spec.index} got a step before init"
         start = time.perf_counter()
         step, hidden = step_from_message(msg)
-        out = run_stage(self.stage, self.kv, hidden.to(self.stage.dtype), step)
+        hidden = to_device(hidden, self.stage.device).to(self.stage.dtype)
+        out = run_stage(self.stage, self.kv, hidden, step)
         if self.stage.spec.is_last:
             token_ids, logprobs = sample(out, step.sampling)
             reply = Message("tokens", {"token_ids": token_ids, "logprobs": logprobs})

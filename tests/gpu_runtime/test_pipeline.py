@@ -78,3 +78,39 @@ def test_pipeline_engine_with_joining_requests(model_dirs, hf_models):
     hf = hf_models(model_dir)
     for rid, prompt in (("a", PROMPTS[0]), ("b", PROMPTS[2])):
         assert_parity(tuple(got[rid]), hf_greedy(hf, prompt, NEW_TOKENS))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stages_started_by_hand_over_tcp(model_dirs, hf_models):
+    """The multi-host path: stage 1 started on its own (as on another host) on a TCP address,
+    stage 0 pointed at it with ``stage_addresses``."""
+    model_dir = model_dirs["opt"]
+    addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "gpu_runtime.pipeline", "--model", str(model_dir), "--pp", "2",
+         "--stage", "1", "--addresses", ",".join(addresses), "--dtype", "float32",
+         "--threads", "1"], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    try:
+        config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", pp=2,
+                              stage_addresses=tuple(addresses))
+        with LLMEngine(config) as engine:
+            assert engine.runner.procs == []  # nothing spawned: the stage runs "elsewhere"
+            engine.add_request("t", PROMPTS[1], SamplingParams(max_tokens=8))
+            tokens, logprobs = [], []
+            while engine.has_unfinished():
+                for out in engine.step():
+                    tokens += out.new_token_ids
+                    logprobs += out.new_logprobs
+        assert worker.wait(timeout=30) == 0  # the stop message ends the remote stage cleanly
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    ref = hf_greedy(hf_models(model_dir), PROMPTS[1], 8, eos_of(model_dir))
+    assert_parity((tokens, logprobs), ref)
