@@ -207,7 +207,11 @@ def _clear_frames(exc: BaseException | None) -> None:
     """Drops the locals of the frames in an error's traceback chain: they hold memoryviews of
     the pool, and the error lives on in the entry (a held view would pin the pool mapping)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
+    todo = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        todo += [err.__cause__, err.__context__]
