@@ -45,10 +45,12 @@ class KVCache:
         self.spec = spec
         self.data = torch.zeros(spec.num_layers, 2, spec.num_blocks, spec.block_size,
                                 spec.num_kv_heads, spec.head_dim, dtype=spec.dtype, device=device)
+        # views made once: a step touches every layer, and view creation is not free
+        self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(spec.num_layers)]
 
     def layer(self, local_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one held layer: (num_blocks, block_size, kv_heads, hd) each."""
-        return self.data[local_index, 0], self.data[local_index, 1]
+        return self.layers[local_index]
 
     def _local(self, layers: range) -> range:
         start, end = layers.start - self.spec.layer_start, layers.stop - self.spec.layer_start

@@ -160,8 +160,7 @@ class Stage(nn.Module):
         """x: token ids (tokens,) on stage 0, else hidden (tokens, hidden) -> hidden."""
         aux = self.model.prepare(meta, self.dtype)
         h = self.model.embed(x, meta) if self.spec.is_first else x
-        for i, layer in enumerate(self.layer_list):
-            k_cache, v_cache = kv.layer(i)
+        for layer, (k_cache, v_cache) in zip(self.layer_list, kv.layers):
             h = layer(h, meta, aux, k_cache, v_cache)
         return h
 
