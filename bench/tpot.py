@@ -6,9 +6,10 @@ batch of hidden vectors of the same shape and dtype).
     python bench/tpot.py --json bench/results/tpot.json          # full: ~370M params
     python bench/tpot.py --quick --json /tmp/tpot.json            # small model, ~2 minutes
 
-Measurements are interleaved in rounds (ours, transformers, floor, pipeline, then again) and each
-figure is the best round's median, so a neighbour's burst of CPU use hurts all sides alike and
-is mostly filtered out. Ratios without a dtype suffix are the worst over the dtypes measured.
+Our standalone engine, our pipeline and the floor are interleaved step by step (one decode step
+of each in turn), so all three see the same load from neighbours; transformers runs between
+them in each round. Each figure is the best round's median. Ratios without a dtype suffix are
+the worst over the dtypes measured.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table, median, time_call, write_json  # noqa: E402
+from bench.common import environment, markdown_table, median, write_json  # noqa: E402
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model  # noqa: E402
 from gpu_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from gpu_runtime.sampling import SamplingParams  # noqa: E402
@@ -76,33 +78,55 @@ def make_prompts(batch: int, cfg: BenchConfig) -> list[list[int]]:
             for i in range(batch)]
 
 
-def measure_ours(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple:
-    """(prefill seconds, median decode-step seconds) of one batch run to completion."""
+def measure_interleaved(engines: list[LLMEngine], prompts: list[list[int]], new_tokens: int,
+                        floor: Callable[[], None]) -> dict:
+    """Runs the same batch on every engine, stepping them in turn, with one floor measurement
+    after each round of steps, so all sides see the same neighbours' load. Returns prefill
+    seconds per engine and decode-step seconds per engine and for the floor (lists)."""
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     tag = time.perf_counter_ns()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", p, params)
-    times = []
-    while engine.has_unfinished():
+    for engine in engines:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}-{i}", p, params)
+    steps: list[list[float]] = [[] for _ in engines]
+    floors: list[float] = []
+    for _ in range(new_tokens):
+        for engine, times in zip(engines, steps):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    assert len(times) == new_tokens, f"{len(times)} steps for {new_tokens} tokens"
-    return times[0], median(times[1:])
+        floor()
+        floors.append(time.perf_counter() - start)
+    assert not any(e.has_unfinished() for e in engines), "engines did not finish the batch"
+    return {"prefill": [t[0] for t in steps], "decode": [t[1:] for t in steps],
+            "floor": floors[1:]}
 
 
 def measure_hf(model, prompts: list[list[int]], new_tokens: int) -> tuple:
-    """(prefill seconds, decode seconds per step) of ``generate``: the difference between a
-    run of ``new_tokens`` and a run of 1, divided by the extra steps."""
+    """(prefill seconds, median decode-step seconds) of one ``generate`` call. A logits
+    processor stamps the clock each time generate asks for a token, so consecutive stamps are
+    one whole decode step of generate (forward, cache update, processors, stopping checks)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
     ids = torch.tensor(prompts)
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    clock = StepClock()
     with torch.inference_mode():
-        one = time_call(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw),
-                        repeats=2)
-        full = time_call(lambda: model.generate(ids, max_new_tokens=new_tokens,
-                                                min_new_tokens=new_tokens, **kw), 1, warmup=0)
-    prefill = min(one)
-    return prefill, (full[0] - prefill) / (new_tokens - 1)
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       logits_processor=LogitsProcessorList([clock]))
+    stamps = clock.stamps
+    assert len(stamps) == new_tokens, f"{len(stamps)} steps for {new_tokens} tokens"
+    return stamps[0] - start, median([b - a for a, b in zip(stamps, stamps[1:])])
 
 
 def linear_weights(engine: LLMEngine) -> list[torch.Tensor]:
@@ -111,15 +135,17 @@ def linear_weights(engine: LLMEngine) -> list[torch.Tensor]:
             if p.dim() == 2 and "embed" not in name]
 
 
-def measure_floor(weights: list[torch.Tensor], batch: int, repeats: int = 5) -> float:
+def floor_fn(weights: list[torch.Tensor], batch: int) -> Callable[[], None]:
+    """One decode step's linear layers alone: each weight matrix times ``batch`` hidden vectors
+    of its input width, same dtype."""
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
 
+    @torch.inference_mode()
     def step() -> None:
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
 
-    with torch.inference_mode():
-        return median(time_call(step, repeats))
+    return step
 
 
 def pipeline_counters(engine: LLMEngine) -> tuple[float, float, int]:
@@ -148,21 +174,20 @@ def run_dtype(dtype: str, cfg: BenchConfig, model_dir: Path, threads: int, pp: i
     samples: dict[str, list] = {}
     try:
         for b in cfg.batches:  # warm-up: first calls allocate and pick kernels
-            prompts = make_prompts(b, cfg)
-            measure_ours(engine, prompts, 3), measure_ours(piped, prompts, 3)
+            measure_interleaved([engine, piped], make_prompts(b, cfg), 3, floor_fn(weights, b))
         for _ in range(cfg.rounds):
             for b in cfg.batches:
                 prompts = make_prompts(b, cfg)
-                samples.setdefault(f"ours_b{b}", []).append(measure_ours(engine, prompts,
-                                                                         cfg.new_tokens))
-                samples.setdefault(f"hf_b{b}", []).append(measure_hf(hf, prompts,
-                                                                     cfg.new_tokens))
-                samples.setdefault(f"floor_b{b}", []).append(measure_floor(weights, b))
                 before = pipeline_counters(piped)
-                samples.setdefault(f"pp_b{b}", []).append(measure_ours(piped, prompts,
-                                                                       cfg.new_tokens))
-                samples.setdefault(f"hop_b{b}", []).append(
-                    hop_overhead_s(before, pipeline_counters(piped), pp))
+                run = measure_interleaved([engine, piped], prompts, cfg.new_tokens,
+                                          floor_fn(weights, b))
+                after = pipeline_counters(piped)
+                add = samples.setdefault
+                add(f"ours_b{b}", []).append((run["prefill"][0], median(run["decode"][0])))
+                add(f"pp_b{b}", []).append((run["prefill"][1], median(run["decode"][1])))
+                add(f"floor_b{b}", []).append(median(run["floor"]))
+                add(f"hop_b{b}", []).append(hop_overhead_s(before, after, pp))
+                add(f"hf_b{b}", []).append(measure_hf(hf, prompts, cfg.new_tokens))
     finally:
         piped.close()
         engine.close()
@@ -170,6 +195,7 @@ def run_dtype(dtype: str, cfg: BenchConfig, model_dir: Path, threads: int, pp: i
 
 
 def summarise(samples: dict[str, list], cfg: BenchConfig) -> dict:
+    """Per batch size: the best round's median for each side (see the module docstring)."""
     out: dict[str, dict] = {}
     for b in cfg.batches:
         ours, hf, pp = samples[f"ours_b{b}"], samples[f"hf_b{b}"], samples[f"pp_b{b}"]
