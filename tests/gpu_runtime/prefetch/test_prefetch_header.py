@@ -59,10 +59,12 @@ def test_init_and_state_round_trip(header):
 @pytest.mark.skipif(not futex.AVAILABLE, reason="futex needs Linux on x86_64 or aarch64")
 def test_futex_wait_returns_on_wake_not_on_timeout(header):
     seen = header.wake_word()
-    threading.Timer(0.1, lambda: header.set_mark(5)).start()
+    timer = threading.Timer(0.1, lambda: header.set_mark(5))
+    timer.start()
     started = time.monotonic()
     header.wait_change(seen, timeout_s=5.0)
     elapsed = time.monotonic() - started
+    timer.join()  # the publisher may still hold views of the mapping right after the wake
     assert 0.05 < elapsed < 1.0, elapsed  # woke by the publish, long before the 5 s timeout
     assert header.snapshot().mark == 5
 
