@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write raw numbers and ratios here")
     ap.add_argument("--quick", action="store_true", help="4 layers (0.6 GB), 2 rounds")
     ap.add_argument("--cache", default=os.environ.get("HYDRA_BENCH_CACHE", "/tmp/hydra-bench"))
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process "
+                    "(1: a plain single-stream copy; see bench/coldstart.py on threads here)")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
