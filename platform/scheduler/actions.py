@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from kombu.exceptions import KombuError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
@@ -93,8 +94,14 @@ def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan) ->
                                 device_kind=kind.split(":")[0], started_at=utcnow(),
                                 memory_gb=Decimal(inst.memory_bytes) / Decimal(10**9)))
     session.commit()
-    for inst in instances:
-        sender.start_stage(inst.node_id, inst.id)
+    try:
+        for inst in instances:
+            sender.start_stage(inst.node_id, inst.id)
+    except (KombuError, OSError) as exc:  # the broker is away: fail the group, plan again later
+        for inst in instances:
+            close_instance(session, inst.id, "failed", f"could not send start task: {exc}")
+        session.commit()
+        raise
     log.info("function version %s: plan %s pp=%d on %s (%s)", fv.id, row.id, plan.pp,
              [s.node_id for s in plan.stages], plan.reason)
     return row.id
@@ -123,10 +130,3 @@ def mark_silent_nodes_down(session: Session, timeout_s: float) -> list[str]:
     session.commit()
     return [n.id for n in silent]
 
-
-def fail_stuck_starts(session: Session, timeout_s: float) -> None:
-    cutoff = utcnow() - timedelta(seconds=timeout_s)
-    session.execute(update(Instance).where(Instance.status == "starting",
-                                           Instance.created_at < cutoff)
-                    .values(status="stopping", error=f"not ready after {timeout_s:.0f} s"))
-    session.commit()

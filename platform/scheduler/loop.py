@@ -13,8 +13,10 @@ import time
 from datetime import timedelta
 
 import psycopg
+from kombu.exceptions import KombuError
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from hydraserve.db.base import make_engine, make_session_factory, utcnow
 from hydraserve.db.cluster import Instance
@@ -30,6 +32,7 @@ from hydraserve.settings import Settings
 log = logging.getLogger("hydraserve.scheduler")
 LOCK_KEY = 0x48594452  # "HYDR"
 MAX_BATCH = 16
+MIN_GAP_S = 0.05
 
 
 class Scheduler:
@@ -57,16 +60,26 @@ class Scheduler:
             conn.execute(f"LISTEN {EVENTS_CHANNEL}")
             while True:
                 self.tick()
+                last = time.monotonic()
                 for _ in conn.notifies(timeout=self.tick_s, stop_after=1):
+                    pass
+                # Coalesce bursts: every request notifies, one tick per MIN_GAP_S serves them all.
+                time.sleep(max(MIN_GAP_S - (time.monotonic() - last), 0))
+                for _ in conn.notifies(timeout=0):
                     pass
 
     def tick(self) -> None:
-        with self.sessions() as s:
-            actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
-            self.stop_broken_groups(s)
-            self.requeue_orphans(s)
-            self.scale_in(s)
-            self.scale_out(s)
+        """One pass; a broker or database outage skips the pass (state is in Postgres, the
+        next tick redoes what is still needed)."""
+        try:
+            with self.sessions() as s:
+                actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
+                self.stop_broken_groups(s)
+                self.requeue_orphans(s)
+                self.scale_in(s)
+                self.scale_out(s)
+        except (SQLAlchemyError, KombuError, OSError) as exc:
+            log.warning("tick skipped: %s: %s", type(exc).__name__, exc)
 
     def stop_broken_groups(self, s) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)

@@ -3,6 +3,7 @@ activity. Called from worker processes; every write commits at once, since a wor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select, update
@@ -16,47 +17,60 @@ from hydraserve.services.invocations import FINISHED, notify
 MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
 
 
-def begin(session: Session, inv_id: str, group: tuple[int, ...]) -> Invocation | None:
-    """Claims an invocation for this group; None when it is already finished (a redelivery) or
-    has used up its attempts (then it is failed here, with the reason)."""
-    inv = session.scalar(select(Invocation).where(Invocation.id == inv_id).with_for_update())
-    if inv is None or inv.status in FINISHED:
-        session.commit()
-        return None
-    inv.attempts += 1
-    if inv.attempts > MAX_ATTEMPTS:
-        inv.status, inv.finished_at = "failed", utcnow()
-        inv.error = {"type": "service_unavailable", "param": None,
-                     "message": f"gave up after {MAX_ATTEMPTS} attempts: the workers serving it "
-                                "stopped before it finished"}
-        session.commit()
-        return None
+def begin(session: Session, inv_ids: list[str], group: tuple[int, ...]) -> set[str]:
+    """Claims invocations for this group in one transaction; returns the ids to run. Skipped:
+    those already finished (a redelivery) and those out of attempts (failed here, with why)."""
+    invs = session.scalars(select(Invocation).where(Invocation.id.in_(inv_ids))
+                           .with_for_update()).all()
     lead = session.get(Instance, group[0])
     plan = session.get(Plan, lead.plan_id) if lead.plan_id else None
-    inv.status, inv.instance_ids = "running", list(group)
-    inv.cold = bool(lead.ready_at and lead.ready_at > inv.queued_at)
-    if inv.cold and plan is not None:
-        timeline = lead.timeline or {}
-        inv.planned_at = plan.created_at
-        inv.fetched_at = _at(timeline.get("fetch_end"))
-        inv.loaded_at = lead.ready_at
+    claimed = set()
+    for inv in invs:
+        if inv.status in FINISHED:
+            continue
+        inv.attempts += 1
+        if inv.attempts > MAX_ATTEMPTS:
+            inv.status, inv.finished_at = "failed", utcnow()
+            inv.error = {"type": "service_unavailable", "param": None,
+                         "message": f"gave up after {MAX_ATTEMPTS} attempts: the workers "
+                                    "serving it stopped before it finished"}
+            continue
+        inv.status, inv.instance_ids = "running", list(group)
+        inv.cold = bool(lead.ready_at and lead.ready_at > inv.queued_at)
+        if inv.cold and plan is not None:
+            inv.planned_at = plan.created_at
+            inv.fetched_at = _at((lead.timeline or {}).get("fetch_end"))
+            inv.loaded_at = lead.ready_at
+        claimed.add(inv.id)
     session.commit()
-    return inv
+    return claimed
 
 
 def _at(value: float | None) -> datetime | None:
-
     return datetime.fromtimestamp(value, tz=UTC) if value else None
 
 
-def complete(session: Session, inv_id: str, output: dict, tokens_in: int, tokens_out: int,
-             first_token_at: datetime | None) -> None:
-    inv = session.get(Invocation, inv_id)
-    if inv is None or inv.status in FINISHED:  # cancelled meanwhile: keep the cancel
-        session.commit()
-        return
-    inv.status, inv.output, inv.finished_at = "succeeded", output, utcnow()
-    inv.tokens_in, inv.tokens_out, inv.first_token_at = tokens_in, tokens_out, first_token_at
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    inv_id: str
+    output: dict
+    tokens_in: int
+    tokens_out: int
+    first_token_at: datetime | None
+
+
+def complete(session: Session, outcomes: list[Outcome]) -> None:
+    """Records finished invocations in one transaction (a cancel that came first is kept)."""
+    invs = {i.id: i for i in session.scalars(select(Invocation).where(
+        Invocation.id.in_([o.inv_id for o in outcomes])))}
+    now = utcnow()
+    for o in outcomes:
+        inv = invs.get(o.inv_id)
+        if inv is None or inv.status in FINISHED:
+            continue
+        inv.status, inv.output, inv.finished_at = "succeeded", o.output, now
+        inv.tokens_in, inv.tokens_out = o.tokens_in, o.tokens_out
+        inv.first_token_at = o.first_token_at
     session.commit()
 
 

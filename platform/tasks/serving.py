@@ -61,28 +61,33 @@ class Server:
         self.sessions = make_session_factory(make_engine(settings.database_url))
         self.publisher = Publisher(settings.broker_url, confirm=False)
         self.active: dict[str, Active] = {}
+        self.inbox: list[tuple[int, str | None, dict]] = []
         self.stopping = False
         self._last_cancel_check = self._last_touch = time.monotonic()
 
     # ---- intake -----------------------------------------------------------------------------
 
     def on_message(self, ch, method, props, body: bytes) -> None:
-        msg = json.loads(body)
-        inv_id, req = msg["id"], msg["request"]
+        self.inbox.append((method.delivery_tag, props.reply_to, json.loads(body)))
+
+    def _admit(self, ch) -> None:
+        """Claims everything that arrived in one transaction, then feeds the engine."""
+        inbox, self.inbox = self.inbox, []
         with self.sessions() as s:
-            inv = serving.begin(s, inv_id, self.a.group)
-        if inv is None:  # finished already (redelivery) or out of attempts
-            ch.basic_ack(method.delivery_tag)
-            self._event(props.reply_to, inv_id, {"type": "done"})
-            return
-        active = Active(inv_id, method.delivery_tag, props.reply_to,
-                        want_logprobs=bool(req.get("logprobs")))
-        try:
-            self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
-        except RuntimeInputError as exc:
-            self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
-            return
-        self.active[inv_id] = active
+            claimed = serving.begin(s, [msg["id"] for _, _, msg in inbox], self.a.group)
+        for tag, reply_to, msg in inbox:
+            inv_id, req = msg["id"], msg["request"]
+            if inv_id not in claimed:  # finished already (redelivery) or out of attempts
+                ch.basic_ack(tag)
+                self._event(reply_to, inv_id, {"type": "done"})
+                continue
+            active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")))
+            try:
+                self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
+            except RuntimeInputError as exc:
+                self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
+                continue
+            self.active[inv_id] = active
 
     def _prompt_ids(self, req: dict) -> list[int]:
         tok = self.engine.tokenizer
@@ -106,7 +111,9 @@ class Server:
         while True:
             busy = self.engine.has_unfinished()
             conn.process_data_events(time_limit=0 if busy else 0.2)
-            if busy:
+            if self.inbox:
+                self._admit(ch)
+            if self.engine.has_unfinished():
                 self._step(ch)
             self._housekeeping(ch)
             if self.stopping and tag:
@@ -117,6 +124,7 @@ class Server:
         conn.close()
 
     def _step(self, ch) -> None:
+        finished = []
         for out in self.engine.step():
             active = self.active.get(out.request_id)
             if active is None:
@@ -127,7 +135,9 @@ class Server:
             active.logprobs += out.new_logprobs
             self._stream(active, out)
             if out.finished:
-                self._finish_ok(ch, active, out)
+                finished.append((active, out))
+        if finished:
+            self._finish_ok(ch, finished)
 
     def _stream(self, active: Active, out) -> None:
         if not active.reply_to or not out.new_token_ids:
@@ -144,17 +154,22 @@ class Server:
         tok = self.engine.tokenizer
         return tok.decode(active.token_ids) if tok is not None else ""
 
-    def _finish_ok(self, ch, active: Active, out) -> None:
-        output = {"text": self._text(active, out), "token_ids": active.token_ids,
-                  "finish_reason": out.finish_reason}
-        if active.want_logprobs:
-            output["logprobs"] = active.logprobs
+    def _finish_ok(self, ch, finished: list) -> None:
+        """Records a step's finished requests in one transaction, then acks and tells the API."""
+        outcomes = []
+        for active, out in finished:
+            output = {"text": self._text(active, out), "token_ids": active.token_ids,
+                      "finish_reason": out.finish_reason}
+            if active.want_logprobs:
+                output["logprobs"] = active.logprobs
+            outcomes.append(serving.Outcome(active.inv_id, output, out.num_prompt_tokens,
+                                            out.num_output_tokens, active.first_token_at))
         with self.sessions() as s:
-            serving.complete(s, active.inv_id, output, out.num_prompt_tokens,
-                             out.num_output_tokens, active.first_token_at)
-        ch.basic_ack(active.delivery_tag)
-        self.active.pop(active.inv_id, None)
-        self._event(active.reply_to, active.inv_id, {"type": "done", **output})
+            serving.complete(s, outcomes)
+        for (active, _out), outcome in zip(finished, outcomes, strict=True):
+            ch.basic_ack(active.delivery_tag)
+            self.active.pop(active.inv_id, None)
+            self._event(active.reply_to, active.inv_id, {"type": "done", **outcome.output})
 
     def _finish_failed(self, ch, active: Active, kind: str, message: str, param: str | None) -> None:
         with self.sessions() as s:

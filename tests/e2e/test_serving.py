@@ -200,3 +200,19 @@ def test_node_agent_killed_during_cold_start(cluster: Cluster, store_root):
         assert instance_id not in final["instance_ids"]
     (status,) = cluster.query("SELECT status FROM instances WHERE id = :i", i=instance_id)[0]
     assert status == "failed"
+
+
+def test_rabbitmq_restart_with_queued_requests_loses_nothing(cluster: Cluster, store_root):
+    """Requests sit in a fresh function's queue while the broker restarts; all complete."""
+    import subprocess
+
+    cluster.register("durable", store_root / "llama-tiny")
+    ids = [cluster.invoke("durable", {"prompt_ids": [1, 2, 3 + i], "max_tokens": 2},
+                          headers={"Prefer": "respond-async"}).json()["id"] for i in range(4)]
+    for cmd in (["rabbitmqctl", "-q", "stop_app"], ["rabbitmqctl", "-q", "start_app"]):
+        subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    done = cluster.wait_for(
+        lambda: (got := [cluster.get(i) for i in ids]) and all(
+            g["status"] in ("succeeded", "failed") for g in got) and got, 240, "all requests")
+    assert [d["status"] for d in done] == ["succeeded"] * 4, [d.get("error") for d in done]
+    assert all(len(d["output"]["token_ids"]) == 2 for d in done)

@@ -62,7 +62,7 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool):
             listener.unsubscribe(inv_id)
         raise
     waiter = Waiter(rt.session_factory, listener, inv_id, events) if listener else None
-    return fn, inv, waiter
+    return (fn.name, fn.alias_version), inv, waiter
 
 
 @operation(bp, "/v1/functions/<name>/invocations", "POST", summary="Invoke a function",
@@ -71,11 +71,11 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool):
 def invoke(name: str, body: InvokeRequest):
     deadline = sync_deadline_s()
     if wants_async():
-        fn, inv, _ = start(name, body, "invoke", follow=False)
-        return accepted(function_of(inv), inv)
-    fn, inv, waiter = start(name, body, "invoke", follow=True)
+        function, inv, _ = start(name, body, "invoke", follow=False)
+        return accepted(function, inv)
+    function, inv, waiter = start(name, body, "invoke", follow=True)
     if wants_stream():
-        return sse(function_of(inv), waiter, deadline_s=max(deadline, 3600))
+        return sse(function, waiter, deadline_s=max(deadline, 3600))
     try:
         for _event in waiter.follow(deadline):
             pass
@@ -83,8 +83,8 @@ def invoke(name: str, body: InvokeRequest):
         waiter.close()
     db().refresh(inv)
     if inv.status not in invocations.FINISHED:
-        return accepted(function_of(inv), inv)
-    return finished(function_of(inv), inv)
+        return accepted(function, inv)
+    return finished(function, inv)
 
 
 def accepted(function: tuple[str, int], inv):
