@@ -31,7 +31,8 @@ def test_document_rules_match_the_app(app):
     assert served == documented
 
 
-@pytest.mark.parametrize("prefix", ["/v1/functions", "/v1/admin"])
+@pytest.mark.parametrize("prefix", ["/v1/functions", "/v1/admin", "/v1/invocations",
+                                    "/v1/models", "/v1/completions", "/v1/chat"])
 def test_no_server_errors(app, prefix):
     """Schemathesis generates valid and invalid requests for each operation; none may 500."""
     api = schemathesis.openapi.from_wsgi("/openapi.json", app)
