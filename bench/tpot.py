@@ -18,8 +18,9 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -91,7 +92,7 @@ def measure_interleaved(engines: list[LLMEngine], prompts: list[list[int]], new_
     steps: list[list[float]] = [[] for _ in engines]
     floors: list[float] = []
     for _ in range(new_tokens):
-        for engine, times in zip(engines, steps):
+        for engine, times in zip(engines, steps, strict=True):
             start = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - start)
@@ -126,7 +127,7 @@ def measure_hf(model, prompts: list[list[int]], new_tokens: int) -> tuple:
                        logits_processor=LogitsProcessorList([clock]))
     stamps = clock.stamps
     assert len(stamps) == new_tokens, f"{len(stamps)} steps for {new_tokens} tokens"
-    return stamps[0] - start, median([b - a for a, b in zip(stamps, stamps[1:])])
+    return stamps[0] - start, median([b - a for a, b in pairwise(stamps)])
 
 
 def linear_weights(engine: LLMEngine) -> list[torch.Tensor]:
@@ -157,7 +158,7 @@ def pipeline_counters(engine: LLMEngine) -> tuple[float, float, int]:
 def hop_overhead_s(before: tuple, after: tuple, pp: int) -> float:
     """Per hop, per step: what stage 0 waited beyond the other stages' compute. Covers encode,
     send, receive, decode and wake-up latency of every hop in the ring (pp hops per step)."""
-    wait, compute, steps = (a - b for a, b in zip(after, before))
+    wait, compute, steps = (a - b for a, b in zip(after, before, strict=True))
     return (wait - compute) / steps / pp
 
 

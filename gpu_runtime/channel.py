@@ -76,7 +76,7 @@ def decode(frames: list) -> Message:
     if len(descs) != len(frames) - 1:
         raise ChannelError(f"{len(descs)} tensor descriptors but {len(frames) - 1} data frames")
     tensors = {}
-    for desc, frame in zip(descs, frames[1:]):
+    for desc, frame in zip(descs, frames[1:], strict=True):
         dtype = DTYPES[desc["dtype"]]
         raw = bytearray(frame.buffer if hasattr(frame, "buffer") else frame)
         flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
@@ -88,7 +88,7 @@ class Channel:
     """One stage's ends of the ring: receives on ``listen``, sends to ``send_to``."""
 
     def __init__(self, listen: str, send_to: str) -> None:
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(listen)
         self.push = self.ctx.socket(zmq.PUSH)

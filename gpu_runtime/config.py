@@ -85,7 +85,7 @@ def _rope_config(raw: dict) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or {})
     params |= dict(raw.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = str(params.get("rope_type", params.get("type", "default")))
     return RopeConfig(
         theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),

@@ -18,8 +18,12 @@ import torch
 
 from gpu_runtime.block_manager import BlockManager
 from gpu_runtime.config import ModelConfig
-from gpu_runtime.errors import (DuplicateRequestError, PromptTooLongError, RuntimeInputError,
-                                TokenIdError)
+from gpu_runtime.errors import (
+    DuplicateRequestError,
+    PromptTooLongError,
+    RuntimeInputError,
+    TokenIdError,
+)
 from gpu_runtime.kv_cache import KVCache, KVCacheSpec, blocks_for_budget
 from gpu_runtime.loader import default_device, load_stage, plan_stages, resolve_dtype
 from gpu_runtime.model_runner import LocalRunner, prepare_step
@@ -171,7 +175,7 @@ class LLMEngine:
         token_ids, logprobs = self.runner.execute(step)
         assert len(token_ids) == len(seqs), f"{len(token_ids)} tokens for {len(seqs)} sequences"
         outputs = []
-        for seq, token, logprob in zip(seqs, token_ids, logprobs):
+        for seq, token, logprob in zip(seqs, token_ids, logprobs, strict=True):
             seq.num_cached = seq.num_tokens
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)

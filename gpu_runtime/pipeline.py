@@ -74,6 +74,7 @@ class StageWorker:
     def serve(self) -> None:
         while True:
             msg = self.channel.recv()
+            assert msg is not None, "a blocking receive returned nothing"
             if msg.kind == "step":
                 self._step(msg)
             elif msg.kind == "init":

@@ -30,7 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check(1 <= self.max_tokens, "max_tokens", self.max_tokens, ">= 1")
+        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
         _check(0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature", self.temperature,
                f"0.0..{MAX_TEMPERATURE} (0 = greedy)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "(0.0, 1.0]")
@@ -74,10 +74,7 @@ class SamplingBatch:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[float]]:
     """logits: float32 (rows, vocab) -> (token ids, log-softmax of the raw logits at them)."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    if batch.all_greedy:
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = _sample_random(logits, batch)
+    tokens = logits.argmax(dim=-1) if batch.all_greedy else _sample_random(logits, batch)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     return tokens.tolist(), chosen.tolist()
 

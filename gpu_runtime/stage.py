@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -24,8 +24,28 @@ MAX_PP = 4
 
 
 class TensorInfo(Protocol):  # what the split reads: checkpoint.TensorEntry satisfies it
-    name: str
-    length: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def length(self) -> int: ...
+
+
+class CausalLM(Protocol):
+    """What a stage needs from an architecture's model class (``models/*.py``)."""
+
+    config: ModelConfig
+    layers: nn.ModuleDict
+
+    def prepare(self, meta: AttentionMetadata, dtype: torch.dtype) -> Any: ...
+
+    def embed(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
+
+    def final(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def get_submodule(self, target: str) -> nn.Module: ...
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +144,14 @@ class Stage(nn.Module):
     def __init__(self, model: nn.Module, spec: StageSpec, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
-        config: ModelConfig = model.config
+        self.model: CausalLM = cast(CausalLM, model)
+        config = self.model.config
         assert spec.layer_end <= config.num_layers, f"{spec} beyond {config.num_layers} layers"
-        for key in [k for k in model.layers if int(k) not in spec.layers]:
-            del model.layers[key]
-        self.model, self.spec, self.config = model, spec, config
+        for key in [k for k in self.model.layers if int(k) not in spec.layers]:
+            del self.model.layers[key]
+        self.spec, self.config = spec, config
         self.dtype, self.device = dtype, torch.device(device)
-        self.layer_list = list(model.layers.values())  # avoid ModuleDict lookups per step
+        self.layer_list = list(self.model.layers.values())  # avoid ModuleDict lookups per step
         self._module = model_module(config)
         self._needed = {p for n in spec.tensor_names
                         for p in self._module.param_paths(config, n)[1]}
@@ -146,7 +167,9 @@ class Stage(nn.Module):
         for path in paths:  # a tied embedding sets two paths to the same Parameter
             owner_path, _, leaf = path.rpartition(".")
             owner = self.model.get_submodule(owner_path)
-            expected = owner._parameters[leaf].shape
+            current = owner._parameters[leaf]
+            assert current is not None, f"{path} is not a parameter"
+            expected = current.shape
             assert tuple(expected) == tuple(tensor.shape), (
                 f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected)}")
             owner._parameters[leaf] = param
@@ -160,7 +183,7 @@ class Stage(nn.Module):
         """x: token ids (tokens,) on stage 0, else hidden (tokens, hidden) -> hidden."""
         aux = self.model.prepare(meta, self.dtype)
         h = self.model.embed(x, meta) if self.spec.is_first else x
-        for layer, (k_cache, v_cache) in zip(self.layer_list, kv.layers):
+        for layer, (k_cache, v_cache) in zip(self.layer_list, kv.layers, strict=True):
             h = layer(h, meta, aux, k_cache, v_cache)
         return h
 

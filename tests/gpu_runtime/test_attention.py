@@ -23,7 +23,7 @@ def reference(q, k, v):
 def run(bm, caches, seqs, pieces):
     """One step: for each sequence, tokens [start, end) of its q/k/v."""
     q, k, v, slots, ctx, qlen, positions = [], [], [], [], [], [], []
-    for sid, (start, end) in zip(seqs, pieces):
+    for sid, (start, end) in zip(seqs, pieces, strict=True):
         tq, tk, tv = caches["qkv"][sid]
         q.append(tq[start:end]), k.append(tk[start:end]), v.append(tv[start:end])
         slots += bm.slots(sid, start, end)
@@ -45,7 +45,7 @@ def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths):
     caches = {"k": torch.zeros(32, BS, KV_HEADS, HD), "v": torch.zeros(32, BS, KV_HEADS, HD),
               "qkv": {}}
     seqs = list(range(len(lengths)))
-    for sid, n in zip(seqs, lengths):
+    for sid, n in zip(seqs, lengths, strict=True):
         total = n + 6  # prefix, a 4-token chunk, then 2 decode steps
         caches["qkv"][sid] = (torch.randn(total, HEADS, HD), torch.randn(total, KV_HEADS, HD),
                               torch.randn(total, KV_HEADS, HD))
@@ -59,7 +59,7 @@ def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths):
         kinds.append("fresh" if meta.is_fresh_prefill else "decode" if meta.is_decode else
                      "chunk")
         rows = 0
-        for sid, (start, end) in zip(seqs, pieces):
+        for sid, (start, end) in zip(seqs, pieces, strict=True):
             torch.testing.assert_close(out[rows:rows + end - start],
                                        expected[sid][start:end], atol=1e-5, rtol=1e-5)
             rows += end - start

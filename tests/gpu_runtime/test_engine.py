@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from gpu_runtime.engine import EngineConfig, LLMEngine
-from gpu_runtime.errors import (DuplicateRequestError, PromptTooLongError, RuntimeInputError,
-                                TokenIdError)
+from gpu_runtime.errors import (
+    DuplicateRequestError,
+    PromptTooLongError,
+    RuntimeInputError,
+    TokenIdError,
+)
 from gpu_runtime.generate import generate
 from gpu_runtime.sampling import SamplingParams
 from gpu_runtime.scheduler import SchedulerConfig

@@ -20,7 +20,7 @@ def assert_parity(ours: tuple, ref: tuple, atol: float = ATOL) -> None:
     tokens, logprobs = ours
     ref_tokens, ref_logprobs = ref
     assert tokens == ref_tokens, f"tokens {tokens} != transformers {ref_tokens}"
-    diff = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
+    diff = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True))
     assert diff <= atol, f"logprob max diff {diff:.2e} > {atol} ({logprobs} vs {ref_logprobs})"
 
 
@@ -68,7 +68,7 @@ def test_request_joins_while_others_decode(model_dirs, hf_models):
         assert not engine.has_unfinished()
     assert 2 in batch_sizes and 3 in batch_sizes, f"requests never shared a step: {batch_sizes}"
     hf = hf_models(model_dir)
-    for rid, prompt in zip("abc", PROMPTS):
+    for rid, prompt in zip("abc", PROMPTS, strict=True):
         ref = hf_greedy(hf, prompt, NEW_TOKENS)  # ignore_eos: no early stop on either side
         assert_parity(tuple(got[rid]), ref)
 

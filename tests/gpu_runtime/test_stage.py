@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -70,7 +71,7 @@ def test_split_covers_every_layer_once_in_order(num_layers, pp, tied, seed_sizes
         return
     specs = split_stages(config, tensors, pp)
     assert specs[0].layer_start == 0 and specs[-1].layer_end == num_layers
-    for a, b in zip(specs, specs[1:]):
+    for a, b in pairwise(specs):
         assert a.layer_end == b.layer_start, (a, b)
     names = [n for s in specs for n in s.tensor_names]
     shared = 1 if tied and pp > 1 else 0
@@ -93,7 +94,7 @@ def brute_force_best(specs, tensors, num_layers: int, pp: int) -> int:
     best = None
     for cuts in combinations(range(1, num_layers), pp - 1):
         bounds = [0, *cuts, num_layers]
-        sizes = [sum(per_layer[a:b]) for a, b in zip(bounds, bounds[1:])]
+        sizes = [sum(per_layer[a:b]) for a, b in pairwise(bounds)]
         sizes[0] += head
         sizes[-1] += tail
         best = max(sizes) if best is None else min(best, max(sizes))
