@@ -85,6 +85,23 @@ def test_sse_stream(cluster: Cluster, store_root):
     assert comments >= 1  # the accepted comment, then keep-alives during the cold start
 
 
+def test_client_disconnect_cancels_the_stream(cluster: Cluster, store_root):
+    cluster.register("chatty", store_root / "llama-tiny")
+    cluster.invoke("chatty", {"prompt_ids": PROMPT, "max_tokens": 1})  # warm it up
+    resp = cluster.invoke("chatty", {"prompt_ids": PROMPT, "max_tokens": 4000},
+                          headers={"Accept": "text/event-stream"}, stream=True)
+    inv_id = resp.headers["X-Invocation-Id"]
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("event: token"):
+            break
+    resp.close()  # the client goes away mid-generation
+    final = cluster.wait_for(lambda: (i := cluster.get(inv_id))["status"] != "running" and i,
+                             60, "the cancel")
+    assert final["status"] == "cancelled", final["status"]
+    quick = cluster.invoke("chatty", {"prompt_ids": PROMPT, "max_tokens": 2}, timeout_s=60)
+    assert quick.status_code == 200 and quick.json()["status"] == "succeeded"
+
+
 def test_async_then_poll(cluster: Cluster, store_root):
     cluster.register("later", store_root / "llama-tiny")
     resp = cluster.invoke("later", {"prompt_ids": PROMPT, "max_tokens": 3},
