@@ -126,13 +126,14 @@ class Cluster:
     """Emulated nodes: node k = a worker pool (kept across runs) and, per link setting, a
     prefetcher with that node's cap."""
 
-    def __init__(self, num_nodes: int, threads: int) -> None:
+    def __init__(self, num_nodes: int, threads: int, shm_dir: str) -> None:
         from gpu_runtime.coldstart import WorkerPool, WorkerPoolConfig
 
         self.pools = [WorkerPool(WorkerPoolConfig(node_id=f"bench-n{k}", num_prestarted=1,
                                                   refill=False, num_threads=threads))
                       for k in range(num_nodes)]
         self.prefetchers: list = []
+        self.shm_dir = shm_dir
         for pool in self.pools:
             pool.wait_booted()
 
@@ -142,7 +143,7 @@ class Cluster:
 
         self.close_prefetchers()
         self.prefetchers = [Prefetcher(PrefetchConfig(
-            node_id=f"bench-n{k}-{uuid.uuid4().hex[:6]}", pool_bytes=size,
+            node_id=f"bench-n{k}-{uuid.uuid4().hex[:6]}", pool_bytes=size, shm_dir=self.shm_dir,
             link=LinkConfig(link_mb_s))) for k, size in enumerate(pool_bytes)]
 
     def refill(self) -> None:
@@ -239,7 +240,7 @@ def pool_sizes(index, cfg: ColdBenchConfig) -> list[int]:
     return sizes
 
 
-def run_all(cfg: ColdBenchConfig, cache: Path, threads: int) -> dict:
+def run_all(cfg: ColdBenchConfig, cache: Path, threads: int, shm_dir: str) -> dict:
     from bench.load import ensure_model
     from gpu_runtime.checkpoint import index_checkpoint
     from gpu_runtime.demo_model import DemoModelSpec
@@ -248,7 +249,7 @@ def run_all(cfg: ColdBenchConfig, cache: Path, threads: int) -> dict:
     model_dir = ensure_model(cache, cfg.name, DemoModelSpec("llama", "1b", "bfloat16",
                                                             overrides=over))
     store, url = start_store(cache)
-    cluster = Cluster(max(cfg.pps), threads)
+    cluster = Cluster(max(cfg.pps), threads, shm_dir)
     try:
         index = index_checkpoint(f"{url}/{cfg.name}")  # at registration, with checksums
         sizes = pool_sizes(index, cfg)
@@ -282,22 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     # prefill of the 1.1B model took 3.5 s with 2 threads, 0.25-0.29 s with 1); both sides
     # get the same setting
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the node pools")
     ap.add_argument("--baseline-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline_child:  # the sequential baseline's own process
         print(json.dumps(baseline_child(**json.loads(args.baseline_child))))
         return 0
     from bench.coldstart_report import figures, plot_timeline, print_report
+    from bench.load import shm_huge
 
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
-    raw = run_all(cfg, Path(args.cache), args.threads)
+    raw = run_all(cfg, Path(args.cache), args.threads, args.shm_dir)
     keys = figures(raw, cfg.links_mb_s)
     print_report(raw, keys)
     if args.png:
         plot_timeline(raw, min(cfg.links_mb_s), args.png)
     write_json(args.json, {"benchmark": "coldstart", "quick": args.quick, "config": asdict(cfg),
                            "env": environment(), "wall_s": time.perf_counter() - started,
+                           "shm_dir": args.shm_dir, "shm_huge": shm_huge(args.shm_dir),
                            "command": " ".join([Path(sys.executable).name, *sys.argv]),
                            **raw, **keys})
     return 0

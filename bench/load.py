@@ -207,14 +207,14 @@ def measure(method: str, job: dict) -> dict:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def prepare(model_dir: Path, threads: int) -> tuple[Prefetcher, dict]:
+def prepare(model_dir: Path, threads: int, shm_dir: str = "/dev/shm") -> tuple[Prefetcher, dict]:
     """A node cache holding the whole model (fetched from file://, no cap) and the job spec."""
     index = index_checkpoint(model_dir.resolve().as_uri())
     plan = plan_group("bench-load", index, 1)[0]
     size = extent_bytes(plan_stage(plan.entries).size)
     pool_bytes = -(-size // EXTENT_ALIGN) * EXTENT_ALIGN
     pf = Prefetcher(PrefetchConfig(node_id=f"bench-load-{uuid.uuid4().hex[:6]}",
-                                   pool_bytes=pool_bytes))
+                                   pool_bytes=pool_bytes, shm_dir=shm_dir))
     job = pf.prefetch(plan.model, plan.cache_stage, plan.uri, plan.entries)
     stats = job.wait(600)
     files = sorted({str(model_dir / e.file) for e in index.tensors})
@@ -222,6 +222,18 @@ def prepare(model_dir: Path, threads: int) -> tuple[Prefetcher, dict]:
                 "config": index.config, "spec": plan.spec, "model_dir": str(model_dir),
                 "files": files, "threads": threads, "model_bytes": index.total_bytes,
                 "fetch_mb_s": stats.mb_per_s}
+
+
+def shm_huge(shm_dir: str) -> str:
+    """The ``huge=`` option of the tmpfs mount holding ``shm_dir`` ("never" when absent)."""
+    best, option = "", "never"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, point, kind, opts, *_ = line.split()
+            if kind == "tmpfs" and shm_dir.startswith(point) and len(point) > len(best):
+                best = point
+                option = next((o[5:] for o in opts.split(",") if o.startswith("huge=")), "never")
+    return option
 
 
 def summarise(runs: dict[str, list[dict]], model_bytes: int) -> dict:
@@ -263,13 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process "
                     "(1: a plain single-stream copy; see bench/coldstart.py on threads here)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the node pool; a mount with "
+                    "huge=within_size maps 2 MiB pages (see docs/benchmarks.md)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.repeats:
         cfg = LoadBenchConfig(cfg.num_layers, args.repeats)
     started = time.perf_counter()
     model_dir = ensure_model(Path(args.cache), cfg.name, cfg.spec)
-    pf, job = prepare(model_dir, args.threads)
+    pf, job = prepare(model_dir, args.threads, args.shm_dir)
     try:
         runs: dict[str, list[dict]] = {m: [] for m in METHODS}
         for _ in range(cfg.repeats):  # interleaved rounds: a noisy neighbour hits all methods
@@ -281,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     print_report(summary, job["model_bytes"])
     write_json(args.json, {"benchmark": "load", "quick": args.quick, "config": asdict(cfg),
                            "model_bytes": job["model_bytes"], "model_dir": str(model_dir),
-                           "cache_fetch_mb_s": job["fetch_mb_s"], "env": environment(),
+                           "cache_fetch_mb_s": job["fetch_mb_s"], "shm_dir": args.shm_dir,
+                           "shm_huge": shm_huge(args.shm_dir), "env": environment(),
                            "wall_s": time.perf_counter() - started, **summary})
     return 0
 

@@ -22,7 +22,7 @@ from gpu_runtime.coldstart.errors import (
     WorkerStartError,
     WorkerTimeoutError,
 )
-from gpu_runtime.coldstart.launch import ColdStartGroup, LaunchedStage, launch_stage
+from gpu_runtime.coldstart.launch import ColdStartGroup, LaunchedStage, launch_stage, start_fetch
 from gpu_runtime.coldstart.plan import EngineShape, StageAssignment, StagePlan, plan_group
 from gpu_runtime.coldstart.pool import StageHandle, WorkerPool, WorkerPoolConfig
 from gpu_runtime.coldstart.stream import (
@@ -46,5 +46,5 @@ __all__ = [
     "StageAssignment", "StageHandle", "StageLoadError", "StagePlan", "StageTimeline",
     "StreamConfig", "TimelineError", "WorkerDiedError", "WorkerFailedError", "WorkerPool",
     "WorkerPoolConfig", "WorkerStartError", "WorkerTimeoutError", "launch_stage", "plan_group",
-    "stage_entries", "stream_into", "stream_stage",
+    "stage_entries", "start_fetch", "stream_into", "stream_stage",
 ]

@@ -62,10 +62,17 @@ class LaunchedStage:
         self.job.release()
 
 
-def launch_stage(prefetcher: Prefetcher, pool: WorkerPool, plan: StagePlan) -> LaunchedStage:
-    """Starts fetching ``plan``'s stage on this node and hands it to a worker right away."""
+def start_fetch(prefetcher: Prefetcher, plan: StagePlan) -> tuple[FetchJob, float]:
+    """Starts fetching ``plan``'s stage into the node cache; returns the job and its start."""
     fetch_start = time.time()
-    job = prefetcher.prefetch(plan.model, plan.cache_stage, plan.uri, plan.entries)
+    return prefetcher.prefetch(plan.model, plan.cache_stage, plan.uri, plan.entries), fetch_start
+
+
+def launch_stage(prefetcher: Prefetcher, pool: WorkerPool, plan: StagePlan,
+                 fetch: tuple[FetchJob, float] | None = None) -> LaunchedStage:
+    """Starts fetching ``plan``'s stage on this node (unless ``fetch`` says it was started by
+    ``start_fetch``) and hands it to a worker right away."""
+    job, fetch_start = fetch or start_fetch(prefetcher, plan)
     node = prefetcher.config.node_id
     try:
         handle = pool.assign(StageAssignment(plan, node, job.handle, job.layout))
@@ -85,10 +92,15 @@ class ColdStartGroup:
                                   f"{len(nodes)}", "nodes")
         self.plans = list(plans)
         self.stages: list[LaunchedStage] = []
+        # every node starts its download first, as separate nodes would at the same moment;
+        # handing stages to workers (pickling, pipes) comes second
+        fetches = [start_fetch(pf, plan) for (pf, _), plan in zip(nodes, plans, strict=True)]
         try:
-            for (prefetcher, pool), plan in zip(nodes, plans, strict=True):
-                self.stages.append(launch_stage(prefetcher, pool, plan))
+            for (prefetcher, pool), plan, fetch in zip(nodes, plans, fetches, strict=True):
+                self.stages.append(launch_stage(prefetcher, pool, plan, fetch))
         except BaseException:
+            for job, _ in fetches[len(self.stages):]:
+                job.release()
             self.stop(5.0)
             raise
         self.first_token: float | None = None
