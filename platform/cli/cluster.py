@@ -23,13 +23,14 @@ def cluster() -> None:
 @click.option("--nodes", default=4, show_default=True, type=click.IntRange(1, 16))
 @click.option("--link-mbps", default=800.0, show_default=True, type=click.FloatRange(min=1),
               help="emulated link per node, megabits per second")
-def up(nodes: int, link_mbps: float) -> None:
+@click.option("--store-port", default=8300, show_default=True, type=click.IntRange(1, 65535))
+def up(nodes: int, link_mbps: float, store_port: int) -> None:
     """Migrate, make demo models, start API, scheduler, store and node agents, register the
     demo functions, invoke one cold and then warm, and show the TTFT breakdown."""
     settings = Settings.from_env()
     layout = devcluster.Layout(Path.cwd())
     layout.run.mkdir(exist_ok=True)
-    spec = devcluster.ClusterSpec(num_nodes=nodes, link_mbps=link_mbps)
+    spec = devcluster.ClusterSpec(num_nodes=nodes, link_mbps=link_mbps, store_port=store_port)
     step("database", lambda: (create_database(settings.database_url),
                               upgrade(settings.database_url)))
     uris = step("demo models", lambda: devcluster.ensure_demo_models(settings))
