@@ -10,6 +10,7 @@ better than Celery, which carries the node and scheduler tasks).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -81,9 +82,16 @@ class Publisher:
                 ch.basic_publish("", queue_name, payload, props, mandatory=durable and self.confirm)
                 return
             except AMQPError:
-                self._local.channel = None
+                self._drop()
                 if attempt == 2:
                     raise
+
+    def _drop(self) -> None:
+        """Forgets this thread's connection, closing it if it is still open."""
+        conn, self._local.channel = getattr(self._local, "conn", None), None
+        if conn is not None and conn.is_open:
+            with contextlib.suppress(AMQPError):  # already broken: nothing more to release
+                conn.close()
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+def _no_nul(value: str) -> str:
+    # Postgres text and jsonb cannot hold U+0000: refuse it here rather than fail on insert.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class Strict(BaseModel):
@@ -27,13 +37,13 @@ class SloPatch(Strict):
 class FunctionCreate(Strict):
     """Body of ``PUT /v1/functions/<name>``; only ``model`` and ``slo`` are required."""
 
-    model: str = Field(min_length=1, max_length=1024,
+    model: Text = Field(min_length=1, max_length=1024,
                        description="checkpoint URI: file:///dir or http(s)://host/dir")
     slo: Slo
     keep_alive_s: int = Field(default=300, ge=0, le=86_400)
     min_instances: int = Field(default=0, ge=0, le=16)
     max_instances: int = Field(default=4, ge=1, le=64)
-    description: str = Field(default="", max_length=512)
+    description: Text = Field(default="", max_length=512)
 
     @model_validator(mode="after")
     def _instances_ordered(self) -> "FunctionCreate":
@@ -46,12 +56,12 @@ class FunctionCreate(Strict):
 class FunctionPatch(Strict):
     """Body of ``PATCH``: changed fields make a new version; ``alias`` alone moves the alias."""
 
-    model: str | None = Field(default=None, min_length=1, max_length=1024)
+    model: Text | None = Field(default=None, min_length=1, max_length=1024)
     slo: SloPatch | None = None
     keep_alive_s: int | None = Field(default=None, ge=0, le=86_400)
     min_instances: int | None = Field(default=None, ge=0, le=16)
     max_instances: int | None = Field(default=None, ge=1, le=64)
-    description: str | None = Field(default=None, max_length=512)
+    description: Text | None = Field(default=None, max_length=512)
     alias: int | None = Field(default=None, ge=1, description="point the alias at this version")
 
     @model_validator(mode="after")
@@ -124,7 +134,7 @@ class TenantList(BaseModel):
 
 
 class KeyCreate(Strict):
-    name: str = Field(default="", max_length=63)
+    name: Text = Field(default="", max_length=63)
     role: Literal["tenant", "admin"] = "tenant"
 
 
@@ -156,7 +166,7 @@ class ErrorBody(BaseModel):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=100_000)
+    content: Text = Field(max_length=100_000)
 
 
 class Sampling(Strict):
@@ -167,7 +177,7 @@ class Sampling(Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[Text] = Field(default_factory=list, max_length=4)
     logprobs: bool = False
 
 
@@ -175,7 +185,7 @@ class InvokeRequest(Sampling):
     """Body of ``POST /v1/functions/<name>/invocations``: exactly one of prompt, prompt_ids or
     messages."""
 
-    prompt: str | None = Field(default=None, max_length=100_000)
+    prompt: Text | None = Field(default=None, max_length=100_000)
     prompt_ids: list[int] | None = Field(default=None, min_length=1, max_length=32_768)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
 
@@ -221,13 +231,13 @@ class OpenAIBase(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=63, description="the function's name")
+    model: Text = Field(min_length=1, max_length=63, description="the function's name")
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
 

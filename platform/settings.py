@@ -48,6 +48,8 @@ class Settings:
     registration_timeout_s: int = 60
     sync_deadline_s: int = 30  # a sync invocation answers 202 + id after this long
     queue_prefix: str = ""  # namespaces queues when several clusters share one RabbitMQ
+    max_queue_s: int = 900  # a request not started by then fails, with the reason recorded
+    model_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # http(s) model hosts allowed
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -80,6 +82,9 @@ class Settings:
             "registration_timeout_s": _env_int("HYDRA_REGISTRATION_TIMEOUT_S", 60, 1, 3600),
             "sync_deadline_s": _env_int("HYDRA_SYNC_DEADLINE_S", 30, 0, 600),
             "queue_prefix": env.get("HYDRA_QUEUE_PREFIX", ""),
+            "max_queue_s": _env_int("HYDRA_MAX_QUEUE_S", 900, 1, 7 * 86_400),
+            "model_hosts": tuple(h for h in env.get(
+                "HYDRA_MODEL_HOSTS", "127.0.0.1,localhost").split(",") if h),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

@@ -17,6 +17,7 @@ from hydraserve.db.billing import UsageRecord
 from hydraserve.db.cluster import Device, Instance, Node
 from hydraserve.db.cluster import Plan as PlanRow
 from hydraserve.db.registry import Function, FunctionVersion
+from hydraserve.db.serving import Invocation
 from hydraserve.messaging import node_queue
 from hydraserve.scheduler import state
 from hydraserve.scheduler.planner import Plan, PlannerConfig, Request, plan_cold_start
@@ -108,12 +109,31 @@ def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan) ->
 
 
 def stop_group(session: Session, sender: Sender, group: list[Instance], kill: bool) -> None:
+    """Marks a group stopping. Graceful: only stage 0 is signalled; it finishes what it holds
+    and stops the ring, so the other stages end after it. ``kill``: every stage at once."""
     for inst in group:
         if inst.status in ("starting", "ready"):
             inst.status = "stopping"
     session.commit()
     for inst in group:
-        sender.stop_stage(inst.node_id, inst.id, kill)
+        if kill or inst.stage_index == 0:
+            sender.stop_stage(inst.node_id, inst.id, kill)
+
+
+def expire_queued(session: Session, max_queue_s: float) -> int:
+    """Fails invocations queued longer than ``max_queue_s``, with the reason: no capacity came,
+    or their message was lost (an API process died between commit and publish)."""
+    cutoff = utcnow() - timedelta(seconds=max_queue_s)
+    expired = session.scalars(select(Invocation).where(
+        Invocation.status == "queued", Invocation.queued_at < cutoff)
+        .with_for_update(skip_locked=True)).all()
+    for inv in expired:
+        inv.status, inv.finished_at = "failed", utcnow()
+        inv.error = {"type": "service_unavailable", "param": None,
+                     "message": f"not started within {max_queue_s:.0f} s (HYDRA_MAX_QUEUE_S): "
+                                "no capacity could be placed for it; retry later"}
+    session.commit()
+    return len(expired)
 
 
 def mark_silent_nodes_down(session: Session, timeout_s: float) -> list[str]:

@@ -52,6 +52,15 @@ class Scheduler:
         self.start_timeout_s = start_timeout_s
 
     def run(self) -> None:
+        """Leads (or waits to lead) until killed; a lost database connection is reopened."""
+        while True:
+            try:
+                self._lead()
+            except psycopg.OperationalError as exc:
+                log.warning("lost the database (%s); reconnecting", exc)
+                time.sleep(1.0)
+
+    def _lead(self) -> None:
         url = make_url(self.settings.database_url).set(drivername="postgresql")
         with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
             while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
@@ -74,6 +83,7 @@ class Scheduler:
         try:
             with self.sessions() as s:
                 actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
+                actions.expire_queued(s, self.settings.max_queue_s)
                 self.stop_broken_groups(s)
                 self.requeue_orphans(s)
                 self.scale_in(s)
@@ -84,6 +94,9 @@ class Scheduler:
     def stop_broken_groups(self, s) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)
         for group in state.groups(s).values():
+            if group[0].stage_index != 0:  # stage 0 has ended: the rest of the ring follows it
+                actions.stop_group(s, self.sender, group, kill=True)
+                continue
             live = [i for i in group if i.status != "stopping"]
             if not live:
                 continue
@@ -99,7 +112,8 @@ class Scheduler:
         """Running invocations whose group is gone go back to queued (their message is back on
         the queue already, since it was never acked)."""
         dead = select(Instance.id).where(Instance.status.in_(("failed", "released")))
-        running = s.scalars(select(Invocation).where(Invocation.status == "running")).all()
+        running = s.scalars(select(Invocation).where(Invocation.status == "running")
+                            .with_for_update(skip_locked=True)).all()
         dead_ids = set(s.scalars(dead.where(Instance.id.in_(
             {i.instance_ids[0] for i in running if i.instance_ids}))))
         for inv in running:

@@ -143,10 +143,10 @@ def _part_shares_only(req: Request, nodes: list[NodeState], cfg: PlannerConfig) 
 
 
 def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
-         n_full: int) -> Plan | None:
+         n_full: int, enforce_slo: bool = True) -> Plan | None:
     inc = inflation(pp, n_full)
     tpot = req.tpot_s * inc + cfg.hop_s * (pp - 1)
-    if tpot > req.tpot_slo_s:
+    if enforce_slo and tpot > req.tpot_slo_s:
         return None
     by_bw = sorted(nodes, key=lambda n: -n.link.share_with_one_more())
     full_need, part_need = memory_need(req, cfg, pp, True), memory_need(req, cfg, pp, False)
@@ -161,12 +161,17 @@ def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
     deadline = req.ttft_slo_s - req.waited_s - cfg.init_overhead_s
     stage_bytes = req.model_bytes / pp
     ttft = stage_bytes / bw + req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
-    if ttft > req.ttft_slo_s or stage_bytes / bw > deadline:
+    met = ttft <= req.ttft_slo_s and stage_bytes / bw <= deadline and tpot <= req.tpot_slo_s
+    if enforce_slo and not met:
         return None
-    stages = tuple(_place(i, n, req, cfg, pp, n in full_nodes) for i, n in enumerate(_order(chosen, full_nodes)))
-    reservations = {n.node_id: Reservation(math.ceil(stage_bytes), deadline) for n in chosen}
-    return Plan(pp, stages, ttft, tpot, True, f"pp={pp} with {n_full} full share(s) meets both SLOs",
-                reservations)
+    stages = tuple(_place(i, n, req, cfg, pp, n in full_nodes)
+                   for i, n in enumerate(_order(chosen, full_nodes)))
+    # A late fetch still holds its link for about bytes / bandwidth: reserve that, not zero.
+    hold = deadline if met else max(deadline, 1.5 * stage_bytes / bw)
+    reservations = {n.node_id: Reservation(math.ceil(stage_bytes), hold) for n in chosen}
+    reason = (f"pp={pp} with {n_full} full share(s) meets both SLOs" if met else
+              f"no plan meets the SLOs; pp={pp} with {n_full} full share(s) is the closest")
+    return Plan(pp, stages, ttft, tpot, met, reason, reservations)
 
 
 def _order(chosen: list[NodeState], full_nodes: list[NodeState]) -> list[NodeState]:
@@ -196,15 +201,9 @@ def _plan_from_cache(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -
 
 
 def _fallback(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
-    need = memory_need(req, cfg, 1, True)
-    fits = [n for n in nodes if pick_device(n, need)]
-    if not fits:
-        return None
-    node = max(fits, key=lambda n: n.link.share_with_one_more())
-    bw = node.link.share_with_one_more()
-    ttft = req.model_bytes / bw + req.prefill_s + req.waited_s + cfg.init_overhead_s
-    stage = _place(0, node, req, cfg, 1, True)
-    deadline = req.ttft_slo_s - req.waited_s - cfg.init_overhead_s
-    return Plan(1, (stage,), ttft, req.tpot_s, False,
-                "no plan meets the SLOs; pp=1 on the best-bandwidth node that fits",
-                {node.node_id: Reservation(req.model_bytes, max(deadline, 0.0))})
+    """No plan meets the SLOs: pp=1 on the best-bandwidth node that fits, else the smallest
+    pipeline of part shares that fits (``slo_met=False``); None only when nothing fits."""
+    plan = _try(req, nodes, cfg, 1, 1, enforce_slo=False)
+    for pp in range(2, cfg.max_pp + 1):
+        plan = plan or _try(req, nodes, cfg, pp, 0, enforce_slo=False)
+    return plan

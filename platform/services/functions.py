@@ -75,7 +75,12 @@ def update_function(session: Session, who: Principal, name: str, body: FunctionP
         _check_instances(version)
         fn.versions.append(version)
         fn.latest_version = fn.alias_version = version.version
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent PATCH wrote the same version number first
+        session.rollback()
+        raise Conflict(f"function {name!r} changed while this update ran; read it again and "
+                       "retry", "name") from None
     return fn
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pika.exceptions import AMQPError
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
@@ -70,11 +70,13 @@ def get(session: Session, who: Principal, invocation_id: str) -> Invocation:
 
 
 def cancel(session: Session, inv: Invocation) -> None:
-    """Marks an unfinished invocation cancelled; the worker aborts it at its next check."""
+    """Marks an unfinished invocation cancelled (one conditional UPDATE, so a result committed
+    meanwhile wins); the worker aborts it at its next check."""
+    session.execute(update(Invocation).where(Invocation.id == inv.id,
+                                             Invocation.status.not_in(FINISHED))
+                    .values(status="cancelled", finished_at=utcnow()))
+    session.commit()
     session.refresh(inv)
-    if inv.status not in FINISHED:
-        inv.status, inv.finished_at = "cancelled", utcnow()
-        session.commit()
 
 
 @dataclass(slots=True)

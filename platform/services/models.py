@@ -42,6 +42,15 @@ def check_model_uri(uri: str, settings: Settings) -> str:
                 "model")
     elif not parsed.netloc:
         raise InvalidRequest(f"model URI {uri!r} has no host", "model")
+    else:
+        allowed = set(settings.model_hosts)
+        if settings.store_url:
+            allowed.add(urlparse(settings.store_url).hostname or "")
+        if parsed.hostname not in allowed:
+            # the API fetches what it is given: only model stores the operator named
+            raise InvalidRequest(
+                f"model host {parsed.hostname!r} is not an allowed model store; allowed: "
+                f"{sorted(allowed)} (HYDRA_MODEL_HOSTS, HYDRA_STORE_URL)", "model")
     return uri.rstrip("/")
 
 

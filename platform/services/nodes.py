@@ -77,6 +77,14 @@ def instance_exited(session: Session, instance_id: int, returncode: int) -> None
     session.commit()
 
 
+def closed_instances(session: Session, instance_ids: list[int]) -> list[int]:
+    """Those of ``instance_ids`` that are failed or released in Postgres."""
+    rows = session.scalars(select(Instance.id).where(
+        Instance.id.in_(instance_ids), Instance.status.in_(("failed", "released")))).all()
+    session.commit()
+    return list(rows)
+
+
 def set_pid(session: Session, instance_id: int, pid: int) -> None:
     session.execute(update(Instance).where(Instance.id == instance_id).values(pid=pid))
     session.commit()

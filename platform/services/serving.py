@@ -62,7 +62,7 @@ class Outcome:
 def complete(session: Session, outcomes: list[Outcome]) -> None:
     """Records finished invocations in one transaction (a cancel that came first is kept)."""
     invs = {i.id: i for i in session.scalars(select(Invocation).where(
-        Invocation.id.in_([o.inv_id for o in outcomes])))}
+        Invocation.id.in_([o.inv_id for o in outcomes])).with_for_update())}
     now = utcnow()
     for o in outcomes:
         inv = invs.get(o.inv_id)

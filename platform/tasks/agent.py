@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,6 +28,7 @@ from hydraserve.tasks.assignment import load_assignment
 
 log = logging.getLogger("hydraserve.node")
 HEARTBEAT_S = 2.0
+RECONCILE_S = 2.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -81,11 +83,35 @@ class NodeAgent:
                 log.exception("heartbeat failed")
 
     def _monitor(self) -> None:
+        """Records worker exits, and kills workers whose instance the scheduler has closed
+        (a node taken out and back in must not keep serving with uncounted workers)."""
+        last_reconcile = 0.0
         while not self._stop.wait(0.3):
+            try:
+                with self._lock:
+                    exited = [(i, p) for i, p in self.children.items() if p.poll() is not None]
+                for instance_id, proc in exited:
+                    self._reap(instance_id, proc)
+                if time.monotonic() - last_reconcile >= RECONCILE_S:
+                    last_reconcile = time.monotonic()
+                    self._kill_closed()
+            except SQLAlchemyError:  # retried on the next pass; the exit is not forgotten
+                log.exception("worker bookkeeping failed")
+
+    def _kill_closed(self) -> None:
+        with self._lock:
+            ids = list(self.children)
+        if not ids:
+            return
+        with self.sessions() as s:
+            closed = nodes.closed_instances(s, ids)
+        for instance_id in closed:
             with self._lock:
-                exited = [(i, p) for i, p in self.children.items() if p.poll() is not None]
-            for instance_id, proc in exited:
-                self._reap(instance_id, proc)
+                proc = self.children.get(instance_id)
+            if proc is not None:
+                log.warning("instance %s was closed by the scheduler: killing its worker",
+                            instance_id)
+                proc.kill()
 
     def _reap(self, instance_id: int, proc: subprocess.Popen, wait_s: float = 0) -> None:
         try:
@@ -93,10 +119,10 @@ class NodeAgent:
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
+        with self.sessions() as s:  # recorded first: a failure here leaves it for the next pass
+            nodes.instance_exited(s, instance_id, code)
         with self._lock:
             self.children.pop(instance_id, None)
-        with self.sessions() as s:
-            nodes.instance_exited(s, instance_id, code)
         log.info("instance %s exited with %s", instance_id, code)
 
     # ---- tasks ----------------------------------------------------------------------------
@@ -111,10 +137,12 @@ class NodeAgent:
                 return
             a = load_assignment(s, instance_id)
         argv = self._argv(a)
-        out = open(os.path.join(self.log_dir, f"instance-{instance_id}.log"), "ab") \
-            if self.log_dir else subprocess.DEVNULL
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        log_path = os.path.join(self.log_dir, f"instance-{instance_id}.log") if self.log_dir \
+            else os.devnull
+        with open(log_path, "ab") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    env=os.environ.copy(), stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
         with self._lock:
             self.children[instance_id] = proc
         with self.sessions() as s:
@@ -132,10 +160,15 @@ class NodeAgent:
                 "--addresses", ",".join(a.addresses), *threads]
 
     def stop_stage(self, instance_id: int, kill: bool = False) -> None:
+        """Signals the worker; with no worker here (never started, or gone) the instance is
+        closed at once, so it does not stay ``stopping`` holding memory and billing."""
         with self._lock:
             proc = self.children.get(instance_id)
         if proc is not None:
             proc.kill() if kill else proc.terminate()
+            return
+        with self.sessions() as s:
+            nodes.instance_exited(s, instance_id, 0)
 
 
 _agent: NodeAgent | None = None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hydraserve.db.cluster import Instance, Plan
 from hydraserve.db.registry import FunctionVersion, Model
+from hydraserve.tasks.model_cache import local_dir
 
 KV_FLOOR_BYTES = 2**20
 
@@ -38,14 +37,6 @@ class Assignment:
         return max(self.memory_bytes - self.model_bytes // self.pp, KV_FLOOR_BYTES)
 
 
-def local_dir(uri: str) -> str:
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        raise ValueError(f"serving {uri!r} needs the prefetcher; only file:// models are served "
-                         "from a local store today")
-    return str(Path(unquote(parsed.path)))
-
-
 def load_assignment(session: Session, instance_id: int) -> Assignment:
     inst = session.get(Instance, instance_id)
     assert inst is not None and inst.plan_id is not None, f"instance {instance_id} has no plan"
@@ -56,7 +47,7 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
     model = session.get(Model, version.model_id)
     return Assignment(
         instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
-        function_version_id=version.id, version=version.version, model_dir=local_dir(model.uri), dtype=model.dtype,
+        function_version_id=version.id, version=version.version, model_dir=local_dir(model.uri, model.fingerprint, sorted(model.file_sizes)), dtype=model.dtype,
         pp=plan.pp, stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
         group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
         model_bytes=model.total_bytes)

@@ -122,7 +122,6 @@ def stream(waiter: Waiter, shape: Shape) -> Iterator[str]:
                 yield ": keep-alive\n\n"  # cold start in progress; clients skip comments
                 continue
             if event["type"] == "error":
-                yield f"data: {json.dumps({'error': event['error']})}\n\n"
                 break
             if event["type"] == "token" and (event["text"] or first):
                 chunk = shape.body(shape.choice(event["text"], None, True, first), True)
@@ -130,7 +129,12 @@ def stream(waiter: Waiter, shape: Shape) -> Iterator[str]:
                 yield f"data: {json.dumps(chunk)}\n\n"
         inv = waiter.load()
         done = inv.status in invocations.FINISHED
-        reason = (inv.output or {}).get("finish_reason", "stop" if done else "length")
+        if inv.status != "succeeded":  # failed, cancelled, or out of time: say so, not "stop"
+            error = inv.error or {"type": "service_unavailable", "param": None,
+                                  "message": f"invocation {inv.id} ended {inv.status}"}
+            yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+            return
+        reason = (inv.output or {}).get("finish_reason", "stop")
         text = (inv.output or {}).get("text", "")
         rest = text[len(sent):] if text.startswith(sent) else ""  # held back by the worker
         final = shape.body(shape.choice(rest, reason, True, first), True, usage(inv))

@@ -84,6 +84,8 @@ def test_header_that_is_not_json(acme, register, broken):
     ("file:///etc", "outside the model store"),
     ("file:///tmp/../etc", "outside the model store"),
     ("http://", "has no host"),
+    ("http://169.254.169.254/latest", "not an allowed model store"),
+    ("https://models.example.com/llama", "not an allowed model store"),
 ])
 def test_model_uri_rejected_before_reading(acme, register, model, fragment):
     error_of(register(acme, model=model), 400, fragment, "model")

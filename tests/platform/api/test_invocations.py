@@ -49,15 +49,35 @@ def test_async_invocation_is_stored_and_queued(client, acme, register, settings,
     assert got["id"] == inv.id and got["status"] == "queued"
 
 
-def test_sync_past_its_deadline_answers_202(client, acme, register, settings, broker):
+def test_sync_past_its_deadline_answers_202(client, acme, register, settings, broker,
+                                            db_session):
+    from hydraserve.db.serving import Invocation
+
     register(acme, "fn")
     resp = client.post("/v1/functions/fn/invocations?timeout_s=0", headers=acme,
                        json={"prompt_ids": [1, 2, 3]})
     assert resp.status_code == 202 and resp.json["status"] == "queued"
-    broker.queue_delete(f"{settings.queue_prefix}fn.{resp.json['id'] and 1}.v1")
+    inv = db_session.get(Invocation, resp.json["id"])
+    queue = request_queue(inv.function_id, 1, settings.queue_prefix)
+    _method, _props, body = broker.basic_get(queue, auto_ack=True)
+    assert json.loads(body)["request"]["prompt_ids"] == [1, 2, 3]
+    broker.queue_delete(queue)
 
 
-def test_cancel_and_tenant_isolation(client, acme, make_tenant, register, settings, broker):
+def test_nul_characters_are_refused(client, acme, register, settings):
+    register(acme, "fn")
+    resp = client.post("/v1/functions/fn/invocations", headers=acme,
+                       json={"prompt": "a\u0000b"})
+    assert resp.status_code == 400 and resp.json["error"]["param"] == "prompt"
+    assert "NUL" in resp.json["error"]["message"]
+    resp = client.patch("/v1/functions/fn", headers=acme, json={"description": "x\u0000"})
+    assert resp.status_code == 400 and resp.json["error"]["param"] == "description"
+
+
+def test_cancel_and_tenant_isolation(client, acme, make_tenant, register, settings, broker,
+                                     db_session):
+    from hydraserve.db.registry import Function
+
     register(acme, "fn")
     inv_id = client.post("/v1/functions/fn/invocations", headers=acme | {"Prefer": "respond-async"},
                          json={"prompt": "x"}).json["id"]
@@ -66,6 +86,10 @@ def test_cancel_and_tenant_isolation(client, acme, make_tenant, register, settin
     assert client.post(f"/v1/invocations/{inv_id}/cancel", headers=other).status_code == 404
     cancelled = client.post(f"/v1/invocations/{inv_id}/cancel", headers=acme).json
     assert cancelled["status"] == "cancelled" and cancelled["timings"]["finished_at"]
+    again = client.post(f"/v1/invocations/{inv_id}/cancel", headers=acme).json
+    assert again["timings"]["finished_at"] == cancelled["timings"]["finished_at"]
+    fn_id = db_session.query(Function).filter_by(name="fn").one().id
+    broker.queue_delete(request_queue(fn_id, 1, settings.queue_prefix))
 
 
 @pytest.mark.parametrize("body,param", [
