@@ -6,10 +6,12 @@ batch of hidden vectors of the same shape and dtype).
     python bench/tpot.py --json bench/results/tpot.json          # full: ~370M params
     python bench/tpot.py --quick --json /tmp/tpot.json            # small model, ~2 minutes
 
-Our standalone engine, our pipeline and the floor are interleaved step by step (one decode step
-of each in turn), so all three see the same load from neighbours; transformers runs between
-them in each round. Each figure is the best round's median. Ratios without a dtype suffix are
-the worst over the dtypes measured.
+All four run interleaved, one decode step each in turn: ``generate`` calls a logits processor
+once per token, and that processor runs one step of our standalone engine, one of our pipeline
+and one floor measurement before handing back (its own time is excluded from transformers'
+step). Neighbours' load therefore hits the four sides within milliseconds of each other. Ratios
+are medians of per-step ratios of these adjacent measurements; absolute figures are the best
+round's median. Ratios without a dtype suffix are the worst over the dtypes measured.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# every side of the comparison (our engine, its pipeline, transformers, the floor) runs with a
+# short OpenMP spin, so one process's idle threads do not slow the next one's turn (pipeline.py)
+for _key, _value in (("GOMP_SPINCOUNT", "20000"), ("KMP_BLOCKTIME", "1")):
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -79,55 +85,47 @@ def make_prompts(batch: int, cfg: BenchConfig) -> list[list[int]]:
             for i in range(batch)]
 
 
-def measure_interleaved(engines: list[LLMEngine], prompts: list[list[int]], new_tokens: int,
-                        floor: Callable[[], None]) -> dict:
-    """Runs the same batch on every engine, stepping them in turn, with one floor measurement
-    after each round of steps, so all sides see the same neighbours' load. Returns prefill
-    seconds per engine and decode-step seconds per engine and for the floor (lists)."""
+def measure_round(engines: list[LLMEngine], hf, prompts: list[list[int]], new_tokens: int,
+                  floor: Callable[[], None]) -> dict[str, list[float]]:
+    """One batch through transformers and every engine, interleaved step by step (see the
+    module docstring). Returns per-side lists: prefill seconds first, then decode steps."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     tag = time.perf_counter_ns()
     for engine in engines:
         for i, p in enumerate(prompts):
             engine.add_request(f"{tag}-{i}", p, params)
-    steps: list[list[float]] = [[] for _ in engines]
-    floors: list[float] = []
-    for _ in range(new_tokens):
-        for engine, times in zip(engines, steps, strict=True):
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {"hf": [], "floor": [], **{f"e{i}": [] for i in
+                                                                 range(len(engines))}}
+
+    def timed(key: str, fn: Callable[[], object]) -> None:
         start = time.perf_counter()
-        floor()
-        floors.append(time.perf_counter() - start)
-    assert not any(e.has_unfinished() for e in engines), "engines did not finish the batch"
-    return {"prefill": [t[0] for t in steps], "decode": [t[1:] for t in steps],
-            "floor": floors[1:]}
+        fn()
+        times[key].append(time.perf_counter() - start)
 
-
-def measure_hf(model, prompts: list[list[int]], new_tokens: int) -> tuple:
-    """(prefill seconds, median decode-step seconds) of one ``generate`` call. A logits
-    processor stamps the clock each time generate asks for a token, so consecutive stamps are
-    one whole decode step of generate (forward, cache update, processors, stopping checks)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class StepClock(LogitsProcessor):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
+    class Interleave(LogitsProcessor):
+        last = 0.0  # when this processor last handed control back to generate
 
         def __call__(self, input_ids, scores):
-            self.stamps.append(time.perf_counter())
+            times["hf"].append(time.perf_counter() - self.last)
+            for i, engine in enumerate(engines):
+                timed(f"e{i}", engine.step)
+            timed("floor", floor)
+            self.last = time.perf_counter()
             return scores
 
     ids = torch.tensor(prompts)
-    clock = StepClock()
+    clock = Interleave()
     with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       logits_processor=LogitsProcessorList([clock]))
-    stamps = clock.stamps
-    assert len(stamps) == new_tokens, f"{len(stamps)} steps for {new_tokens} tokens"
-    return stamps[0] - start, median([b - a for a, b in pairwise(stamps)])
+        clock.last = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    logits_processor=LogitsProcessorList([clock]))
+    assert not any(e.has_unfinished() for e in engines), "engines did not finish the batch"
+    assert all(len(v) == new_tokens for v in times.values()), {k: len(v) for k, v in
+                                                                times.items()}
+    return times
 
 
 def linear_weights(engine: LLMEngine) -> list[torch.Tensor]:
@@ -172,46 +170,43 @@ def run_dtype(dtype: str, cfg: BenchConfig, model_dir: Path, threads: int, pp: i
     piped = LLMEngine(EngineConfig(model=str(model_dir), dtype=dtype, device="cpu", pp=pp,
                                    kv_cache_bytes=kv_bytes, num_threads=threads))
     weights = linear_weights(engine)
-    samples: dict[str, list] = {}
+    rounds: dict[int, list[dict]] = {b: [] for b in cfg.batches}
+    hops: dict[int, list[float]] = {b: [] for b in cfg.batches}
     try:
         for b in cfg.batches:  # warm-up: first calls allocate and pick kernels
-            measure_interleaved([engine, piped], make_prompts(b, cfg), 3, floor_fn(weights, b))
+            measure_round([engine, piped], hf, make_prompts(b, cfg), 3, floor_fn(weights, b))
         for _ in range(cfg.rounds):
             for b in cfg.batches:
-                prompts = make_prompts(b, cfg)
                 before = pipeline_counters(piped)
-                run = measure_interleaved([engine, piped], prompts, cfg.new_tokens,
-                                          floor_fn(weights, b))
-                after = pipeline_counters(piped)
-                add = samples.setdefault
-                add(f"ours_b{b}", []).append((run["prefill"][0], median(run["decode"][0])))
-                add(f"pp_b{b}", []).append((run["prefill"][1], median(run["decode"][1])))
-                add(f"floor_b{b}", []).append(median(run["floor"]))
-                add(f"hop_b{b}", []).append(hop_overhead_s(before, after, pp))
-                add(f"hf_b{b}", []).append(measure_hf(hf, prompts, cfg.new_tokens))
+                rounds[b].append(measure_round([engine, piped], hf, make_prompts(b, cfg),
+                                               cfg.new_tokens, floor_fn(weights, b)))
+                hops[b].append(hop_overhead_s(before, pipeline_counters(piped), pp))
     finally:
         piped.close()
         engine.close()
-    return summarise(samples, cfg)
+    return {f"b{b}": summarise(rounds[b], hops[b], b * cfg.prompt_len) for b in cfg.batches}
 
 
-def summarise(samples: dict[str, list], cfg: BenchConfig) -> dict:
-    """Per batch size: the best round's median for each side (see the module docstring)."""
-    out: dict[str, dict] = {}
-    for b in cfg.batches:
-        ours, hf, pp = samples[f"ours_b{b}"], samples[f"hf_b{b}"], samples[f"pp_b{b}"]
-        tokens = b * cfg.prompt_len
-        out[f"b{b}"] = {
-            "ours_tpot_ms": 1e3 * min(t for _, t in ours),
-            "transformers_tpot_ms": 1e3 * min(t for _, t in hf),
-            "floor_ms": 1e3 * min(samples[f"floor_b{b}"]),
-            "pp_tpot_ms": 1e3 * min(t for _, t in pp),
-            "hop_overhead_ms": 1e3 * min(samples[f"hop_b{b}"]),
-            "ours_prefill_tok_s": tokens / min(p for p, _ in ours),
-            "transformers_prefill_tok_s": tokens / min(p for p, _ in hf),
-            "pp_prefill_tok_s": tokens / min(p for p, _ in pp),
-            "raw": {k: samples[f"{k}_b{b}"] for k in ("ours", "hf", "floor", "pp", "hop")},
-        }
+def summarise(rounds: list[dict], hops: list[float], prompt_tokens: int) -> dict:
+    """Absolute figures: best round's median. Ratios: median over every decode step of the
+    ratio of adjacent measurements."""
+    names = {"ours": "e0", "pp": "e1", "transformers": "hf", "floor": "floor"}
+    out: dict = {}
+    for name, key in names.items():
+        out[f"{name}_tpot_ms"] = 1e3 * min(median(r[key][1:]) for r in rounds)
+    for name in ("ours", "pp", "transformers"):
+        out[f"{name}_prefill_tok_s"] = prompt_tokens / min(r[names[name]][0] for r in rounds)
+    out["floor_ms"] = out.pop("floor_tpot_ms")
+    out["hop_overhead_ms"] = 1e3 * median(hops)
+
+    def paired(a: str, b: str) -> float:
+        return median([x / y for r in rounds for x, y in zip(r[a][1:], r[b][1:], strict=True)])
+
+    out["paired"] = {"ours_vs_transformers": paired("e0", "hf"),
+                     "ours_vs_floor": paired("e0", "floor"), "pp_vs_ours": paired("e1", "e0"),
+                     "transformers_vs_floor": paired("hf", "floor")}
+    out["raw_ms"] = [{k: [round(1e3 * t, 3) for t in v] for k, v in r.items()} for r in rounds]
+    out["hop_overhead_ms_rounds"] = [1e3 * h for h in hops]
     return out
 
 
@@ -222,10 +217,11 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
             r = res.get(f"b{b}")
             if r is None:
                 continue
-            out[f"ratio_vs_transformers_b{b}_{dtype}"] = r["ours_tpot_ms"] / r[
-                "transformers_tpot_ms"]
-            out[f"ratio_vs_floor_b{b}_{dtype}"] = r["ours_tpot_ms"] / r["floor_ms"]
-            out[f"ratio_pp2_vs_standalone_b{b}_{dtype}"] = r["pp_tpot_ms"] / r["ours_tpot_ms"]
+            p = r["paired"]
+            out[f"ratio_vs_transformers_b{b}_{dtype}"] = p["ours_vs_transformers"]
+            out[f"ratio_vs_floor_b{b}_{dtype}"] = p["ours_vs_floor"]
+            out[f"ratio_pp2_vs_standalone_b{b}_{dtype}"] = p["pp_vs_ours"]
+            out[f"transformers_vs_floor_b{b}_{dtype}"] = p["transformers_vs_floor"]
     for key in ("ratio_vs_transformers_b1", "ratio_vs_transformers_b8", "ratio_vs_floor_b1",
                 "ratio_vs_floor_b8"):
         out[key] = max(v for k, v in out.items() if k.startswith(key + "_"))
@@ -239,7 +235,7 @@ def print_report(results: dict, rat: dict) -> None:
     for dtype, res in results.items():
         for b, r in res.items():
             rows.append({"dtype": dtype, "batch": b[1:], **{k: v for k, v in r.items()
-                                                            if k != "raw"}})
+                                                            if not isinstance(v, dict | list)}})
     cols = ["dtype", "batch", "ours_tpot_ms", "transformers_tpot_ms", "floor_ms", "pp_tpot_ms",
             "hop_overhead_ms", "ours_prefill_tok_s", "transformers_prefill_tok_s"]
     print(markdown_table(rows, cols))

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from gpu_runtime.config import DTYPES
-from gpu_runtime.engine import EngineConfig, LLMEngine
-from gpu_runtime.errors import RuntimeInputError
-from gpu_runtime.sampling import SamplingParams
+# before torch loads (config imports it): stages share this machine's cores, see pipeline.py
+for _key, _value in (("GOMP_SPINCOUNT", "20000"), ("KMP_BLOCKTIME", "1")):
+    os.environ.setdefault(_key, _value)
+
+from gpu_runtime.config import DTYPES  # noqa: E402
+from gpu_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
+from gpu_runtime.errors import RuntimeInputError  # noqa: E402
+from gpu_runtime.sampling import SamplingParams  # noqa: E402
 
 
 def parse_ids(text: str) -> list[int]:

@@ -29,6 +29,19 @@ from gpu_runtime.sampling import SamplingBatch, sample
 from gpu_runtime.stage import Stage
 
 READY_TIMEOUT_S = 600.0
+# Stages on one machine share cores and take turns. OpenMP threads that busy-wait after their
+# last parallel region (libgomp spins 300k iterations, milliseconds, by default) steal those
+# cores from the next stage's turn; a short spin keeps back-to-back kernels fast and hands the
+# cores over within about a millisecond. Must be in the environment before torch loads:
+# children get it here, a stage-0 process from ``prefer_short_spin`` (or its launcher).
+STAGE_ENV = {"GOMP_SPINCOUNT": "20000", "KMP_BLOCKTIME": "1"}
+
+
+def prefer_short_spin() -> None:
+    """Sets STAGE_ENV in this process's environment (keeping values already set); effective
+    only when called before torch is first imported."""
+    for key, value in STAGE_ENV.items():
+        os.environ.setdefault(key, value)
 STEP_POLL_MS = 200
 
 
@@ -223,6 +236,7 @@ def _start_worker(model_dir: str, pp: int, index: int, addresses: list[str], dty
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = os.environ | {"PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.update({k: v for k, v in STAGE_ENV.items() if k not in os.environ})
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
 
