@@ -36,6 +36,7 @@ class AttentionMetadata:
     output_index: torch.Tensor | None = None  # (num_tokens,) padded-query row of each token
     max_context: int = 0
     is_fresh_prefill: bool = False  # every sequence's context is exactly this step's tokens
+    first_block: int | None = None  # one sequence on consecutive blocks: read them as a view
 
     def __post_init__(self) -> None:
         assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
@@ -47,6 +48,12 @@ class AttentionMetadata:
         self.is_fresh_prefill = (not self.is_decode and self.context_lens == self.query_lens)
         if self.attn_mask is None and not self.is_fresh_prefill:
             self._build_mask()
+        if self.batch_size == 1 and not self.is_fresh_prefill:
+            # the block manager hands out lowest ids first, so a lone sequence's blocks are
+            # usually consecutive; then its context is a slice of the cache, no gather needed
+            used = self.block_tables[0, :-(-self.max_context // self.block_size)].tolist()
+            if used == list(range(used[0], used[0] + len(used))):
+                self.first_block = used[0]
 
     @property
     def batch_size(self) -> int:
@@ -92,8 +99,11 @@ def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor
     num_blocks_needed = -(-meta.max_context // meta.block_size)
     tables = meta.block_tables[:, :num_blocks_needed]  # (batch, blocks)
     batch = tables.shape[0]
-    # index_select over whole blocks is a row memcpy; advanced indexing is several times slower
-    ctx = cache.index_select(0, tables.reshape(-1))  # (batch * blocks, block_size, kvh, hd)
+    if meta.first_block is not None:
+        ctx = cache.narrow(0, meta.first_block, num_blocks_needed)  # a view, no copy
+    else:
+        # index_select over whole blocks is a row memcpy; advanced indexing is much slower
+        ctx = cache.index_select(0, tables.reshape(-1))  # (batch * blocks, block_size, kvh, hd)
     ctx = ctx.view(batch, -1, cache.shape[2], cache.shape[3])[:, :meta.max_context]
     return ctx.transpose(1, 2)  # (batch, kv_heads, max_context, hd)
 

@@ -64,3 +64,21 @@ def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths):
                                        expected[sid][start:end], atol=1e-5, rtol=1e-5)
             rows += end - start
     assert kinds == ["fresh", "chunk", "decode", "decode"], kinds
+
+
+@pytest.mark.parametrize("scrambled", [False, True])
+def test_lone_sequence_reads_consecutive_blocks_as_a_view(scrambled):
+    torch.manual_seed(1)
+    bm = BlockManager(8, BS)
+    if scrambled:  # block 1 stays taken, so the sequence gets blocks 0, 2, 3
+        bm.allocate(98, 1)
+        bm.allocate(99, 1)
+        bm.free(98)
+    caches = {"k": torch.zeros(8, BS, KV_HEADS, HD), "v": torch.zeros(8, BS, KV_HEADS, HD),
+              "qkv": {0: (torch.randn(10, HEADS, HD), torch.randn(10, KV_HEADS, HD),
+                          torch.randn(10, KV_HEADS, HD))}}
+    bm.allocate(0, 10)
+    run(bm, caches, [0], [(0, 9)])
+    meta, out = run(bm, caches, [0], [(9, 10)])
+    assert (meta.first_block is None) == scrambled, (bm.block_table(0), meta.first_block)
+    torch.testing.assert_close(out, reference(*caches["qkv"][0])[9:10], atol=1e-5, rtol=1e-5)
