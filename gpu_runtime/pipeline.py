@@ -43,6 +43,7 @@ def prefer_short_spin() -> None:
     for key, value in STAGE_ENV.items():
         os.environ.setdefault(key, value)
 STEP_POLL_MS = 200
+PARENT_CHECK_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +85,15 @@ class StageWorker:
         self.compute_s = 0.0
         self.num_steps = 0
 
-    def serve(self) -> None:
+    def serve(self, parent_pid: int | None = None) -> None:
+        """Handles messages until ``stop``; with ``parent_pid``, also returns once that process
+        (the stage 0 that started this one) is gone, so no stage outlives its pipeline."""
         while True:
-            msg = self.channel.recv()
-            assert msg is not None, "a blocking receive returned nothing"
+            msg = self.channel.recv(PARENT_CHECK_MS if parent_pid else None)
+            if msg is None:
+                if os.getppid() != parent_pid:
+                    return
+                continue
             if msg.kind == "step":
                 self._step(msg)
             elif msg.kind == "init":
@@ -129,7 +135,8 @@ class StageWorker:
 
 
 def worker_main(model_dir: str, pp: int, index: int, addresses: list[str], dtype: str | None,
-                device: str | None, num_threads: int | None) -> None:
+                device: str | None, num_threads: int | None,
+                parent_pid: int | None = None) -> None:
     """Entry point of a stage process: load the stage, then serve until told to stop."""
     from gpu_runtime.loader import load_stage, plan_stages, resolve_dtype
 
@@ -140,7 +147,7 @@ def worker_main(model_dir: str, pp: int, index: int, addresses: list[str], dtype
                        device)
     channel = Channel(addresses[index], addresses[(index + 1) % pp])
     try:
-        StageWorker(stage, channel).serve()
+        StageWorker(stage, channel).serve(parent_pid)
     finally:
         channel.close()
 
@@ -229,7 +236,8 @@ def _start_worker(model_dir: str, pp: int, index: int, addresses: list[str], dty
                   device: str | None, num_threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gpu_runtime.pipeline", "--model", str(model_dir), "--pp",
            str(pp), "--stage", str(index), "--addresses", ",".join(addresses)]
-    for flag, value in (("--dtype", dtype), ("--device", device), ("--threads", num_threads)):
+    for flag, value in (("--dtype", dtype), ("--device", device), ("--threads", num_threads),
+                        ("--parent-pid", os.getpid())):
         if value:
             cmd += [flag, str(value)]
     # the package root on the path, so a child finds gpu_runtime however the parent was started
@@ -251,12 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parent-pid", type=int, default=None,
+                    help="exit when this process is gone (set when stage 0 starts the stage)")
     args = ap.parse_args(argv)
     addresses = args.addresses.split(",")
     assert len(addresses) == args.pp and 1 <= args.stage < args.pp, (
         f"{len(addresses)} addresses for pp={args.pp}, stage {args.stage}")
     worker_main(args.model, args.pp, args.stage, addresses, args.dtype, args.device,
-                args.threads or int(os.environ.get("HYDRA_THREADS", "0")) or None)
+                args.threads or int(os.environ.get("HYDRA_THREADS", "0")) or None,
+                args.parent_pid)
 
 
 if __name__ == "__main__":

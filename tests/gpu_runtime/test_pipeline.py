@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,30 @@ def test_stages_started_by_hand_over_tcp(model_dirs, hf_models):
             worker.kill()
     ref = hf_greedy(hf_models(model_dir), PROMPTS[1], 8, eos_of(model_dir))
     assert_parity((tokens, logprobs), ref)
+
+
+def test_stage_exits_when_stage_0_dies(model_dirs, tmp_path):
+    """A stage started by stage 0 does not outlive it (no orphans after a crash)."""
+    script = tmp_path / "stage0.py"
+    script.write_text(
+        "import os, sys\n"
+        "from gpu_runtime.engine import EngineConfig, LLMEngine\n"
+        f"e = LLMEngine(EngineConfig(model={str(model_dirs['opt'])!r}, pp=2, device='cpu'))\n"
+        "print(e.runner.procs[0].pid, flush=True)\n"
+        "os._exit(3)  # crash without closing the pipeline\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and is_running(child):
+        time.sleep(0.2)
+    assert not is_running(child), f"stage process {child} outlived stage 0"
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
