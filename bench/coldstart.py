@@ -286,10 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the node pools")
     ap.add_argument("--baseline-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--platform", action="store_true",
+                    help="API-to-first-token through a local cluster (pp=4 and pp=1) against "
+                         "the bare loading path and the sequential baseline, at 100 MB/s")
     args = ap.parse_args(argv)
     if args.baseline_child:  # the sequential baseline's own process
         print(json.dumps(baseline_child(**json.loads(args.baseline_child))))
         return 0
+    if args.platform:
+        return platform_main(args)
     from bench.coldstart_report import figures, plot_timeline, print_report
     from bench.load import shm_huge
 
@@ -305,6 +310,26 @@ def main(argv: list[str] | None = None) -> int:
                            "shm_dir": args.shm_dir, "shm_huge": shm_huge(args.shm_dir),
                            "command": " ".join([Path(sys.executable).name, *sys.argv]),
                            **raw, **keys})
+    return 0
+
+
+def platform_main(args) -> int:
+    from bench.coldstart_platform import print_platform, run_platform
+    from bench.load import ensure_model
+    from gpu_runtime.demo_model import DemoModelSpec
+
+    cfg = QUICK if args.quick else FULL
+    over = () if cfg.num_layers == 22 else (("num_hidden_layers", cfg.num_layers),)
+    cache = Path(args.cache)
+    model_dir = ensure_model(cache, cfg.name, DemoModelSpec("llama", "1b", "bfloat16",
+                                                            overrides=over))
+    started = time.perf_counter()
+    res = run_platform(cfg, cache, model_dir, args.threads, args.shm_dir)
+    print_platform(res)
+    write_json(args.json, {"benchmark": "coldstart-platform", "quick": args.quick,
+                           "config": asdict(cfg), "env": environment(),
+                           "wall_s": time.perf_counter() - started,
+                           "command": " ".join([Path(sys.executable).name, *sys.argv]), **res})
     return 0
 
 

@@ -114,6 +114,8 @@ class ClusterSpec:
     device_mem: str = "4GiB"
     worker_threads: int = 1
     store_port: int = 8300
+    loader: str = "prefetch"
+    cache_mem: str = "256MiB"
 
     def node_ids(self) -> list[str]:
         return [f"n{i + 1}" for i in range(self.num_nodes)]
@@ -151,7 +153,8 @@ def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpe
         link = ["--link-mbps", str(spec.link_mbps)] if spec.link_mbps else []
         start(layout, f"node-{node_id}", [cli, "node", "--node-id", node_id, "--devices", "cpu:1",
                                           "--device-mem", spec.device_mem, "--threads",
-                                          str(spec.worker_threads), *link], env)
+                                          str(spec.worker_threads), "--loader", spec.loader,
+                                          "--cache-mem", spec.cache_mem, *link], env)
     base = f"http://127.0.0.1:{settings.api_port}"
     wait_healthy(base + "/healthz", layout, "api")
     wait_nodes(settings, spec.node_ids(), layout)
@@ -160,10 +163,11 @@ def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpe
 
 def wait_nodes(settings: Settings, node_ids: list[str], layout: Layout,
                timeout_s: float = 120.0) -> None:
-    from sqlalchemy import select
+    from sqlalchemy import select, text
 
     from hydraserve.db.base import make_engine, make_session_factory
     from hydraserve.db.cluster import Node
+    from hydraserve.scheduler.loop import LOCK_KEY
 
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
@@ -171,9 +175,15 @@ def wait_nodes(settings: Settings, node_ids: list[str], layout: Layout,
     try:
         while time.monotonic() < deadline:
             with sessions() as s:
-                up = set(s.scalars(select(Node.id).where(Node.status == "up",
-                                                         Node.id.in_(node_ids))))
-            if up == set(node_ids):
+                rows = s.execute(select(Node.id, Node.info).where(Node.status == "up",
+                                                                  Node.id.in_(node_ids)))
+                up = {node_id for node_id, info in rows if (info or {}).get("booted")}
+                leader = s.execute(text(
+                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = :key "
+                    "AND granted AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database())"),
+                                   {"key": LOCK_KEY}).first()
+            if up == set(node_ids) and leader:
                 return
             dead = [n for n in node_ids if is_running(layout.pidfile(f"node-{n}")) is None]
             if dead:
@@ -181,7 +191,8 @@ def wait_nodes(settings: Settings, node_ids: list[str], layout: Layout,
             time.sleep(0.5)
     finally:
         engine.dispose()
-    raise ClusterError(f"nodes {sorted(set(node_ids) - up)} did not register in {timeout_s:.0f} s")
+    raise ClusterError(f"nodes {sorted(set(node_ids) - up)} did not boot, or no scheduler "
+                       f"leads, within {timeout_s:.0f} s; see {layout.run}/")
 
 
 def stop_cluster(layout: Layout, spec: ClusterSpec) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,11 @@ class StagePlan:
     addresses: tuple[str, ...]  # channel address of every stage (empty when pp = 1)
     engine: EngineShape
     plan_time: float  # wall clock of the scheduler's decision
+    # Stage 0 only: "module:function" that takes over once the engine is up, called as
+    # fn(engine, serve_args, report), instead of serving the pool's pipe. This is how a caller
+    # (the platform's request loop) runs in the worker without the data plane importing it.
+    serve: str | None = None
+    serve_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         pp = self.spec.num_stages

@@ -145,6 +145,11 @@ class StageHandle:
         return self.assignment.plan.spec.index
 
     @property
+    def process(self) -> mp.process.BaseProcess:
+        """The worker process (its ``exitcode`` is None while it runs)."""
+        return self._worker.proc
+
+    @property
     def boot(self) -> dict | None:
         """The worker's boot report (pid, spawned, booted), once it arrived."""
         return self._worker.booted

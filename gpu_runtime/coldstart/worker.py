@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class WorkerBoot:
 
 def worker_main(conn: Connection, boot: WorkerBoot) -> None:
     """Process entry point (``multiprocessing`` spawn target)."""
+    _die_with_parent()
     try:
         _boot(boot)
     except BaseException as exc:  # noqa: BLE001 - reported to the pool, then the process ends
@@ -54,6 +56,16 @@ def worker_main(conn: Connection, boot: WorkerBoot) -> None:
                prestarted)
     except BaseException as exc:  # noqa: BLE001 - reported to the pool, then the process ends
         _send_error(conn, exc)
+
+
+def _die_with_parent() -> None:
+    """On Linux, SIGTERM this worker when the node process that started it dies, so a killed
+    node does not leave workers serving behind the scheduler's back."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _boot(boot: WorkerBoot) -> None:
@@ -109,12 +121,24 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
         conn.send(("stopped", {}))
         return
     engine = engine_for(loaded.stage, parts, plan)  # pp > 1: waits for the whole ring
-    conn.send(("ready", report | {"ready": time.time()}))
+    report["ready"] = time.time()
+    conn.send(("ready", report))
     try:
-        _serve_requests(conn, engine)
+        if plan.serve:
+            _import(plan.serve)(engine, plan.serve_args, report)
+        else:
+            _serve_requests(conn, engine)
     finally:
         engine.close()
     conn.send(("stopped", {}))
+
+
+def _import(target: str):
+    """``"package.module:function"`` -> the function."""
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _serve_requests(conn: Connection, engine) -> None:

@@ -45,8 +45,15 @@ def parse_devices(text: str, memory: int) -> list[DeviceSpec]:
               help="emulated link cap in megabits per second (default: uncapped)")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="torch threads per worker process")
+@click.option("--loader", type=click.Choice(["prefetch", "files"]), default="prefetch",
+              show_default=True, help="prefetch: node cache + pre-started workers (zero-copy, "
+              "overlapped); files: a fresh process loads from the model's files")
+@click.option("--cache-mem", default="256MiB", show_default=True,
+              help="shared-memory weight cache of this node (pre-faulted at start)")
+@click.option("--prestarted", type=click.IntRange(0, 16), default=1, show_default=True,
+              help="generic workers kept booted and idle")
 def node(node_id: str, devices: str, device_mem: str, link_mbps: float | None,
-         threads: int | None) -> None:
+         threads: int | None, loader: str, cache_mem: str, prestarted: int) -> None:
     """Run a node agent: register, heartbeat, run stage workers placed here."""
     from hydraserve.messaging import node_queue
     from hydraserve.tasks.agent import NodeAgent, set_agent
@@ -56,13 +63,13 @@ def node(node_id: str, devices: str, device_mem: str, link_mbps: float | None,
         raise click.BadParameter(f"{node_id!r}: use 1-63 lower-case letters, digits, '_' or '-'")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     agent = NodeAgent(Settings.from_env(), node_id, parse_devices(devices, parse_bytes(device_mem)),
-                      link_mbps, threads)
+                      link_mbps, threads, loader, parse_bytes(cache_mem), prestarted)
     set_agent(agent)
     agent.start()
     try:
         queue = node_queue(node_id, agent.settings.queue_prefix)
         celery_app.worker_main(["worker", "-Q", queue, "--pool", "threads",
-                                "--concurrency", "4", "--hostname", f"node-{node_id}@%h",
+                                "--concurrency", "4", "--hostname", f"node-{queue}@%h",
                                 "--without-gossip", "--without-mingle", "--without-heartbeat",
                                 "--loglevel", "INFO"])
     finally:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import cast, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
@@ -24,6 +25,8 @@ def begin(session: Session, inv_ids: list[str], group: tuple[int, ...]) -> set[s
                            .with_for_update()).all()
     lead = session.get(Instance, group[0])
     plan = session.get(Plan, lead.plan_id) if lead.plan_id else None
+    fetch_ends = [t for i in session.scalars(select(Instance).where(Instance.id.in_(group)))
+                  if (t := (i.timeline or {}).get("fetch_end"))]
     claimed = set()
     for inv in invs:
         if inv.status in FINISHED:
@@ -39,7 +42,7 @@ def begin(session: Session, inv_ids: list[str], group: tuple[int, ...]) -> set[s
         inv.cold = bool(lead.ready_at and lead.ready_at > inv.queued_at)
         if inv.cold and plan is not None:
             inv.planned_at = plan.created_at
-            inv.fetched_at = _at((lead.timeline or {}).get("fetch_end"))
+            inv.fetched_at = _at(max(fetch_ends, default=None))  # the last stage's bytes
             inv.loaded_at = lead.ready_at
         claimed.add(inv.id)
     session.commit()
@@ -96,10 +99,16 @@ def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> None
     now = utcnow()
     session.execute(update(Instance).where(Instance.id.in_(group), Instance.status == "starting")
                     .values(status="ready", ready_at=now, last_active_at=now))
-    lead = session.get(Instance, group[0])
-    lead.timeline = {**(lead.timeline or {}), **timeline}
+    add_timeline(session, group[0], timeline)
     notify(session, f"ready:{group[0]}")
     session.commit()
+
+
+def add_timeline(session: Session, instance_id: int, phases: dict) -> None:
+    """Merges phase timestamps into an instance's timeline (one atomic jsonb update: the node
+    agent and the worker both write theirs); no commit."""
+    session.execute(update(Instance).where(Instance.id == instance_id).values(
+        timeline=Instance.timeline.op("||")(cast(phases, JSONB))))
 
 
 def touch(session: Session, group: tuple[int, ...]) -> None:

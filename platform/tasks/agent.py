@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -43,27 +44,47 @@ class NodeAgent:
     devices: list[DeviceSpec]
     link_mbps: float | None = None
     threads_per_worker: int | None = None
-    children: dict[int, subprocess.Popen] = field(default_factory=dict)
+    loader: str = "prefetch"  # prefetch: node cache + worker pool; files: a fresh process each
+    cache_bytes: int = 256 << 20
+    num_prestarted: int = 1
+    children: dict[int, Any] = field(default_factory=dict)  # Popen or PooledChild
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _booted: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.sessions = make_session_factory(make_engine(self.settings.database_url))
         self.log_dir = os.environ.get("HYDRA_LOG_DIR", "")
         # the host name other nodes reach this one's stage channels at
         self.host = os.environ.get("HYDRA_NODE_HOST", "127.0.0.1")
+        self.coldstart = None
+        if self.loader == "prefetch":
+            from hydraserve.tasks.coldstart import ColdStarter
+
+            self.coldstart = ColdStarter(f"{self.settings.queue_prefix}{self.node_id}",
+                                         self.cache_bytes, self.link_mbps, self.num_prestarted,
+                                         self.threads_per_worker)
 
     # ---- life cycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         with self.sessions() as s:
             nodes.register(s, self.node_id, self.host, self.link_mbps, self.devices, self.info())
-        for target in (self._heartbeat, self._monitor):
+        for target in (self._heartbeat, self._monitor, self._boot_pool):
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
         log.info("node %s up with %d device(s)", self.node_id, len(self.devices))
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "workers": len(self.children)}
+        return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
+                "booted": self._booted.is_set()}
+
+    def _boot_pool(self) -> None:
+        """Reports the node fully warm once its pre-started workers have booted."""
+        if self.coldstart is not None:
+            self.coldstart.pool.wait_booted()
+        self._booted.set()
+        with self.sessions() as s:
+            nodes.heartbeat(s, self.node_id, self.info())
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -73,6 +94,8 @@ class NodeAgent:
             proc.terminate()
         for instance_id, proc in procs.items():
             self._reap(instance_id, proc, wait_s=20)
+        if self.coldstart is not None:
+            self.coldstart.close()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -136,13 +159,14 @@ class NodeAgent:
             if serving.instance_status(s, instance_id) != "starting":
                 return
             a = load_assignment(s, instance_id)
-        argv = self._argv(a)
-        log_path = os.path.join(self.log_dir, f"instance-{instance_id}.log") if self.log_dir \
-            else os.devnull
-        with open(log_path, "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                    env=os.environ.copy(), stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent)
+        try:
+            proc = self.coldstart.launch(self.sessions, a) if self.coldstart else self._spawn(a)
+        except Exception as exc:  # noqa: BLE001 - any start failure is recorded for a re-plan
+            log.warning("instance %s could not start: %s", instance_id, exc)
+            with self.sessions() as s:
+                nodes.close_instance(s, instance_id, "failed", f"{type(exc).__name__}: {exc}")
+                s.commit()
+            return
         with self._lock:
             self.children[instance_id] = proc
         with self.sessions() as s:
@@ -150,12 +174,20 @@ class NodeAgent:
         log.info("instance %s: stage %d/%d started as pid %d", instance_id, a.stage_index, a.pp,
                  proc.pid)
 
+    def _spawn(self, a) -> subprocess.Popen:
+        log_path = os.path.join(self.log_dir, f"instance-{a.instance_id}.log") if self.log_dir \
+            else os.devnull
+        with open(log_path, "ab") as out:  # the child keeps its own descriptor
+            return subprocess.Popen(self._argv(a), stdout=out, stderr=subprocess.STDOUT,
+                                    env=os.environ.copy(), stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
+
     def _argv(self, a) -> list[str]:
         threads = ["--threads", str(self.threads_per_worker)] if self.threads_per_worker else []
         if a.stage_index == 0:
             return [sys.executable, "-m", "hydraserve.tasks.serving", "--instance-id",
                     str(a.instance_id), *threads]
-        return [sys.executable, "-m", "gpu_runtime.pipeline", "--model", a.model_dir,
+        return [sys.executable, "-m", "gpu_runtime.pipeline", "--model", a.model_dir(),
                 "--pp", str(a.pp), "--stage", str(a.stage_index),
                 "--addresses", ",".join(a.addresses), *threads]
 

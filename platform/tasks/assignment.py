@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gpu_runtime.checkpoint import CheckpointIndex, TensorEntry
 from hydraserve.db.cluster import Instance, Plan
 from hydraserve.db.registry import FunctionVersion, Model
 from hydraserve.tasks.model_cache import local_dir
 
 KV_FLOOR_BYTES = 2**20
+SERVE_ENTRY = "hydraserve.tasks.serving:serve_engine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +23,10 @@ class Assignment:
     function_id: int
     function_version_id: int
     version: int
-    model_dir: str
+    model_id: int
+    model_uri: str
+    fingerprint: str
+    weight_files: tuple[str, ...]
     dtype: str
     pp: int
     stage_index: int
@@ -29,12 +34,17 @@ class Assignment:
     group: tuple[int, ...]  # instance ids of the pipeline group, by stage
     memory_bytes: int  # this stage's device memory share
     model_bytes: int
+    plan_time: float
 
     @property
     def kv_cache_bytes(self) -> int:
         """What the share leaves after this stage's weights, with a 1 MiB floor so that a tiny
         model still holds a useful context (the floor is not billed)."""
         return max(self.memory_bytes - self.model_bytes // self.pp, KV_FLOOR_BYTES)
+
+    def model_dir(self) -> str:
+        """A local directory with the checkpoint (downloaded once per node for http(s))."""
+        return local_dir(self.model_uri, self.fingerprint, list(self.weight_files))
 
 
 def load_assignment(session: Session, instance_id: int) -> Assignment:
@@ -47,7 +57,34 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
     model = session.get(Model, version.model_id)
     return Assignment(
         instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
-        function_version_id=version.id, version=version.version, model_dir=local_dir(model.uri, model.fingerprint, sorted(model.file_sizes)), dtype=model.dtype,
-        pp=plan.pp, stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
+        function_version_id=version.id, version=version.version, model_id=model.id,
+        model_uri=model.uri, fingerprint=model.fingerprint,
+        weight_files=tuple(sorted(model.file_sizes)), dtype=model.dtype, pp=plan.pp,
+        stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
         group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
-        model_bytes=model.total_bytes)
+        model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp())
+
+
+def model_index(session: Session, model_id: int) -> CheckpointIndex:
+    """The tensor index stored at registration, as the data plane's type."""
+    model = session.get(Model, model_id)
+    tensors = [TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["file"], t["offset"],
+                           t["length"], t.get("crc32")) for t in model.tensors]
+    return CheckpointIndex(model.uri, model.config, tensors, model.file_sizes, model.file_sha256)
+
+
+def stage_plan(session: Session, a: Assignment, threads: int | None):
+    """The data plane's plan for this instance's stage; stage 0 hands over to the platform's
+    request loop once loaded."""
+    from dataclasses import replace
+
+    from gpu_runtime.coldstart import plan_group
+
+    plans = plan_group(f"m{a.model_id}-{a.fingerprint[:12]}", model_index(session, a.model_id),
+                       a.pp, kv_cache_bytes=a.kv_cache_bytes, num_threads=threads,
+                       addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time)
+    plan = plans[a.stage_index]
+    if a.stage_index == 0:
+        plan = replace(plan, serve=SERVE_ENTRY, serve_args={"instance_id": a.instance_id})
+    return plan
+

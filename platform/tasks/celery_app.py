@@ -25,6 +25,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # no remote-control mailbox: its exclusive queue is named after the host, which would
+        # clash between clusters that share a broker
+        worker_enable_remote_control=False,
     )
     return app
 

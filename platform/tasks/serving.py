@@ -203,28 +203,44 @@ class Server:
                 log.warning("could not send %s event of %s", event["type"], inv_id)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Serve stage 0 of a pipeline group.")
-    ap.add_argument("--instance-id", type=int, required=True)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
+def serve(engine: LLMEngine, instance_id: int, timeline: dict) -> None:
+    """Marks the group ready with this stage's timeline and serves until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
     settings = Settings.from_env()
     sessions = make_session_factory(make_engine(settings.database_url))
     with sessions() as s:
-        a = load_assignment(s, args.instance_id)
-    timeline = {"init_start": time.time()}
-    engine = LLMEngine(EngineConfig(
-        model=a.model_dir, pp=a.pp, num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
-        stage_addresses=a.addresses if a.pp > 1 else None))
-    timeline["ready"] = time.time()
-    with sessions() as s:
+        a = load_assignment(s, instance_id)
         serving.mark_ready(s, a.group, timeline)
     server = Server(settings, a, engine)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
     log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)
+    server.run()
+
+
+def serve_engine(engine: LLMEngine, args: dict, report: dict) -> None:
+    """Entry for a pool worker (gpu_runtime.coldstart) that loaded stage 0 from the node cache:
+    the stage plan names this function, so the data plane never imports the platform."""
+    phases = ("init_start", "init_end", "load_end", "ready")
+    serve(engine, args["instance_id"], {k: report[k] for k in phases if report.get(k)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A fresh process that loads stage 0 from the model's files (``--loader files`` nodes)."""
+    ap = argparse.ArgumentParser(description="Serve stage 0 of a pipeline group.")
+    ap.add_argument("--instance-id", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    settings = Settings.from_env()
+    with make_session_factory(make_engine(settings.database_url))() as s:
+        a = load_assignment(s, args.instance_id)
+    timeline = {"init_start": time.time()}
+    engine = LLMEngine(EngineConfig(
+        model=a.model_dir(), pp=a.pp, num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
+        stage_addresses=a.addresses if a.pp > 1 else None))
+    timeline["load_end"] = timeline["ready"] = time.time()
     try:
-        server.run()
+        serve(engine, args.instance_id, timeline)
     finally:
         engine.close()
 

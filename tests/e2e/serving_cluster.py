@@ -66,7 +66,7 @@ def start(layout, database_url: str, store_root, api_port: int, store_port: int)
                         queue_prefix=f"t{uuid.uuid4().hex[:8]}.")
     # 12 MiB per device: the tiny models fit whole, llama-small (16 MB) needs two stages.
     spec = devcluster.ClusterSpec(num_nodes=4, link_mbps=None, device_mem="12MiB",
-                                  worker_threads=1, store_port=store_port)
+                                  worker_threads=1, store_port=store_port, cache_mem="64MiB")
     base = devcluster.start_cluster(layout, settings, ADMIN_KEY, spec)
     return Cluster(base, settings, layout, spec)
 

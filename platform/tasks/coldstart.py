@@ -1,0 +1,103 @@
+"""The node agent's cold-start path: fetch the stage into the node cache through the node's
+(emulated) link while a pre-started worker takes the stage and initialises; the worker loads
+each tensor zero-copy as its bytes arrive (gpu_runtime.coldstart, docs/loading.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+from sqlalchemy.orm import sessionmaker
+
+from gpu_runtime.coldstart import LaunchedStage, WorkerPool, WorkerPoolConfig, launch_stage
+from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
+from gpu_runtime.store import LinkConfig
+from hydraserve.services import nodes, serving
+from hydraserve.tasks.assignment import Assignment, stage_plan
+
+log = logging.getLogger("hydraserve.node")
+READY_TIMEOUT_S = 900.0
+
+
+class PooledChild:
+    """A pool worker serving one stage, with the part of Popen's interface the agent uses."""
+
+    def __init__(self, launched: LaunchedStage) -> None:
+        self.launched = launched
+        self.process = launched.handle.process
+        self.pid = launched.handle.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):  # it exited since the check
+                os.kill(self.pid, sig)
+
+
+class ColdStarter:
+    """One node's prefetcher (shared-memory cache, link cap) and pool of generic workers."""
+
+    def __init__(self, cache_name: str, cache_bytes: int, link_mbps: float | None,
+                 num_prestarted: int, threads: int | None, device: str = "cpu") -> None:
+        link = LinkConfig(bandwidth_mb_s=link_mbps / 8 if link_mbps else None)
+        self.prefetcher = Prefetcher(PrefetchConfig(node_id=cache_name, pool_bytes=cache_bytes,
+                                                    link=link))
+        self.pool = WorkerPool(WorkerPoolConfig(node_id=cache_name, num_prestarted=num_prestarted,
+                                                device=device, num_threads=threads))
+        self.threads = threads
+
+    def launch(self, sessions: sessionmaker, a: Assignment) -> PooledChild:
+        with sessions() as s:
+            plan = stage_plan(s, a, self.threads)
+        launched = launch_stage(self.prefetcher, self.pool, plan)
+        threading.Thread(target=self._follow, args=(sessions, a.instance_id, launched),
+                         daemon=True, name=f"follow-{a.instance_id}").start()
+        return PooledChild(launched)
+
+    def _follow(self, sessions: sessionmaker, instance_id: int, launched: LaunchedStage) -> None:
+        """Records the node's side of the timeline once the stage is up, then unpins the
+        buffer (the worker holds its own mapping); a failed start is recorded with its cause."""
+        try:
+            launched.wait_ready(READY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any start failure is recorded, then the worker exits
+            log.warning("instance %s failed to start: %s", instance_id, exc)
+            with sessions() as s:
+                nodes.close_instance(s, instance_id, "failed", f"{type(exc).__name__}: {exc}")
+                s.commit()
+            launched.handle.stop(5)
+            return
+        finally:
+            launched.job.release()
+        t = launched.timeline()
+        phases = {"plan": t.plan, "fetch_start": t.fetch_start, "fetch_end": t.fetch_end,
+                  "fetch_bytes": t.fetch_bytes, "cache_hit": t.cache_hit,
+                  "prestarted": t.prestarted, "node": t.node}
+        with sessions() as s:
+            serving.add_timeline(s, instance_id, phases)
+            s.commit()
+
+    def close(self) -> None:
+        self.pool.close()
+        self.prefetcher.close()
