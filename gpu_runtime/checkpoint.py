@@ -218,10 +218,10 @@ def read_config(source: Source) -> dict:
     return config
 
 
-def index_checkpoint(uri: str, checksums: bool = True) -> CheckpointIndex:
+def index_checkpoint(uri: str, checksums: bool = True, timeout_s: float = 30.0) -> CheckpointIndex:
     """Reads config and every safetensors header; with ``checksums`` also hashes the bytes
     (sha256 per file, crc32 per tensor) so the prefetcher can verify what it downloads."""
-    source = Source(uri)
+    source = Source(uri, timeout_s)
     config = read_config(source)
     files = weight_files(source)
     tensors: list[TensorEntry] = []

@@ -79,9 +79,9 @@ def fingerprint(index: CheckpointIndex) -> str:
     return digest.hexdigest()
 
 
-def index_model(uri: str) -> CheckpointIndex:
+def index_model(uri: str, timeout_s: float = 30.0) -> CheckpointIndex:
     try:
-        index = index_checkpoint(uri)
+        index = index_checkpoint(uri, timeout_s=timeout_s)
         if not Source(uri).exists("tokenizer.json"):
             raise InvalidModel(
                 f"tokenizer.json is missing from {uri}; the runtime needs a fast tokenizer file",
@@ -95,7 +95,7 @@ def index_model(uri: str) -> CheckpointIndex:
 def ensure_model(session: Session, uri: str, settings: Settings) -> Model:
     """Returns the Model row for ``uri`` as it is now, indexing it if these bytes are new."""
     uri = check_model_uri(uri, settings)
-    index = index_model(uri)
+    index = index_model(uri, settings.registration_timeout_s)  # per request to the store
     fp = fingerprint(index)
     model = session.scalar(select(Model).where(Model.uri == uri, Model.fingerprint == fp))
     if model is not None:
