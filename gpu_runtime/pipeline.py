@@ -20,21 +20,26 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from gpu_runtime.channel import Channel, ChannelError, Message, to_device
-from gpu_runtime.kv_cache import KVCache, KVCacheSpec
-from gpu_runtime.model_runner import StepBatch, run_stage
-from gpu_runtime.sampling import SamplingBatch, sample
-from gpu_runtime.stage import Stage
-
-READY_TIMEOUT_S = 600.0
 # Stages on one machine share cores and take turns. OpenMP threads that busy-wait after their
 # last parallel region (libgomp spins 300k iterations, milliseconds, by default) steal those
 # cores from the next stage's turn; a short spin keeps back-to-back kernels fast and hands the
 # cores over within about a millisecond. Must be in the environment before torch loads:
 # children get it here, a stage-0 process from ``prefer_short_spin`` (or its launcher).
 STAGE_ENV = {"GOMP_SPINCOUNT": "20000", "KMP_BLOCKTIME": "1"}
+
+if __name__ == "__main__":  # a stage process started by hand or by an agent
+    for _key, _value in STAGE_ENV.items():
+        os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+
+from gpu_runtime.channel import Channel, ChannelError, Message, to_device  # noqa: E402
+from gpu_runtime.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+from gpu_runtime.model_runner import StepBatch, run_stage  # noqa: E402
+from gpu_runtime.sampling import SamplingBatch, sample  # noqa: E402
+from gpu_runtime.stage import Stage  # noqa: E402
+
+READY_TIMEOUT_S = 600.0
 
 
 def prefer_short_spin() -> None:
