@@ -55,9 +55,12 @@ def parse_devices(text: str, memory: int) -> list[DeviceSpec]:
 def node(node_id: str, devices: str, device_mem: str, link_mbps: float | None,
          threads: int | None, loader: str, cache_mem: str, prestarted: int) -> None:
     """Run a node agent: register, heartbeat, run stage workers placed here."""
+    from gpu_runtime.pipeline import prefer_short_spin
     from hydraserve.messaging import node_queue
     from hydraserve.tasks.agent import NodeAgent, set_agent
     from hydraserve.tasks.celery_app import celery_app
+
+    prefer_short_spin()  # workers start with short OpenMP spins: stages share the cores
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", node_id):
         raise click.BadParameter(f"{node_id!r}: use 1-63 lower-case letters, digits, '_' or '-'")
