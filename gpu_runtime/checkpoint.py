@@ -18,6 +18,8 @@ from urllib.parse import unquote, urlparse
 
 import requests
 
+from gpu_runtime.errors import DataPlaneError
+
 SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -28,13 +30,10 @@ SINGLE_FILE = "model.safetensors"
 HASH_CHUNK = 16 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataPlaneError, ValueError):
     """A checkpoint that cannot be read or indexed; ``param`` names the offending input."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+    status = 422
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +153,7 @@ def parse_header(source: Source, name: str) -> tuple[int, dict]:
     try:
         header = json.loads(source.read(name, 8, 8 + header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{name}: safetensors header is not valid JSON ({exc})", "model")
+        raise CheckpointError(f"{name}: safetensors header is not valid JSON ({exc})", "model") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: safetensors header is not a JSON object", "model")
     return 8 + header_len, header
@@ -197,7 +196,7 @@ def weight_files(source: Source) -> list[str]:
         try:
             weight_map = json.loads(source.read(INDEX_FILE))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{INDEX_FILE} is not a valid shard index ({exc})", "model")
+            raise CheckpointError(f"{INDEX_FILE} is not a valid shard index ({exc})", "model") from None
         return sorted(set(weight_map.values()))
     if source.exists(SINGLE_FILE):
         return [SINGLE_FILE]
@@ -212,7 +211,7 @@ def read_config(source: Source) -> dict:
     try:
         config = json.loads(source.read("config.json"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"config.json in {source.uri} is not valid JSON ({exc})", "model")
+        raise CheckpointError(f"config.json in {source.uri} is not valid JSON ({exc})", "model") from None
     if not isinstance(config, dict):
         raise CheckpointError("config.json must hold a JSON object", "model")
     return config

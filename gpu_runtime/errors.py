@@ -1,18 +1,27 @@
-"""Typed errors of the data plane. Each is a ValueError subclass whose message names the
-offending value and the allowed range, so a caller (the worker, the API) can pass it on as a 4xx."""
+"""Typed errors of the data plane.
+
+``DataPlaneError`` is the one base of every package's errors (engine input, checkpoints, store,
+prefetcher, cold start): a class-level HTTP ``status`` the platform maps it to, a ``message``
+that names what failed, the value and what is allowed, and the ``param`` it concerns.
+"""
 
 from __future__ import annotations
 
 
-class RuntimeInputError(ValueError):
-    """Base class: bad input to the engine. ``param`` names the field, ``status`` the HTTP code."""
-
-    status = 400
+class DataPlaneError(Exception):
+    status = 500
+    default_param: str | None = None
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = param if param is not None else self.default_param
+
+
+class RuntimeInputError(DataPlaneError, ValueError):
+    """Base class: bad input to the engine. ``param`` names the field, ``status`` the HTTP code."""
+
+    status = 400
 
 
 class PromptTooLongError(RuntimeInputError):

@@ -6,16 +6,13 @@ failed with which value and how to fix it, and the ``param`` it concerns.
 
 from __future__ import annotations
 
+from gpu_runtime.errors import DataPlaneError
 
-class ColdStartError(Exception):
+
+class ColdStartError(DataPlaneError):
     """Base class of cold-start failures."""
 
     status = 500
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 class StageLoadError(ColdStartError):

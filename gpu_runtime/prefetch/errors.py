@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+from gpu_runtime.errors import DataPlaneError
 
-class PrefetchError(Exception):
+
+class PrefetchError(DataPlaneError):
     """Base class; ``status`` is the HTTP status the platform maps it to."""
 
     status = 500
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 class ChecksumError(PrefetchError):

@@ -7,16 +7,14 @@ API caller), a ``message`` that says what failed, with which value, and how to f
 
 from __future__ import annotations
 
+from gpu_runtime.errors import DataPlaneError
 
-class StoreError(Exception):
+
+class StoreError(DataPlaneError):
     """A model store could not deliver the bytes that were asked for."""
 
     status = 502
-
-    def __init__(self, message: str, param: str | None = "model") -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+    default_param = "model"
 
 
 class StoreUnavailableError(StoreError):
