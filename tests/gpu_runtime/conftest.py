@@ -3,12 +3,14 @@ reference for greedy generation."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
+from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
 
 # init_std 0.2 keeps greedy argmax margins clear; with 0.02 logits are nearly flat and float
 # rounding could flip ties between implementations that are both right
@@ -86,3 +88,21 @@ def _cache_kwarg(out) -> dict:
     if getattr(out, "cache", None) is not None:
         return {"cache": out.cache}
     return {"past_key_values": out.past_key_values}
+
+
+@pytest.fixture
+def make_prefetcher():
+    """Builds prefetchers with unique pool files; closes them (and removes the pools) after."""
+    made: list[Prefetcher] = []
+
+    def make(**kwargs) -> Prefetcher:
+        kwargs.setdefault("pool_bytes", 32 << 20)
+        kwargs.setdefault("node_id", f"test-{uuid.uuid4().hex[:8]}")
+        pf = Prefetcher(PrefetchConfig(**kwargs))
+        made.append(pf)
+        return pf
+
+    yield make
+    for pf in made:
+        pf.close()
+        assert pf.pool.mm.closed  # no view left behind: the pool's pages are given back

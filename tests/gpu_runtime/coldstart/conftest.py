@@ -3,14 +3,12 @@ tensor indexes, and prefetchers with unique pools."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
 from gpu_runtime.checkpoint import CheckpointIndex, index_checkpoint
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
-from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
 from gpu_runtime.store.server import serve
 
 # init_std 0.2: clear greedy margins, so token equality tests are not decided by rounding
@@ -43,17 +41,3 @@ def cs_index(cs_server) -> dict[str, CheckpointIndex]:
     return {name: index_checkpoint(f"{cs_server.url}/{name}") for name in MODELS}
 
 
-@pytest.fixture
-def make_prefetcher():
-    made: list[Prefetcher] = []
-
-    def make(**kwargs) -> Prefetcher:
-        kwargs.setdefault("pool_bytes", 32 << 20)
-        kwargs.setdefault("node_id", f"cs-{uuid.uuid4().hex[:8]}")
-        pf = Prefetcher(PrefetchConfig(**kwargs))
-        made.append(pf)
-        return pf
-
-    yield make
-    for pf in made:
-        pf.close()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
 from gpu_runtime.checkpoint import CheckpointIndex, index_checkpoint
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
-from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
 from gpu_runtime.store.server import serve
 
 
@@ -35,19 +33,3 @@ def pf_server(pf_root):
     server.server_close()
 
 
-@pytest.fixture
-def make_prefetcher():
-    """Builds prefetchers with unique pool files; closes them (and removes the pools) after."""
-    made: list[Prefetcher] = []
-
-    def make(**kwargs) -> Prefetcher:
-        kwargs.setdefault("pool_bytes", 32 << 20)
-        kwargs.setdefault("node_id", f"test-{uuid.uuid4().hex[:8]}")
-        pf = Prefetcher(PrefetchConfig(**kwargs))
-        made.append(pf)
-        return pf
-
-    yield make
-    for pf in made:
-        pf.close()
-        assert pf.pool.mm.closed  # no view left behind: the pool's pages are given back
