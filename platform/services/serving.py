@@ -18,15 +18,13 @@ from hydraserve.services.invocations import FINISHED, notify
 MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
 
 
-def begin(session: Session, inv_ids: list[str], group: tuple[int, ...]) -> set[str]:
+def begin(session: Session, inv_ids: list[str], group: tuple[int, ...],
+          ready_at: datetime) -> set[str]:
     """Claims invocations for this group in one transaction; returns the ids to run. Skipped:
-    those already finished (a redelivery) and those out of attempts (failed here, with why)."""
+    those already finished (a redelivery) and those out of attempts (failed here, with why).
+    One query on the warm path; the cold-start timestamps are read only for a cold request."""
     invs = session.scalars(select(Invocation).where(Invocation.id.in_(inv_ids))
                            .with_for_update()).all()
-    lead = session.get(Instance, group[0])
-    plan = session.get(Plan, lead.plan_id) if lead.plan_id else None
-    fetch_ends = [t for i in session.scalars(select(Instance).where(Instance.id.in_(group)))
-                  if (t := (i.timeline or {}).get("fetch_end"))]
     claimed = set()
     for inv in invs:
         if inv.status in FINISHED:
@@ -39,14 +37,23 @@ def begin(session: Session, inv_ids: list[str], group: tuple[int, ...]) -> set[s
                                     "serving it stopped before it finished"}
             continue
         inv.status, inv.instance_ids = "running", list(group)
-        inv.cold = bool(lead.ready_at and lead.ready_at > inv.queued_at)
-        if inv.cold and plan is not None:
-            inv.planned_at = plan.created_at
-            inv.fetched_at = _at(max(fetch_ends, default=None))  # the last stage's bytes
-            inv.loaded_at = lead.ready_at
+        inv.cold = ready_at > inv.queued_at
+        if inv.cold:
+            inv.planned_at, inv.fetched_at = cold_start_times(session, group)
+            inv.loaded_at = ready_at
         claimed.add(inv.id)
     session.commit()
     return claimed
+
+
+def cold_start_times(session: Session, group: tuple[int, ...]) -> tuple[datetime | None,
+                                                                        datetime | None]:
+    """When the group's plan was made, and when its last stage's bytes had arrived."""
+    lead = session.get(Instance, group[0])
+    plan = session.get(Plan, lead.plan_id) if lead.plan_id else None
+    fetch_ends = [t for i in session.scalars(select(Instance).where(Instance.id.in_(group)))
+                  if (t := (i.timeline or {}).get("fetch_end"))]
+    return (plan.created_at if plan else None), _at(max(fetch_ends, default=None))
 
 
 def _at(value: float | None) -> datetime | None:
@@ -95,13 +102,15 @@ def cancelled(session: Session, inv_ids: list[str]) -> set[str]:
     return ids
 
 
-def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> None:
+def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> datetime:
+    """Marks the group ready now; returns that time (the worker's cold/warm line)."""
     now = utcnow()
     session.execute(update(Instance).where(Instance.id.in_(group), Instance.status == "starting")
                     .values(status="ready", ready_at=now, last_active_at=now))
     add_timeline(session, group[0], timeline)
     notify(session, f"ready:{group[0]}")
     session.commit()
+    return now
 
 
 def add_timeline(session: Session, instance_id: int, phases: dict) -> None:

@@ -56,8 +56,10 @@ def sampling_params(req: dict) -> SamplingParams:
 
 
 class Server:
-    def __init__(self, settings: Settings, assignment: Assignment, engine: LLMEngine) -> None:
+    def __init__(self, settings: Settings, assignment: Assignment, engine: LLMEngine,
+                 ready_at: datetime) -> None:
         self.settings, self.a, self.engine = settings, assignment, engine
+        self.ready_at = ready_at  # requests queued before this found no instance: cold
         self.sessions = make_session_factory(make_engine(settings.database_url))
         self.publisher = Publisher(settings.broker_url, confirm=False)
         self.active: dict[str, Active] = {}
@@ -74,7 +76,8 @@ class Server:
         """Claims everything that arrived in one transaction, then feeds the engine."""
         inbox, self.inbox = self.inbox, []
         with self.sessions() as s:
-            claimed = serving.begin(s, [msg["id"] for _, _, msg in inbox], self.a.group)
+            claimed = serving.begin(s, [msg["id"] for _, _, msg in inbox], self.a.group,
+                                    self.ready_at)
         for tag, reply_to, msg in inbox:
             inv_id, req = msg["id"], msg["request"]
             if inv_id not in claimed:  # finished already (redelivery) or out of attempts
@@ -211,8 +214,8 @@ def serve(engine: LLMEngine, instance_id: int, timeline: dict) -> None:
     sessions = make_session_factory(make_engine(settings.database_url))
     with sessions() as s:
         a = load_assignment(s, instance_id)
-        serving.mark_ready(s, a.group, timeline)
-    server = Server(settings, a, engine)
+        ready_at = serving.mark_ready(s, a.group, timeline)
+    server = Server(settings, a, engine, ready_at)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
     log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)
     server.run()
