@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpu_runtime.checkpoint import CheckpointIndex, index_checkpoint
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
+from gpu_runtime.store.server import serve
 
 # init_std 0.2 keeps greedy argmax margins clear; with 0.02 logits are nearly flat and float
 # rounding could flip ties between implementations that are both right
@@ -106,3 +108,26 @@ def make_prefetcher():
     for pf in made:
         pf.close()
         assert pf.pool.mm.closed  # no view left behind: the pool's pages are given back
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory) -> Path:
+    """A store root holding ``small/`` (bf16, about 7.9 MB in 5 shards), shared by the store
+    and prefetch tests."""
+    root = tmp_path_factory.mktemp("store")
+    make_demo_model(root / "small", DemoModelSpec(size="small", dtype="bfloat16",
+                                                  shard_bytes=2_000_000))
+    return root
+
+
+@pytest.fixture(scope="session")
+def ckpt_index(ckpt_root) -> CheckpointIndex:
+    return index_checkpoint(f"file://{ckpt_root / 'small'}")
+
+
+@pytest.fixture
+def store_server(ckpt_root):
+    server = serve(ckpt_root, port=0, background=True)
+    yield server
+    server.shutdown()
+    server.server_close()

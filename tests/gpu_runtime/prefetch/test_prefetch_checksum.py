@@ -14,10 +14,10 @@ from gpu_runtime.store.server import serve
 
 
 @pytest.fixture
-def corrupted(pf_root, pf_index, tmp_path):
+def corrupted(ckpt_root, ckpt_index, tmp_path):
     """A served copy of the checkpoint with one byte flipped in a mid-stage tensor."""
-    shutil.copytree(pf_root / "small", tmp_path / "small")
-    layout = plan_stage(pf_index.tensors)
+    shutil.copytree(ckpt_root / "small", tmp_path / "small")
+    layout = plan_stage(ckpt_index.tensors)
     victim = layout.placements[len(layout.placements) // 2].entry
     with open(tmp_path / "small" / victim.file, "r+b") as f:
         f.seek(victim.offset + victim.length // 2)
@@ -31,10 +31,10 @@ def corrupted(pf_root, pf_index, tmp_path):
 
 
 def test_corrupted_range_fails_loudly_and_serves_nothing_past_it(make_prefetcher, corrupted,
-                                                                 pf_index):
+                                                                 ckpt_index):
     server, victim, layout = corrupted
     pf = make_prefetcher(link=LinkConfig(bandwidth_mb_s=40))
-    job = pf.prefetch("small", "all", server.url + "/small", pf_index.tensors)
+    job = pf.prefetch("small", "all", server.url + "/small", ckpt_index.tensors)
     served = []
     with open_buffer(job.handle) as buf:
         with pytest.raises(ChecksumError, match=f"{victim.name}.*crc32") as info:
@@ -58,7 +58,7 @@ def test_corrupted_range_fails_loudly_and_serves_nothing_past_it(make_prefetcher
     assert "small" in pf.bad_models
     # the bad buffer left the cache: a new request fetches again, the extent is reclaimed
     job.release()
-    again = pf.prefetch("small", "all", server.url + "/small", pf_index.tensors)
+    again = pf.prefetch("small", "all", server.url + "/small", ckpt_index.tensors)
     assert not again.cache_hit
     with pytest.raises(ChecksumError):
         again.wait(30)
@@ -67,10 +67,10 @@ def test_corrupted_range_fails_loudly_and_serves_nothing_past_it(make_prefetcher
     assert pf.cache.entries() == []
 
 
-def test_waiting_reader_is_woken_by_the_failure(make_prefetcher, corrupted, pf_index):
+def test_waiting_reader_is_woken_by_the_failure(make_prefetcher, corrupted, ckpt_index):
     server, victim, layout = corrupted
     pf = make_prefetcher(link=LinkConfig(bandwidth_mb_s=20))
-    job = pf.prefetch("small", "all", server.url + "/small", pf_index.tensors)
+    job = pf.prefetch("small", "all", server.url + "/small", ckpt_index.tensors)
     errors = []
 
     def wait_for_last():
@@ -87,27 +87,27 @@ def test_waiting_reader_is_woken_by_the_failure(make_prefetcher, corrupted, pf_i
     assert len(errors) == 1 and victim.name in errors[0].message
 
 
-def test_without_verification_the_corruption_goes_through(make_prefetcher, corrupted, pf_index):
+def test_without_verification_the_corruption_goes_through(make_prefetcher, corrupted, ckpt_index):
     server, victim, layout = corrupted
     pf = make_prefetcher(verify_checksums=False)
-    job = pf.prefetch("small", "all", server.url + "/small", pf_index.tensors)
-    assert job.wait(30).bytes == pf_index.total_bytes  # proves the check above is what caught it
+    job = pf.prefetch("small", "all", server.url + "/small", ckpt_index.tensors)
+    assert job.wait(30).bytes == ckpt_index.total_bytes  # proves the check above is what caught it
 
 
-def test_truncated_store_file_fails_the_fetch(make_prefetcher, pf_root, pf_index, tmp_path):
-    shutil.copytree(pf_root / "small", tmp_path / "small")
-    last = sorted(pf_index.file_sizes)[-1]
+def test_truncated_store_file_fails_the_fetch(make_prefetcher, ckpt_root, ckpt_index, tmp_path):
+    shutil.copytree(ckpt_root / "small", tmp_path / "small")
+    last = sorted(ckpt_index.file_sizes)[-1]
     with open(tmp_path / "small" / last, "r+b") as f:
-        f.truncate(pf_index.file_sizes[last] - 4096)
+        f.truncate(ckpt_index.file_sizes[last] - 4096)
     server = serve(tmp_path, port=0, background=True)
     try:
         pf = make_prefetcher()
-        job = pf.prefetch("small", "all", server.url + "/small", pf_index.tensors)
+        job = pf.prefetch("small", "all", server.url + "/small", ckpt_index.tensors)
         with pytest.raises(FetchFailedError, match="shorter than the index"):
             job.wait(30)
         with open_buffer(job.handle) as buf, \
                 pytest.raises(FetchFailedError, match="shorter than the index"):
-            list(iter_tensors(buf, plan_stage(pf_index.tensors), timeout_s=5))
+            list(iter_tensors(buf, plan_stage(ckpt_index.tensors), timeout_s=5))
         assert "small" not in pf.bad_models  # a store error, not a checksum mismatch
     finally:
         server.shutdown()

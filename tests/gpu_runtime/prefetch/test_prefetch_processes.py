@@ -46,12 +46,12 @@ def readers():
 
 
 def test_readers_in_other_processes_follow_the_mark_and_share_one_copy(
-        make_prefetcher, pf_server, pf_index, readers):
+        make_prefetcher, store_server, ckpt_index, readers):
     for r in readers:
         assert r.recv() == {"ready": True}  # torch imported: reading starts with the fetch
     pf = make_prefetcher(link=LinkConfig(bandwidth_mb_s=10))  # about 0.8 s for 7.9 MB
-    job = pf.prefetch("small", "all", pf_server.url + "/small", pf_index.tensors)
-    entries = [asdict(t) for t in pf_index.tensors]
+    job = pf.prefetch("small", "all", store_server.url + "/small", ckpt_index.tensors)
+    entries = [asdict(t) for t in ckpt_index.tensors]
     for r in readers:
         r.send({"handle": job.handle.to_dict(), "entries": entries})
     results = [r.recv() for r in readers]
@@ -60,7 +60,7 @@ def test_readers_in_other_processes_follow_the_mark_and_share_one_copy(
 
     for res in results:
         seen = res["seen"]
-        assert len(seen) == len(pf_index.tensors)
+        assert len(seen) == len(ckpt_index.tensors)
         assert all(s["crc_ok"] and s["inside"] for s in seen)
         # the protocol: a tensor is handed out only once the mark has passed its last byte
         assert all(s["mark"] >= s["end"] for s in seen)
@@ -68,7 +68,7 @@ def test_readers_in_other_processes_follow_the_mark_and_share_one_copy(
         partial = {s["mark"] for s in seen if s["mark"] < size}
         assert len(partial) >= 3, sorted(partial)
         assert [s["end"] for s in seen] == sorted(s["end"] for s in seen)
-    assert stats.num_requests > 0 and stats.bytes == pf_index.total_bytes
+    assert stats.num_requests > 0 and stats.bytes == ckpt_index.total_bytes
 
     for r in readers:
         r.send("measure")
@@ -77,7 +77,7 @@ def test_readers_in_other_processes_follow_the_mark_and_share_one_copy(
     assert len({(m["dev"], m["inode"], m["offset"]) for m in maps}) == 1
     assert maps[0]["inode"] == __import__("os").stat(pf.pool.path).st_ino
     assert maps[0]["offset"] == job.handle.extent_offset
-    model_kb = pf_index.total_bytes // 1024
+    model_kb = ckpt_index.total_bytes // 1024
     for m, res in zip(maps, results, strict=False):
         assert m["Rss"] >= 0.95 * model_kb  # the whole stage is resident in this reader ...
         # ... but shared: Pss splits it between the prefetcher and the three readers
