@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, contains_eager, selectinload
 
 from hydraserve.db.base import utcnow
 from hydraserve.db.registry import Function, FunctionVersion
@@ -27,6 +27,21 @@ def get_function(session: Session, who: Principal, name: str) -> Function:
     if fn is None:
         raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
     return fn
+
+
+def get_alias_version(session: Session, who: Principal, name: str) -> FunctionVersion:
+    """The version the alias of the caller's live function ``name`` points at, with its
+    function, in one query (the invocation path needs nothing else)."""
+    check_name(name, "name", "function name")
+    spec = session.scalar(
+        select(FunctionVersion).join(Function, (FunctionVersion.function_id == Function.id)
+                                     & (FunctionVersion.version == Function.alias_version))
+        .options(contains_eager(FunctionVersion.function))
+        .where(Function.tenant_id == who.tenant_id, Function.name == name,
+               Function.deleted_at.is_(None)))
+    if spec is None:
+        raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
+    return spec
 
 
 def alias_spec(fn: Function) -> FunctionVersion:

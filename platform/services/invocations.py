@@ -7,18 +7,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from pika.exceptions import AMQPError
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
-from hydraserve.db.registry import Function, FunctionVersion
+from hydraserve.db.registry import FunctionVersion
 from hydraserve.db.serving import Invocation
 from hydraserve.errors import NotFound, ServiceUnavailable
 from hydraserve.messaging import Publisher, ReplyListener, request_queue
 from hydraserve.schemas import InvokeRequest
-from hydraserve.services.functions import alias_spec
 from hydraserve.services.tenants import Principal
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -34,19 +34,21 @@ def notify(session: Session, what: str) -> None:
     session.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENTS_CHANNEL, "p": what})
 
 
-def accept(session: Session, publisher: Publisher, who: Principal, fn: Function,
+def accept(session: Session, publisher: Publisher, who: Principal, spec: FunctionVersion,
            body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None,
-           prefix: str = "") -> Invocation:
+           prefix: str = "", stream: bool = False) -> Invocation:
     """Stores the invocation, then publishes it; if the broker refuses, the row records why.
-    Subscribe to ``inv_id``'s replies before calling this, so no token event is missed."""
-    spec: FunctionVersion = alias_spec(fn)
+    Subscribe to ``inv_id``'s replies before calling this, so no event is missed. With
+    ``stream`` the worker sends every token; without, only the final ``done``/``error``."""
+    fn = spec.function
     inv = Invocation(id=inv_id, tenant_id=who.tenant_id, function_id=fn.id,
                      function_version_id=spec.id, status="queued",
                      request={"kind": kind, **body.model_dump(exclude_none=True)})
     session.add(inv)
     notify(session, f"queued:{fn.id}")
     session.commit()
-    message = {"id": inv.id, "function_version_id": spec.id, "request": inv.request}
+    message = {"id": inv.id, "function_version_id": spec.id, "request": inv.request,
+               "stream": stream}
     try:
         publisher.publish(request_queue(fn.id, spec.version, prefix), message, reply_to=reply_to, correlation_id=inv.id)
     except (AMQPError, OSError) as exc:  # record it: nothing is silently lost
@@ -82,17 +84,22 @@ def cancel(session: Session, inv: Invocation) -> None:
 @dataclass(slots=True)
 class Waiter:
     """Follows one invocation: token events from the reply queue, Postgres as the fallback.
-    Uses a short-lived session per look, so it outlives the request's own session (SSE)."""
+    Uses a short-lived session per look, so it outlives the request's own session (SSE).
+    The worker's ``done`` event carries the row it has just committed; then ``load`` needs no
+    query."""
 
     sessions: Callable[[], Session]
     listener: ReplyListener
     inv_id: str
     events: queue.Queue
+    final: Invocation | None = None
 
     def close(self) -> None:
         self.listener.unsubscribe(self.inv_id)
 
     def load(self) -> Invocation:
+        if self.final is not None:
+            return self.final
         with self.sessions() as s:
             inv = s.get(Invocation, self.inv_id)
             s.expunge(inv)
@@ -114,6 +121,8 @@ class Waiter:
             except queue.Empty:
                 event = None
             if event is not None:
+                if "invocation" in event:
+                    self.final = detached(event.pop("invocation"))
                 yield event
                 if event["type"] in ("done", "error"):
                     return
@@ -123,3 +132,9 @@ class Waiter:
                 if self.load().status in FINISHED:
                     return
             yield None
+
+
+def detached(row: dict) -> Invocation:
+    """An Invocation from a ``done`` event's row (ISO timestamps), bound to no session."""
+    times = {k: datetime.fromisoformat(v) for k, v in row.items() if k.endswith("_at") and v}
+    return Invocation(**(row | times))

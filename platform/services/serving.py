@@ -1,13 +1,21 @@
 """Bookkeeping of serving workers in Postgres: invocation start and end, group readiness,
-activity. Called from worker processes; every write commits at once, since a worker may die."""
+activity. Called from worker processes; every write commits at once, since a worker may die.
+
+The per-request writes (``begin``, ``complete``, ``fail``, ``cancelled``, ``touch``) are single
+statements on a Core connection, meant to run in autocommit (see ``Ledger``): one round trip
+each on the warm path, whatever the batch size."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from sqlalchemy import cast, select, update
+from sqlalchemy import DateTime, Integer, String, case, cast, column, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
@@ -16,44 +24,78 @@ from hydraserve.db.serving import Invocation
 from hydraserve.services.invocations import FINISHED, notify
 
 MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
+T = TypeVar("T")
 
 
-def begin(session: Session, inv_ids: list[str], group: tuple[int, ...],
+class Ledger:
+    """A worker's kept autocommit connection for the per-request writes: no BEGIN, no pre-ping,
+    no pool checkout per call. A statement that fails because the connection broke (Postgres
+    restarted) is retried once on a new connection; claiming twice only spends an attempt."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._conn: Connection | None = None
+
+    def run(self, write: Callable[..., T], *args) -> T:
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            try:
+                return write(self._conn, *args)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or attempt == 2:
+                    raise
+                self.close()
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+INVOCATION_FIELDS = ("id", "status", "cold", "output", "error", "tokens_in", "tokens_out",
+                     "attempts", "instance_ids", "queued_at", "planned_at", "fetched_at",
+                     "loaded_at", "first_token_at", "finished_at")
+GAVE_UP = {"type": "service_unavailable", "param": None,
+           "message": f"gave up after {MAX_ATTEMPTS} attempts: the workers serving it stopped "
+                      "before it finished"}
+
+
+def begin(conn: Connection, inv_ids: list[str], group: tuple[int, ...],
           ready_at: datetime) -> set[str]:
-    """Claims invocations for this group in one transaction; returns the ids to run. Skipped:
-    those already finished (a redelivery) and those out of attempts (failed here, with why).
-    One query on the warm path; the cold-start timestamps are read only for a cold request."""
-    invs = session.scalars(select(Invocation).where(Invocation.id.in_(inv_ids))
-                           .with_for_update()).all()
-    claimed = set()
-    for inv in invs:
-        if inv.status in FINISHED:
-            continue
-        inv.attempts += 1
-        if inv.attempts > MAX_ATTEMPTS:
-            inv.status, inv.finished_at = "failed", utcnow()
-            inv.error = {"type": "service_unavailable", "param": None,
-                         "message": f"gave up after {MAX_ATTEMPTS} attempts: the workers "
-                                    "serving it stopped before it finished"}
-            continue
-        inv.status, inv.instance_ids = "running", list(group)
-        inv.cold = ready_at > inv.queued_at
-        if inv.cold:
-            inv.planned_at, inv.fetched_at = cold_start_times(session, group)
-            inv.loaded_at = ready_at
-        claimed.add(inv.id)
-    session.commit()
+    """Claims invocations for this group; returns the ids to run. Skipped: those already
+    finished (a redelivery) and those out of attempts (failed here, with why). One statement on
+    the warm path; the cold-start timestamps are written only for cold requests."""
+    spent = Invocation.attempts >= MAX_ATTEMPTS  # this delivery would be one too many
+    rows = conn.execute(
+        update(Invocation)
+        .where(Invocation.id.in_(inv_ids), Invocation.status.not_in(FINISHED))
+        .values(attempts=Invocation.attempts + 1,
+                status=case((spent, "failed"), else_="running"),
+                finished_at=case((spent, utcnow()), else_=Invocation.finished_at),
+                error=case((spent, cast(GAVE_UP, JSONB)), else_=Invocation.error),
+                instance_ids=case((spent, Invocation.instance_ids),
+                                  else_=cast(list(group), JSONB)),
+                cold=Invocation.queued_at < ready_at)
+        .returning(Invocation.id, Invocation.status, Invocation.cold)).all()
+    claimed = {r.id for r in rows if r.status == "running"}
+    cold = [r.id for r in rows if r.status == "running" and r.cold]
+    if cold:
+        planned_at, fetched_at = cold_start_times(conn, group)
+        conn.execute(update(Invocation).where(Invocation.id.in_(cold)).values(
+            planned_at=planned_at, fetched_at=fetched_at, loaded_at=ready_at))
     return claimed
 
 
-def cold_start_times(session: Session, group: tuple[int, ...]) -> tuple[datetime | None,
-                                                                        datetime | None]:
+def cold_start_times(conn: Connection, group: tuple[int, ...]) -> tuple[datetime | None,
+                                                                      datetime | None]:
     """When the group's plan was made, and when its last stage's bytes had arrived."""
-    lead = session.get(Instance, group[0])
-    plan = session.get(Plan, lead.plan_id) if lead.plan_id else None
-    fetch_ends = [t for i in session.scalars(select(Instance).where(Instance.id.in_(group)))
-                  if (t := (i.timeline or {}).get("fetch_end"))]
-    return (plan.created_at if plan else None), _at(max(fetch_ends, default=None))
+    planned_at = conn.scalar(select(Plan.created_at).join(Instance, Instance.plan_id == Plan.id)
+                             .where(Instance.id == group[0]))
+    fetch_ends = [t for tl in conn.scalars(select(Instance.timeline).where(Instance.id.in_(group)))
+                  if (t := (tl or {}).get("fetch_end"))]
+    return planned_at, _at(max(fetch_ends, default=None))
 
 
 def _at(value: float | None) -> datetime | None:
@@ -69,37 +111,44 @@ class Outcome:
     first_token_at: datetime | None
 
 
-def complete(session: Session, outcomes: list[Outcome]) -> None:
-    """Records finished invocations in one transaction (a cancel that came first is kept)."""
-    invs = {i.id: i for i in session.scalars(select(Invocation).where(
-        Invocation.id.in_([o.inv_id for o in outcomes])).with_for_update())}
-    now = utcnow()
-    for o in outcomes:
-        inv = invs.get(o.inv_id)
-        if inv is None or inv.status in FINISHED:
-            continue
-        inv.status, inv.output, inv.finished_at = "succeeded", o.output, now
-        inv.tokens_in, inv.tokens_out = o.tokens_in, o.tokens_out
-        inv.first_token_at = o.first_token_at
-    session.commit()
+def complete(conn: Connection, outcomes: list[Outcome]) -> dict[str, dict]:
+    """Records finished invocations in one statement, whatever their number (a cancel that came
+    first is kept). Returns the recorded rows by id, as the API shows them."""
+    now = utcnow().isoformat()
+    payload = [{"id": o.inv_id, "output": o.output, "tokens_in": o.tokens_in,
+                "tokens_out": o.tokens_out, "finished_at": now,
+                "first_token_at": o.first_token_at.isoformat() if o.first_token_at else None}
+               for o in outcomes]
+    done = func.jsonb_to_recordset(cast(payload, JSONB)).table_valued(
+        column("id", String), column("output", JSONB), column("tokens_in", Integer),
+        column("tokens_out", Integer), column("first_token_at", DateTime(timezone=True)),
+        column("finished_at", DateTime(timezone=True))).render_derived("done", with_types=True)
+    rows = conn.execute(
+        update(Invocation)
+        .where(Invocation.id == done.c.id, Invocation.status.not_in(FINISHED))
+        .values(status="succeeded", output=done.c.output, tokens_in=done.c.tokens_in,
+                tokens_out=done.c.tokens_out, first_token_at=done.c.first_token_at,
+                finished_at=done.c.finished_at)
+        .returning(*(getattr(Invocation, f) for f in INVOCATION_FIELDS)))
+    return {r.id: r._asdict() for r in rows}
 
 
-def fail(session: Session, inv_id: str, kind: str, message: str, param: str | None) -> None:
-    inv = session.get(Invocation, inv_id)
-    if inv is not None and inv.status not in FINISHED:
-        inv.status, inv.finished_at = "failed", utcnow()
-        inv.error = {"type": kind, "message": message, "param": param}
-    session.commit()
+def fail(conn: Connection, inv_id: str, kind: str, message: str, param: str | None) -> None:
+    conn.execute(update(Invocation)
+                 .where(Invocation.id == inv_id, Invocation.status.not_in(FINISHED))
+                 .values(status="failed", finished_at=utcnow(),
+                         error={"type": kind, "message": message, "param": param}))
 
 
-def cancelled(session: Session, inv_ids: list[str]) -> set[str]:
+def cancelled(conn: Connection, inv_ids: list[str]) -> set[str]:
     if not inv_ids:
         return set()
-    rows = session.scalars(select(Invocation.id).where(Invocation.id.in_(inv_ids),
-                                                       Invocation.status == "cancelled"))
-    ids = set(rows)
-    session.commit()
-    return ids
+    return set(conn.scalars(select(Invocation.id).where(Invocation.id.in_(inv_ids),
+                                                        Invocation.status == "cancelled")))
+
+
+def touch(conn: Connection, group: tuple[int, ...]) -> None:
+    conn.execute(update(Instance).where(Instance.id.in_(group)).values(last_active_at=utcnow()))
 
 
 def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> datetime:
@@ -118,12 +167,6 @@ def add_timeline(session: Session, instance_id: int, phases: dict) -> None:
     agent and the worker both write theirs); no commit."""
     session.execute(update(Instance).where(Instance.id == instance_id).values(
         timeline=Instance.timeline.op("||")(cast(phases, JSONB))))
-
-
-def touch(session: Session, group: tuple[int, ...]) -> None:
-    session.execute(update(Instance).where(Instance.id.in_(group))
-                    .values(last_active_at=utcnow()))
-    session.commit()
 
 
 def instance_status(session: Session, instance_id: int) -> str:

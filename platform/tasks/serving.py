@@ -46,6 +46,7 @@ class Active:
     sent_text: str = ""
     first_token_at: datetime | None = None
     want_logprobs: bool = False
+    stream: bool = True  # token events wanted; otherwise only the final one
 
 
 def sampling_params(req: dict) -> SamplingParams:
@@ -60,7 +61,7 @@ class Server:
                  ready_at: datetime) -> None:
         self.settings, self.a, self.engine = settings, assignment, engine
         self.ready_at = ready_at  # requests queued before this found no instance: cold
-        self.sessions = make_session_factory(make_engine(settings.database_url))
+        self.ledger = serving.Ledger(make_engine(settings.database_url))
         self.publisher = Publisher(settings.broker_url, confirm=False)
         self.active: dict[str, Active] = {}
         self.inbox: list[tuple[int, str | None, dict]] = []
@@ -75,16 +76,16 @@ class Server:
     def _admit(self, ch) -> None:
         """Claims everything that arrived in one transaction, then feeds the engine."""
         inbox, self.inbox = self.inbox, []
-        with self.sessions() as s:
-            claimed = serving.begin(s, [msg["id"] for _, _, msg in inbox], self.a.group,
-                                    self.ready_at)
+        claimed = self.ledger.run(serving.begin, [msg["id"] for _, _, msg in inbox],
+                                  self.a.group, self.ready_at)
         for tag, reply_to, msg in inbox:
             inv_id, req = msg["id"], msg["request"]
             if inv_id not in claimed:  # finished already (redelivery) or out of attempts
                 ch.basic_ack(tag)
                 self._event(reply_to, inv_id, {"type": "done"})
                 continue
-            active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")))
+            active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")),
+                            stream=msg.get("stream", True))
             try:
                 self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
             except RuntimeInputError as exc:
@@ -125,6 +126,7 @@ class Server:
             if self.stopping and not self.active:
                 break
         conn.close()
+        self.ledger.close()
 
     def _step(self, ch) -> None:
         finished = []
@@ -143,7 +145,7 @@ class Server:
             self._finish_ok(ch, finished)
 
     def _stream(self, active: Active, out) -> None:
-        if not active.reply_to or not out.new_token_ids:
+        if not active.reply_to or not active.stream or not out.new_token_ids:
             return
         text = self._text(active, out).rstrip(INCOMPLETE)  # hold back a split UTF-8 sequence
         delta, active.sent_text = text[len(active.sent_text):], text
@@ -167,16 +169,17 @@ class Server:
                 output["logprobs"] = active.logprobs
             outcomes.append(serving.Outcome(active.inv_id, output, out.num_prompt_tokens,
                                             out.num_output_tokens, active.first_token_at))
-        with self.sessions() as s:
-            serving.complete(s, outcomes)
+        recorded = self.ledger.run(serving.complete, outcomes)
         for (active, _out), outcome in zip(finished, outcomes, strict=True):
             ch.basic_ack(active.delivery_tag)
             self.active.pop(active.inv_id, None)
-            self._event(active.reply_to, active.inv_id, {"type": "done", **outcome.output})
+            row = recorded.get(active.inv_id)  # None: cancelled meanwhile; the API reads the row
+            self._event(active.reply_to, active.inv_id, {
+                "type": "done", **outcome.output,
+                **({"invocation": jsonable(row)} if row else {})})
 
     def _finish_failed(self, ch, active: Active, kind: str, message: str, param: str | None) -> None:
-        with self.sessions() as s:
-            serving.fail(s, active.inv_id, kind, message, param)
+        self.ledger.run(serving.fail, active.inv_id, kind, message, param)
         ch.basic_ack(active.delivery_tag)
         self.active.pop(active.inv_id, None)
         self._event(active.reply_to, active.inv_id,
@@ -186,8 +189,7 @@ class Server:
         now = time.monotonic()
         if now - self._last_cancel_check >= CANCEL_CHECK_S and self.active:
             self._last_cancel_check = now
-            with self.sessions() as s:
-                gone = serving.cancelled(s, list(self.active))
+            gone = self.ledger.run(serving.cancelled, list(self.active))
             for inv_id in gone:
                 self.engine.abort(inv_id)
                 active = self.active.pop(inv_id)
@@ -195,8 +197,7 @@ class Server:
                 self._event(active.reply_to, inv_id, {"type": "done", "cancelled": True})
         if now - self._last_touch >= TOUCH_S and self.active:
             self._last_touch = now
-            with self.sessions() as s:
-                serving.touch(s, self.a.group)
+            self.ledger.run(serving.touch, self.a.group)
 
     def _event(self, reply_to: str | None, inv_id: str, event: dict) -> None:
         if reply_to:
@@ -204,6 +205,11 @@ class Server:
                 self.publisher.publish(reply_to, event, correlation_id=inv_id, durable=False)
             except pika.exceptions.AMQPError:
                 log.warning("could not send %s event of %s", event["type"], inv_id)
+
+
+def jsonable(row: dict) -> dict:
+    """An invocation row for the ``done`` event: timestamps as ISO 8601 strings."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
 
 
 def serve(engine: LLMEngine, instance_id: int, timeline: dict) -> None:

@@ -46,23 +46,24 @@ def sync_deadline_s() -> float:
     return value
 
 
-def start(name: str, body: InvokeRequest, kind: str, follow: bool):
-    """Accepts an invocation; with ``follow``, subscribes to its events first."""
-    fn = functions.get_function(db(), g.principal, name)
+def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool = False):
+    """Accepts an invocation; with ``follow``, subscribes to its events first (every token with
+    ``stream``, else only the outcome)."""
+    spec = functions.get_alias_version(db(), g.principal, name)
     rt = runtime()
     inv_id = invocations.new_id()
     listener = rt.listener() if follow else None
     events = listener.subscribe(inv_id) if listener else None
     try:
-        inv = invocations.accept(db(), rt.publisher(), g.principal, fn, body, kind, inv_id,
+        inv = invocations.accept(db(), rt.publisher(), g.principal, spec, body, kind, inv_id,
                                  listener.queue_name if listener else None,
-                                 rt.settings.queue_prefix)
+                                 rt.settings.queue_prefix, stream=follow and stream)
     except ServiceUnavailable:
         if listener:
             listener.unsubscribe(inv_id)
         raise
     waiter = Waiter(rt.session_factory, listener, inv_id, events) if listener else None
-    return (fn.name, fn.alias_version), inv, waiter
+    return (spec.function.name, spec.version), inv, waiter
 
 
 @operation(bp, "/v1/functions/<name>/invocations", "POST", summary="Invoke a function",
@@ -73,7 +74,7 @@ def invoke(name: str, body: InvokeRequest):
     if wants_async():
         function, inv, _ = start(name, body, "invoke", follow=False)
         return accepted(function, inv)
-    function, inv, waiter = start(name, body, "invoke", follow=True)
+    function, inv, waiter = start(name, body, "invoke", follow=True, stream=wants_stream())
     if wants_stream():
         return sse(function, waiter, deadline_s=max(deadline, 3600))
     try:
@@ -81,7 +82,7 @@ def invoke(name: str, body: InvokeRequest):
             pass
     finally:
         waiter.close()
-    db().refresh(inv)
+    inv = waiter.load()
     if inv.status not in invocations.FINISHED:
         return accepted(function, inv)
     return finished(function, inv)

@@ -54,7 +54,7 @@ def run(body: OpenAIBase, kind: str, inputs: dict):
         raise (validation_error(exc) if isinstance(exc, ValidationError)
                else InvalidRequest(str(exc), "stop")) from None
     try:
-        _fn, inv, waiter = start(body.model, request, kind, follow=True)
+        _fn, inv, waiter = start(body.model, request, kind, follow=True, stream=body.stream)
     except NotFound:
         raise NotFound(f"model {body.model!r} does not exist; GET /v1/models lists your "
                        "functions", "model") from None
