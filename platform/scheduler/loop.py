@@ -35,6 +35,16 @@ MAX_BATCH = 16
 MIN_GAP_S = 0.05
 
 
+def wait_events(conn: psycopg.Connection, timeout_s: float) -> list[str]:
+    """Payloads of the NOTIFYs that arrive within ``timeout_s`` (none: the time is up). A burst is
+    coalesced: after the first, MIN_GAP_S more are gathered, so one pass serves them all."""
+    first = [n.payload for n in conn.notifies(timeout=timeout_s, stop_after=1)]
+    if not first:
+        return []
+    time.sleep(MIN_GAP_S)
+    return first + [n.payload for n in conn.notifies(timeout=0)]
+
+
 class Scheduler:
     def __init__(self, settings: Settings, cfg: PlannerConfig | None = None,
                  profile: Profile | None = None, sender: Sender | None = None,
@@ -69,27 +79,33 @@ class Scheduler:
             conn.execute(f"LISTEN {EVENTS_CHANNEL}")
             while True:
                 self.tick()
-                last = time.monotonic()
-                for _ in conn.notifies(timeout=self.tick_s, stop_after=1):
-                    pass
-                # Coalesce bursts: every request notifies, one tick per MIN_GAP_S serves them all.
-                time.sleep(max(MIN_GAP_S - (time.monotonic() - last), 0))
-                for _ in conn.notifies(timeout=0):
-                    pass
+                due = time.monotonic() + self.tick_s
+                while (left := due - time.monotonic()) > 0:
+                    events = wait_events(conn, left)
+                    queued = {int(e.partition(":")[2]) for e in events if e.startswith("queued:")}
+                    if not events or len(queued) < len(events):
+                        break  # the tick is due, or a node or group changed: a full pass
+                    self.react(queued)
 
     def tick(self) -> None:
-        """One pass; a broker or database outage skips the pass (state is in Postgres, the
-        next tick redoes what is still needed)."""
+        """One full pass; a broker or database outage skips it (state is in Postgres, the next
+        tick redoes what is still needed)."""
+        self._pass(lambda s: (actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s),
+                              actions.expire_queued(s, self.settings.max_queue_s),
+                              self.stop_broken_groups(s), self.requeue_orphans(s),
+                              self.scale_in(s), self.scale_out(s)))
+
+    def react(self, function_ids: set[int]) -> None:
+        """New requests of these functions: only scale-out, only for them. Every invocation
+        notifies, so this is what a warm request costs the scheduler (a few indexed reads)."""
+        self._pass(lambda s: self.scale_out(s, function_ids))
+
+    def _pass(self, steps) -> None:
         try:
             with self.sessions() as s:
-                actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
-                actions.expire_queued(s, self.settings.max_queue_s)
-                self.stop_broken_groups(s)
-                self.requeue_orphans(s)
-                self.scale_in(s)
-                self.scale_out(s)
+                steps(s)
         except (SQLAlchemyError, KombuError, OSError) as exc:
-            log.warning("tick skipped: %s: %s", type(exc).__name__, exc)
+            log.warning("scheduler pass skipped: %s: %s", type(exc).__name__, exc)
 
     def stop_broken_groups(self, s) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)
@@ -142,9 +158,11 @@ class Scheduler:
         live_alias = fn.deleted_at is None and fn.alias_version == fv.version
         return fv.min_instances if live_alias else 0
 
-    def scale_out(self, s) -> None:
-        wants = {d.function_version_id: d for d in state.demand(s)}
-        for fv in self.prewarm_versions(s):
+    def scale_out(self, s, function_ids: set[int] | None = None) -> None:
+        """Plans groups for queued demand (of ``function_ids`` only, when given) and, on a full
+        pass, for ``min_instances``."""
+        wants = {d.function_version_id: d for d in state.demand(s, function_ids)}
+        for fv in self.prewarm_versions(s) if function_ids is None else ():
             wants.setdefault(fv, None)
         for fv_id, d in wants.items():
             fv = s.get(FunctionVersion, fv_id)

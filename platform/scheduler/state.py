@@ -27,11 +27,13 @@ class Demand:
     oldest_queued_at: datetime
 
 
-def demand(session: Session) -> list[Demand]:
-    rows = session.execute(
-        select(Invocation.function_version_id, func.count(), func.min(Invocation.queued_at))
-        .where(Invocation.status == "queued").group_by(Invocation.function_version_id))
-    return [Demand(*row) for row in rows]
+def demand(session: Session, function_ids: set[int] | None = None) -> list[Demand]:
+    """Queued requests per function version (of ``function_ids`` only, when given)."""
+    q = (select(Invocation.function_version_id, func.count(), func.min(Invocation.queued_at))
+         .where(Invocation.status == "queued").group_by(Invocation.function_version_id))
+    if function_ids is not None:
+        q = q.where(Invocation.function_id.in_(function_ids))
+    return [Demand(*row) for row in session.execute(q)]
 
 
 def link_of(node: Node, fetches: list[Reservation]) -> Link:

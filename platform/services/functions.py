@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, contains_eager, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from hydraserve.db.base import utcnow
 from hydraserve.db.registry import Function, FunctionVersion
@@ -29,19 +31,28 @@ def get_function(session: Session, who: Principal, name: str) -> Function:
     return fn
 
 
-def get_alias_version(session: Session, who: Principal, name: str) -> FunctionVersion:
-    """The version the alias of the caller's live function ``name`` points at, with its
-    function, in one query (the invocation path needs nothing else)."""
+class Target(NamedTuple):
+    """What an invocation runs against: the alias's version of a live function."""
+
+    function_id: int
+    name: str
+    version_id: int
+    version: int
+
+
+def get_target(session: Session, who: Principal, name: str) -> Target:
+    """The version the alias of the caller's live function ``name`` points at, in one query of
+    plain columns (the invocation path needs nothing else)."""
     check_name(name, "name", "function name")
-    spec = session.scalar(
-        select(FunctionVersion).join(Function, (FunctionVersion.function_id == Function.id)
-                                     & (FunctionVersion.version == Function.alias_version))
-        .options(contains_eager(FunctionVersion.function))
+    row = session.execute(
+        select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version)
+        .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
+              & (FunctionVersion.version == Function.alias_version))
         .where(Function.tenant_id == who.tenant_id, Function.name == name,
-               Function.deleted_at.is_(None)))
-    if spec is None:
+               Function.deleted_at.is_(None))).first()
+    if row is None:
         raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
-    return spec
+    return Target(*row)
 
 
 def alias_spec(fn: Function) -> FunctionVersion:

@@ -10,18 +10,20 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pika.exceptions import AMQPError
-from sqlalchemy import select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
-from hydraserve.db.registry import FunctionVersion
 from hydraserve.db.serving import Invocation
 from hydraserve.errors import NotFound, ServiceUnavailable
 from hydraserve.messaging import Publisher, ReplyListener, request_queue
 from hydraserve.schemas import InvokeRequest
+from hydraserve.services.functions import Target
 from hydraserve.services.tenants import Principal
 
 FINISHED = ("succeeded", "failed", "cancelled")
+ACCEPTED = ("id", "tenant_id", "function_id", "function_version_id", "status", "attempts",
+            "request", "instance_ids", "queued_at")  # the columns a new invocation is written with
 EVENTS_CHANNEL = "hydra_events"  # Postgres NOTIFY channel the scheduler listens on
 DB_POLL_S = 1.0
 
@@ -34,33 +36,38 @@ def notify(session: Session, what: str) -> None:
     session.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENTS_CHANNEL, "p": what})
 
 
-def accept(session: Session, publisher: Publisher, who: Principal, spec: FunctionVersion,
+def accept(session: Session, publisher: Publisher, who: Principal, target: Target,
            body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None,
            prefix: str = "", stream: bool = False) -> Invocation:
     """Stores the invocation, then publishes it; if the broker refuses, the row records why.
     Subscribe to ``inv_id``'s replies before calling this, so no event is missed. With
-    ``stream`` the worker sends every token; without, only the final ``done``/``error``."""
-    fn = spec.function
-    inv = Invocation(id=inv_id, tenant_id=who.tenant_id, function_id=fn.id,
-                     function_version_id=spec.id, status="queued",
-                     request={"kind": kind, **body.model_dump(exclude_none=True)})
-    session.add(inv)
-    notify(session, f"queued:{fn.id}")
+    ``stream`` the worker sends every token; without, only the final ``done``/``error``.
+
+    The row is written by one statement that also notifies the scheduler, and the returned
+    Invocation is not attached to the session (this runs on every request)."""
+    inv = Invocation(id=inv_id, tenant_id=who.tenant_id, function_id=target.function_id,
+                     function_version_id=target.version_id, status="queued", attempts=0,
+                     request={"kind": kind, **body.model_dump(exclude_none=True)},
+                     instance_ids=[], queued_at=utcnow())
+    row = insert(Invocation).values({c: getattr(inv, c) for c in ACCEPTED}).returning(
+        Invocation.function_id).cte("accepted")
+    session.execute(select(func.pg_notify(EVENTS_CHANNEL, f"queued:{target.function_id}"))
+                    .select_from(row))
     session.commit()
-    message = {"id": inv.id, "function_version_id": spec.id, "request": inv.request,
+    message = {"id": inv.id, "function_version_id": target.version_id, "request": inv.request,
                "stream": stream}
     try:
-        publisher.publish(request_queue(fn.id, spec.version, prefix), message, reply_to=reply_to, correlation_id=inv.id)
+        publisher.publish(request_queue(target.function_id, target.version, prefix), message,
+                          reply_to=reply_to, correlation_id=inv.id)
     except (AMQPError, OSError) as exc:  # record it: nothing is silently lost
-        fail(session, inv, "service_unavailable", f"message broker unavailable: {type(exc).__name__}")
+        inv.status, inv.finished_at = "failed", utcnow()
+        inv.error = {"type": "service_unavailable", "param": None,
+                     "message": f"message broker unavailable: {type(exc).__name__}"}
+        session.execute(update(Invocation).where(Invocation.id == inv.id).values(
+            status=inv.status, finished_at=inv.finished_at, error=inv.error))
+        session.commit()
         raise ServiceUnavailable("the message broker is unavailable; retry shortly") from None
     return inv
-
-
-def fail(session: Session, inv: Invocation, kind: str, message: str, param: str | None = None) -> None:
-    inv.status, inv.finished_at = "failed", utcnow()
-    inv.error = {"type": kind, "message": message, "param": param}
-    session.commit()
 
 
 def get(session: Session, who: Principal, invocation_id: str) -> Invocation:

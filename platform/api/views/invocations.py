@@ -49,13 +49,13 @@ def sync_deadline_s() -> float:
 def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool = False):
     """Accepts an invocation; with ``follow``, subscribes to its events first (every token with
     ``stream``, else only the outcome)."""
-    spec = functions.get_alias_version(db(), g.principal, name)
+    target = functions.get_target(db(), g.principal, name)
     rt = runtime()
     inv_id = invocations.new_id()
     listener = rt.listener() if follow else None
     events = listener.subscribe(inv_id) if listener else None
     try:
-        inv = invocations.accept(db(), rt.publisher(), g.principal, spec, body, kind, inv_id,
+        inv = invocations.accept(db(), rt.publisher(), g.principal, target, body, kind, inv_id,
                                  listener.queue_name if listener else None,
                                  rt.settings.queue_prefix, stream=follow and stream)
     except ServiceUnavailable:
@@ -63,7 +63,7 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
             listener.unsubscribe(inv_id)
         raise
     waiter = Waiter(rt.session_factory, listener, inv_id, events) if listener else None
-    return (spec.function.name, spec.version), inv, waiter
+    return (target.name, target.version), inv, waiter
 
 
 @operation(bp, "/v1/functions/<name>/invocations", "POST", summary="Invoke a function",

@@ -132,3 +132,22 @@ def test_breakdown_phases_clamp_to_arrival():
     joined = Invocation(queued_at=at(500), planned_at=at(20), loaded_at=at(1500),
                         first_token_at=at(1600))
     assert timings(joined).breakdown_ms == {"plan": 0, "load": 1000, "first_token": 100}
+
+
+def test_a_broker_that_is_down_gets_503_and_the_row_says_why(settings, session_factory, acme,
+                                                              register, db_session):
+    """The row is written before the publish; when the publish fails the row is failed with
+    the reason, so the accepted-then-lost case cannot happen."""
+    from dataclasses import replace
+
+    from hydraserve.api.app import create_app
+    from hydraserve.db.serving import Invocation
+
+    register(acme, "fn")
+    down = replace(settings, broker_url="amqp://guest:guest@127.0.0.1:1//")
+    client = create_app(down, session_factory).test_client()
+    resp = client.post("/v1/functions/fn/invocations", headers=acme | {"Prefer": "respond-async"},
+                       json={"prompt_ids": [1, 2]})
+    assert resp.status_code == 503 and resp.json["error"]["type"] == "service_unavailable"
+    inv = db_session.query(Invocation).filter_by(status="failed").one()
+    assert "message broker unavailable" in inv.error["message"] and inv.finished_at
