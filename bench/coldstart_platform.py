@@ -93,7 +93,8 @@ def stop_cluster(handle) -> None:
     drop_database(url)
 
 
-def invoke_cold(base: str, store_url: str, name: str, model: str, slo: dict) -> dict:
+def invoke_cold(base: str, store_url: str, name: str, model: str, slo: dict,
+                database_url: str) -> dict:
     auth = {"Authorization": f"Bearer {KEY}"}
     body = {"model": f"{store_url}/{model}", "slo": slo, "keep_alive_s": 1}
     requests.put(f"{base}/v1/functions/{name}", json=body, headers=auth,
@@ -108,7 +109,32 @@ def invoke_cold(base: str, store_url: str, name: str, model: str, slo: dict) -> 
     assert inv["timings"]["breakdown_ms"].get("fetch", 0) > 0, inv  # a real fetch, no cache hit
     return {"ttft": ttft, "server_ttft_s": inv["timings"]["ttft_ms"] / 1000,
             "pp": len(inv["instance_ids"]), "breakdown_ms": inv["timings"]["breakdown_ms"],
-            "token": inv["output"]["token_ids"][0]}
+            "token": inv["output"]["token_ids"][0],
+            "stages": stage_timelines(database_url, inv["instance_ids"], sent)}
+
+
+def stage_timelines(database_url: str, instance_ids: list[int], sent: float) -> list[dict]:
+    """Each stage's node-side and worker-side timeline, in seconds after the request was sent:
+    where a platform cold start spends the time the bare loading path does not."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT i.stage_index, i.node_id, i.created_at, i.ready_at, i.timeline, "
+                "p.created_at AS planned_at FROM instances i LEFT JOIN plans p ON p.id = i.plan_id "
+                "WHERE i.id = ANY(:ids) ORDER BY i.stage_index"), {"ids": instance_ids}).all()
+    finally:
+        engine.dispose()
+    out = []
+    for r in rows:
+        marks = {"planned": r.planned_at.timestamp(), "created": r.created_at.timestamp(),
+                 "ready_row": r.ready_at.timestamp() if r.ready_at else None}
+        marks |= {k: v for k, v in (r.timeline or {}).items() if isinstance(v, float) and v > 1e9}
+        out.append({"stage": r.stage_index, "node": r.node_id,
+                    **{k: round(v - sent, 3) for k, v in sorted(marks.items(), key=lambda kv: kv[1] or 0) if v}})
+    return out
 
 
 def wait_scaled_to_zero(database_url: str, timeout_s: float = 120.0) -> None:
@@ -150,9 +176,11 @@ def run_platform(cfg: ColdBenchConfig, cache: Path, model_dir: Path, threads: in
     base, store_url, handle = start_cluster(cache, max(sizes), tag)
     try:
         # pp=1 first: its stage (pp1-s0) shares no cache entry with the pp=4 stages after it
-        pp1 = invoke_cold(base, store_url, "cold-pp1", cfg.name, slo_for(index.total_bytes, 1))
+        pp1 = invoke_cold(base, store_url, "cold-pp1", cfg.name, slo_for(index.total_bytes, 1),
+                          handle[2])
         wait_scaled_to_zero(handle[2])  # frees the node cache the pp=1 worker held
-        pp4 = invoke_cold(base, store_url, "cold-pp4", cfg.name, slo_for(index.total_bytes, 4))
+        pp4 = invoke_cold(base, store_url, "cold-pp4", cfg.name, slo_for(index.total_bytes, 4),
+                          handle[2])
     finally:
         stop_cluster(handle)
     return {"link_mb_s": LINK_MB_S, "model_bytes": index.total_bytes,

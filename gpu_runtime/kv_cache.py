@@ -6,6 +6,8 @@ whole stage so it is allocated once (and can be allocated while weights are stil
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +42,25 @@ def blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int, num_k
     return budget_bytes // per_block
 
 
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
+    """A zero tensor on fresh anonymous pages: the kernel zero-fills each page when it is first
+    touched, so a cache of several GB costs nothing until blocks are written (``torch.zeros``
+    writes every byte up front: seconds of a cold start on CPU). Keep the mmap alive with it."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    pages = mmap.mmap(-1, max(math.prod(shape) * elem, 1))
+    return torch.frombuffer(pages, dtype=dtype, count=math.prod(shape)).view(shape), pages
+
+
 class KVCache:
     def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu") -> None:
         self.spec = spec
-        self.data = torch.zeros(spec.num_layers, 2, spec.num_blocks, spec.block_size,
-                                spec.num_kv_heads, spec.head_dim, dtype=spec.dtype, device=device)
+        shape = (spec.num_layers, 2, spec.num_blocks, spec.block_size, spec.num_kv_heads,
+                 spec.head_dim)
+        self._pages: mmap.mmap | None = None
+        if torch.device(device).type == "cpu":
+            self.data, self._pages = lazily_zeroed(shape, spec.dtype)
+        else:
+            self.data = torch.zeros(shape, dtype=spec.dtype, device=device)
         # views made once: a step touches every layer, and view creation is not free
         self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(spec.num_layers)]
 

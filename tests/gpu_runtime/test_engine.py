@@ -165,3 +165,28 @@ def test_kv_import_into_other_blocks(model_dirs):
     assert kv.dtype == torch.bfloat16 and kv.shape == (2, 2, 10, 2, 8)
     with pytest.raises(AssertionError, match="outside this stage"):
         src.export_kv([5], 2, range(0, 2))
+
+
+def resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_large_cpu_kv_cache_is_zero_and_takes_memory_only_where_written():
+    """A cold start allocates the KV cache of its whole memory share; on CPU that must not
+    write gigabytes of zeros up front."""
+    from gpu_runtime.kv_cache import KVCache, KVCacheSpec
+
+    spec = KVCacheSpec(layer_start=0, num_layers=8, num_blocks=4096, block_size=16,
+                       num_kv_heads=4, head_dim=64, dtype=torch.float32)  # 1 GiB
+    before = resident_bytes()
+    cache = KVCache(spec)
+    assert cache.data.numel() * 4 == 1 << 30
+    assert resident_bytes() - before < 64 << 20
+    k, v = cache.layer(7)
+    assert torch.count_nonzero(k[4095]) == 0 and torch.count_nonzero(v[0]) == 0
+    k[4095].fill_(2.0)
+    assert cache.data[7, 0, 4095].sum() == 2.0 * 16 * 4 * 64
+    assert resident_bytes() - before < 64 << 20  # a few pages touched, not the whole GiB
