@@ -60,6 +60,10 @@ class StagePlan:
     # (the platform's request loop) runs in the worker without the data plane importing it.
     serve: str | None = None
     serve_args: dict = field(default_factory=dict)
+    # With ``serve``: "module:function" called as fn(serve_args) in a thread while the stage
+    # loads (connections, lookups); its result is passed on: fn(engine, serve_args, report,
+    # prepared). Whatever it does is then off the cold start's critical path.
+    prepare: str | None = None
 
     def __post_init__(self) -> None:
         pp = self.spec.num_stages

@@ -46,6 +46,9 @@ class WorkerPoolConfig:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     num_threads: int | None = None
     refill: bool = True  # start a replacement whenever a pre-started worker is taken
+    # modules a worker imports at boot, besides the runtime: what a ``serve`` hook needs, paid
+    # for by a pre-started worker before any cold start instead of during one
+    preload: tuple[str, ...] = ()
     boot_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
@@ -176,6 +179,15 @@ class StageHandle:
         assert msg[0] == "result", f"worker {self.pid} answered {msg[0]!r} to generate"
         return msg[1]
 
+    def wait_stopped(self, timeout_s: float | None = 600.0) -> None:
+        """Blocks until the worker ends by itself (its ``serve`` hook returned); a failure in
+        the hook comes back as ``WorkerFailedError`` with the worker's error."""
+        self.wait_ready(timeout_s)
+        with self._lock:
+            msg = self._worker.recv(timeout_s, f"serving stage {self.stage}")
+        assert msg[0] == "stopped", f"worker {self.pid} sent {msg[0]!r} instead of stopping"
+        self.stopped = True
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stage 0: stops the ring and the process. Other stages stop when the ring does; their
         process is terminated if it has not exited within ``timeout_s``."""
@@ -209,7 +221,8 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         self._count += 1
-        boot = WorkerBoot(self.config.device, self.config.num_threads, time.time())
+        boot = WorkerBoot(self.config.device, self.config.num_threads, time.time(),
+                          self.config.preload)
         proc = self._ctx.Process(target=worker_main, args=(child, boot), daemon=True,
                                  name=f"hydra-worker-{self.config.node_id}-{self._count}")
         proc.start()

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -33,6 +35,7 @@ class WorkerBoot:
     device: str = "cpu"
     num_threads: int | None = None
     spawned_at: float = 0.0  # wall clock when the pool started the process
+    preload: tuple[str, ...] = ()  # more modules to import at boot
 
 
 def worker_main(conn: Connection, boot: WorkerBoot) -> None:
@@ -71,6 +74,8 @@ def _die_with_parent() -> None:
 def _boot(boot: WorkerBoot) -> None:
     """Imports the whole runtime and initialises the device: what a pre-started worker has
     already paid for when a stage arrives."""
+    import importlib
+
     import torch
 
     import gpu_runtime.coldstart.runtime as runtime
@@ -78,6 +83,8 @@ def _boot(boot: WorkerBoot) -> None:
     import gpu_runtime.pipeline  # noqa: F401
 
     runtime.init_device(torch.device(boot.device), boot.num_threads)
+    for module in boot.preload:
+        importlib.import_module(module)
 
 
 def _send_error(conn: Connection, exc: BaseException) -> None:
@@ -98,6 +105,7 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     from gpu_runtime.prefetch import open_buffer
 
     plan = assignment.plan
+    prepared = _start_prepare(plan)  # the serve hook's own setup, overlapping the load
     config = parse_config(plan.config)
     dtype = resolve_dtype(plan.engine.dtype, config)
     device = torch.device(boot.device)
@@ -125,12 +133,30 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     conn.send(("ready", report))
     try:
         if plan.serve:
-            _import(plan.serve)(engine, plan.serve_args, report)
+            extra = (prepared.result(),) if prepared is not None else ()
+            _import(plan.serve)(engine, plan.serve_args, report, *extra)
         else:
             _serve_requests(conn, engine)
     finally:
         engine.close()
     conn.send(("stopped", {}))
+
+
+def _start_prepare(plan) -> Future | None:
+    """Runs the plan's ``prepare`` hook in a thread; its error surfaces at ``result()``."""
+    if not (plan.serve and plan.prepare):
+        return None
+    hook, future = _import(plan.prepare), Future()
+
+    def run() -> None:
+        try:
+            future.set_result(hook(plan.serve_args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(exc)
+
+    # a daemon thread: a worker whose load failed exits without waiting for it
+    threading.Thread(target=run, name="prepare", daemon=True).start()
+    return future
 
 
 def _import(target: str):

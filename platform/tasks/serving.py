@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import pika
+from sqlalchemy.orm import sessionmaker
 
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.errors import RuntimeInputError
@@ -56,13 +57,37 @@ def sampling_params(req: dict) -> SamplingParams:
                           stop=tuple(req.get("stop", ())))
 
 
+@dataclass(slots=True)
+class Prepared:
+    """What stage 0 needs besides its engine, opened while the stage loads (``prepare``)."""
+
+    settings: Settings
+    sessions: sessionmaker
+    assignment: Assignment
+    ledger: serving.Ledger
+
+
+def prepare(args: dict) -> Prepared:
+    """Opens Postgres and reads the assignment: the ``prepare`` hook of the stage plan, run
+    while the weights arrive, so a cold start does not wait for it. (The broker connection is
+    opened when serving starts: an AMQP connection left without heartbeats through a long
+    load would be closed by the broker.)"""
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    with sessions() as s:
+        a = load_assignment(s, args["instance_id"])
+    ledger = serving.Ledger(engine)
+    ledger.run(lambda conn: None)  # open the kept connection now
+    return Prepared(settings, sessions, a, ledger)
+
+
 class Server:
-    def __init__(self, settings: Settings, assignment: Assignment, engine: LLMEngine,
-                 ready_at: datetime) -> None:
-        self.settings, self.a, self.engine = settings, assignment, engine
+    def __init__(self, p: Prepared, engine: LLMEngine, ready_at: datetime) -> None:
+        self.settings, self.a, self.engine = p.settings, p.assignment, engine
         self.ready_at = ready_at  # requests queued before this found no instance: cold
-        self.ledger = serving.Ledger(make_engine(settings.database_url))
-        self.publisher = Publisher(settings.broker_url, confirm=False)
+        self.ledger = p.ledger
+        self.publisher = Publisher(p.settings.broker_url, confirm=False)
         self.active: dict[str, Active] = {}
         self.inbox: list[tuple[int, str | None, dict]] = []
         self.stopping = False
@@ -212,26 +237,26 @@ def jsonable(row: dict) -> dict:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
 
 
-def serve(engine: LLMEngine, instance_id: int, timeline: dict) -> None:
+def serve(engine: LLMEngine, p: Prepared, timeline: dict) -> None:
     """Marks the group ready with this stage's timeline and serves until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
-    settings = Settings.from_env()
-    sessions = make_session_factory(make_engine(settings.database_url))
-    with sessions() as s:
-        a = load_assignment(s, instance_id)
-        ready_at = serving.mark_ready(s, a.group, timeline)
-    server = Server(settings, a, engine, ready_at)
+    with p.sessions() as s:
+        ready_at = serving.mark_ready(s, p.assignment.group, timeline)
+    server = Server(p, engine, ready_at)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
+    a = p.assignment
     log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)
     server.run()
 
 
-def serve_engine(engine: LLMEngine, args: dict, report: dict) -> None:
+def serve_engine(engine: LLMEngine, args: dict, report: dict,
+                 prepared: Prepared | None = None) -> None:
     """Entry for a pool worker (gpu_runtime.coldstart) that loaded stage 0 from the node cache:
-    the stage plan names this function, so the data plane never imports the platform."""
+    the stage plan names this function (and ``prepare``, whose result comes in as
+    ``prepared``), so the data plane never imports the platform."""
     phases = ("init_start", "init_end", "load_end", "ready")
-    serve(engine, args["instance_id"], {k: report[k] for k in phases if report.get(k)})
+    serve(engine, prepared or prepare(args), {k: report[k] for k in phases if report.get(k)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,16 +265,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--instance-id", type=int, required=True)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    settings = Settings.from_env()
-    with make_session_factory(make_engine(settings.database_url))() as s:
-        a = load_assignment(s, args.instance_id)
     timeline = {"init_start": time.time()}
+    p = prepare({"instance_id": args.instance_id})
+    a = p.assignment
     engine = LLMEngine(EngineConfig(
         model=a.model_dir(), pp=a.pp, num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
         stage_addresses=a.addresses if a.pp > 1 else None))
     timeline["load_end"] = timeline["ready"] = time.time()
     try:
-        serve(engine, args.instance_id, timeline)
+        serve(engine, p, timeline)
     finally:
         engine.close()
 

@@ -93,3 +93,54 @@ def test_pool_config_is_validated():
         WorkerPoolConfig(device="gpu")
     with pytest.raises(AssignmentError, match="num_prestarted=-1"):
         WorkerPoolConfig(num_prestarted=-1)
+
+
+HOOKS = "tests.gpu_runtime.coldstart.hooks"
+
+
+def test_preload_and_prepare_hooks_run_before_and_during_the_load(
+        pools, make_prefetcher, cs_index, tmp_path):
+    """What a caller's serve hook needs is imported at boot (``preload``) and set up in a
+    thread while the weights arrive (``prepare``), off the cold start's critical path."""
+    import json
+    import time
+    from dataclasses import replace
+
+    pool = pools(node_id="hk", num_prestarted=1, refill=False, preload=(HOOKS,))
+    [pid] = pool.wait_booted(120)
+    out = tmp_path / "served.json"
+    plan = replace(plan_group("llama", cs_index["llama"], 1, kv_cache_bytes=4 << 20,
+                              num_threads=1)[0],
+                   serve=f"{HOOKS}:serve", prepare=f"{HOOKS}:prepare",
+                   serve_args={"out": str(out)})
+    assigned = time.time()
+    launched = launch_stage(make_prefetcher(link=LinkConfig(bandwidth_mb_s=8)), pool, plan)
+    try:
+        report = launched.wait_ready(120)
+        launched.handle.wait_stopped(60)  # the serve hook returns after one request
+        got = json.loads(out.read_text())
+    finally:
+        launched.stop(20)
+    assert got["pid"] == pid and got["imported_at"] < assigned  # imported at boot
+    assert got["prepared"]["thread"] == "prepare" and got["prepared"]["pid"] == pid
+    assert got["prepared"]["started"] < report["load_end"]  # it overlapped the load
+    assert len(got["tokens"]) == 3
+
+
+def test_a_failing_prepare_hook_fails_the_stage_with_its_error(pools, make_prefetcher, cs_index,
+                                                               tmp_path):
+    from dataclasses import replace
+
+    pool = pools(node_id="hf", num_prestarted=0)
+    plan = replace(plan_group("llama", cs_index["llama"], 1, kv_cache_bytes=4 << 20,
+                              num_threads=1)[0],
+                   serve=f"{HOOKS}:serve", prepare=f"{HOOKS}:prepare",
+                   serve_args={"out": str(tmp_path / "never.json"), "fail": True})
+    launched = launch_stage(make_prefetcher(), pool, plan)
+    try:
+        with pytest.raises(WorkerFailedError, match="failed on purpose") as info:
+            launched.handle.wait_stopped(120)
+        assert info.value.remote_type == "RuntimeError"
+        assert not (tmp_path / "never.json").exists()
+    finally:
+        launched.stop(20)
