@@ -53,7 +53,14 @@ class NodeState:
     node_id: str
     link: Link
     devices: tuple[Device, ...]
-    cached_models: frozenset[int] = frozenset()
+    cached_models: frozenset[int] = frozenset()  # whole models in the node cache (pp = 1)
+    # stages of pipelines in the node cache: (model_id, pp, stage index); a pipeline whose
+    # every stage is cached on some node restarts there with no fetch at all
+    cached_stages: frozenset[tuple[int, int, int]] = frozenset()
+
+    def holds(self, model_id: int, pp: int, stage: int) -> bool:
+        return (model_id, pp, stage) in self.cached_stages or (
+            pp == 1 and model_id in self.cached_models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,15 +196,37 @@ def _place(stage: int, node: NodeState, req: Request, cfg: PlannerConfig, pp: in
 
 
 def _plan_from_cache(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
-    need = memory_need(req, cfg, 1, True)
-    for node in nodes:
-        device = pick_device(node, need)
-        if req.model_id in node.cached_models and device is not None:
-            ttft = req.prefill_s + req.waited_s + cfg.init_overhead_s
-            met = ttft <= req.ttft_slo_s and req.tpot_s <= req.tpot_slo_s
-            stage = StagePlacement(0, node.node_id, device.device_id, need, True, 0)
-            return Plan(1, (stage,), ttft, req.tpot_s, met, "model cached on the node: no fetch")
-    return None
+    """A start with no fetch: the whole model cached on one node (pp = 1), else a pipeline whose
+    every stage is cached on a distinct node (stage 0 with a full share where it fits). The
+    smallest such pipeline that meets the SLOs, else the smallest one at all."""
+    found = [plan for pp in range(1, cfg.max_pp + 1)
+             if (plan := _cached_pipeline(req, nodes, cfg, pp)) is not None]
+    return next((p for p in found if p.slo_met), found[0] if found else None)
+
+
+def _cached_pipeline(req: Request, nodes: list[NodeState], cfg: PlannerConfig,
+                     pp: int) -> Plan | None:
+    chosen: list[tuple[NodeState, Device, bool]] = []
+    for stage in range(pp):
+        for full in ((True, False) if stage == 0 and pp > 1 else (stage == 0,)):
+            need = memory_need(req, cfg, pp, full)
+            pick = next(((n, d) for n in nodes if n.holds(req.model_id, pp, stage)
+                         and n not in [c[0] for c in chosen]
+                         and (d := pick_device(n, need)) is not None), None)
+            if pick is not None:
+                chosen.append((*pick, full))
+                break
+        else:
+            return None
+    n_full = sum(full for _, _, full in chosen)
+    inc = inflation(pp, n_full)
+    tpot = req.tpot_s * inc + cfg.hop_s * (pp - 1)
+    ttft = req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
+    met = ttft <= req.ttft_slo_s and tpot <= req.tpot_slo_s
+    stages = tuple(StagePlacement(i, n.node_id, d.device_id, memory_need(req, cfg, pp, full),
+                                  full, 0) for i, (n, d, full) in enumerate(chosen))
+    where = "the node" if pp == 1 else f"{pp} nodes, one stage each"
+    return Plan(pp, stages, ttft, tpot, met, f"model cached on {where}: no fetch")
 
 
 def _fallback(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:

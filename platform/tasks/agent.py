@@ -75,8 +75,9 @@ class NodeAgent:
         log.info("node %s up with %d device(s)", self.node_id, len(self.devices))
 
     def info(self) -> dict:
+        cached = self.coldstart.cached() if self.coldstart is not None else []
         return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
-                "booted": self._booted.is_set()}
+                "booted": self._booted.is_set(), "cached_stages": cached}
 
     def _boot_pool(self) -> None:
         """Reports the node fully warm once its pre-started workers have booted."""

@@ -14,6 +14,8 @@ from hydraserve.tasks.model_cache import local_dir
 
 KV_FLOOR_BYTES = 2**20
 SERVE_ENTRY = "hydraserve.tasks.serving:serve_engine"
+PREPARE_ENTRY = "hydraserve.tasks.serving:prepare"  # runs while the stage loads
+PRELOAD = ("hydraserve.tasks.serving",)  # what pool workers import at boot for SERVE_ENTRY
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,11 @@ def model_index(session: Session, model_id: int) -> CheckpointIndex:
     return CheckpointIndex(model.uri, model.config, tensors, model.file_sizes, model.file_sha256)
 
 
+def cache_model(a: Assignment) -> str:
+    """The model's name in the node cache: its id (what the planner knows) and fingerprint."""
+    return f"m{a.model_id}-{a.fingerprint[:12]}"
+
+
 def stage_plan(session: Session, a: Assignment, threads: int | None):
     """The data plane's plan for this instance's stage; stage 0 hands over to the platform's
     request loop once loaded."""
@@ -80,11 +87,12 @@ def stage_plan(session: Session, a: Assignment, threads: int | None):
 
     from gpu_runtime.coldstart import plan_group
 
-    plans = plan_group(f"m{a.model_id}-{a.fingerprint[:12]}", model_index(session, a.model_id),
+    plans = plan_group(cache_model(a), model_index(session, a.model_id),
                        a.pp, kv_cache_bytes=a.kv_cache_bytes, num_threads=threads,
                        addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time)
     plan = plans[a.stage_index]
     if a.stage_index == 0:
-        plan = replace(plan, serve=SERVE_ENTRY, serve_args={"instance_id": a.instance_id})
+        plan = replace(plan, serve=SERVE_ENTRY, prepare=PREPARE_ENTRY,
+                       serve_args={"instance_id": a.instance_id})
     return plan
 

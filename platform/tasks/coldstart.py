@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -17,9 +18,11 @@ from gpu_runtime.coldstart import LaunchedStage, WorkerPool, WorkerPoolConfig, l
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
 from gpu_runtime.store import LinkConfig
 from hydraserve.services import nodes, serving
-from hydraserve.tasks.assignment import Assignment, stage_plan
+from hydraserve.tasks.assignment import PRELOAD, Assignment, stage_plan
 
 log = logging.getLogger("hydraserve.node")
+CACHE_MODEL = re.compile(r"^m(\d+)-")  # cache names made by assignment.cache_model
+CACHE_STAGE = re.compile(r"^pp(\d+)-s(\d+)$")  # StagePlan.cache_stage
 READY_TIMEOUT_S = 900.0
 
 
@@ -65,7 +68,8 @@ class ColdStarter:
         self.prefetcher = Prefetcher(PrefetchConfig(node_id=cache_name, pool_bytes=cache_bytes,
                                                     link=link))
         self.pool = WorkerPool(WorkerPoolConfig(node_id=cache_name, num_prestarted=num_prestarted,
-                                                device=device, num_threads=threads))
+                                                device=device, num_threads=threads,
+                                                preload=PRELOAD))
         self.threads = threads
 
     def launch(self, sessions: sessionmaker, a: Assignment) -> PooledChild:
@@ -97,6 +101,16 @@ class ColdStarter:
         with sessions() as s:
             serving.add_timeline(s, instance_id, phases)
             s.commit()
+
+    def cached(self) -> list[list[int]]:
+        """[model_id, pp, stage] of every complete stage in the node cache, for the heartbeat
+        (the planner restarts a pipeline where its stages already are)."""
+        out = []
+        for e in self.prefetcher.cache.entries():
+            model, stage = CACHE_MODEL.match(e["model"]), CACHE_STAGE.match(e["stage"])
+            if e["state"] == "complete" and model and stage:
+                out.append([int(model[1]), int(stage[1]), int(stage[2])])
+        return sorted(out)
 
     def close(self) -> None:
         self.pool.close()

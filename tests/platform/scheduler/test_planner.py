@@ -83,6 +83,44 @@ def test_cached_model_skips_the_fetch():
     assert plan.predicted_ttft_s == pytest.approx(0.3 + 1.0)
 
 
+def stages_cached(name: str, *stages: tuple[int, int, int], mbps: float = 10) -> NodeState:
+    return NodeState(name, Link(mbps * MBPS), (Device(0, 40 * GB),),
+                     cached_stages=frozenset(stages))
+
+
+def test_a_cached_pipeline_restarts_where_its_stages_are():
+    """After scale to zero, each node still holds its stage of the last pp=4 start: the next
+    cold start puts every stage back on the node that holds it and fetches nothing."""
+    nodes = [stages_cached("a", (7, 4, 2)), stages_cached("b", (7, 4, 0)),
+             stages_cached("c", (7, 4, 3)), stages_cached("d", (7, 4, 1))]
+    plan = plan_cold_start(request(ttft_slo_s=5), nodes, CFG)  # 10 MB/s: no fetch makes 5 s
+    assert plan.pp == 4 and plan.slo_met and "no fetch" in plan.reason
+    assert [s.node_id for s in plan.stages] == ["b", "d", "a", "c"]
+    assert all(s.fetch_bytes == 0 for s in plan.stages) and not plan.reservations
+    assert plan.stages[0].full_share and plan.num_full == 1
+
+
+def test_a_pipeline_with_a_stage_not_cached_is_fetched_as_usual():
+    nodes = [stages_cached("a", (7, 4, 0), mbps=100), stages_cached("b", (7, 4, 1), mbps=100),
+             stages_cached("c", (7, 4, 2), mbps=100), stages_cached("d", (7, 2, 1), mbps=100)]
+    plan = plan_cold_start(request(ttft_slo_s=60), nodes, CFG)
+    assert plan.slo_met and all(s.fetch_bytes > 0 for s in plan.stages)
+
+
+def test_the_smallest_cached_start_that_meets_the_slos_wins():
+    nodes = [stages_cached("a", (7, 2, 0), (7, 1, 0)), stages_cached("b", (7, 2, 1))]
+    plan = plan_cold_start(request(ttft_slo_s=5), nodes, CFG)
+    assert plan.pp == 1 and plan.stages[0].node_id == "a" and plan.stages[0].fetch_bytes == 0
+    # the node holding the whole model has no room for a full share: the cached pipeline runs
+    full = memory_need(request(), CFG, 1, True)
+    tight = [NodeState("a", Link(10 * MBPS), (Device(0, full - 1),),
+                       cached_stages=frozenset({(7, 2, 0), (7, 1, 0)})),
+             stages_cached("b", (7, 2, 1))]
+    plan = plan_cold_start(request(ttft_slo_s=5), tight, CFG)
+    assert plan.pp == 2 and [s.node_id for s in plan.stages] == ["a", "b"]
+    assert not plan.stages[0].full_share and all(s.fetch_bytes == 0 for s in plan.stages)
+
+
 def test_busy_link_is_avoided_when_joining_would_break_a_deadline():
     # node a: one fetch with 900 MB left and 10 s to go; at 100 MB/s shared by two it needs 18 s
     busy = node("a", mbps=100, fetches=[Reservation(900 * MBPS, 10.0)])
