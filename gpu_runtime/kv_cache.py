@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_runtime.attention import Scratch
+
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
@@ -63,6 +65,7 @@ class KVCache:
             self.data = torch.zeros(shape, dtype=spec.dtype, device=device)
         # views made once: a step touches every layer, and view creation is not free
         self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(spec.num_layers)]
+        self.scratch = Scratch()  # attention's gather/upcast buffers, reused every layer
 
     def layer(self, local_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one held layer: (num_blocks, block_size, kv_heads, hd) each."""

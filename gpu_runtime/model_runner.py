@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_runtime.attention import AttentionMetadata
+from gpu_runtime.attention import AttentionMetadata, Scratch
 from gpu_runtime.block_manager import BlockManager
 from gpu_runtime.kv_cache import KVCache
 from gpu_runtime.sampling import SamplingBatch, sample
@@ -31,11 +31,12 @@ class StepBatch:
     query_lens: list[int]
     sampling: SamplingBatch
 
-    def metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
+    def metadata(self, block_size: int, device: torch.device,
+                 scratch: Scratch | None = None) -> AttentionMetadata:
         return AttentionMetadata(
             positions=self.positions.to(device), slot_mapping=self.slot_mapping.to(device),
             block_tables=self.block_tables.to(device), context_lens=self.context_lens,
-            query_lens=self.query_lens, block_size=block_size)
+            query_lens=self.query_lens, block_size=block_size, scratch=scratch)
 
     def logits_rows(self) -> list[int] | None:
         """Row of each sequence's last token in the flat token dimension; None when every row
@@ -73,7 +74,7 @@ def prepare_step(seqs: list[Sequence], is_prefill: bool, blocks: BlockManager) -
 
 def run_stage(stage: Stage, kv: KVCache, x: torch.Tensor, step: StepBatch) -> torch.Tensor:
     """Forward of one stage on one step; on the last stage returns logits of last tokens."""
-    meta = step.metadata(kv.spec.block_size, stage.device)
+    meta = step.metadata(kv.spec.block_size, stage.device, kv.scratch)
     h = stage(x.to(stage.device), meta, kv)
     if not stage.spec.is_last:
         return h

@@ -1,5 +1,6 @@
 """Paged attention paths (fresh prefill, decode, chunk over a cached prefix) against one plain
-causal attention over the whole sequence."""
+causal attention over the whole sequence, in float32 and bfloat16 (whose cached attention runs
+in float32 on CPU), with and without the stage's reusable scratch buffers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_runtime.attention import AttentionMetadata, paged_attention
+from gpu_runtime.attention import AttentionMetadata, Scratch, paged_attention
 from gpu_runtime.block_manager import BlockManager
 
 HEADS, KV_HEADS, HD, BS = 4, 2, 8, 4
@@ -15,12 +16,13 @@ HEADS, KV_HEADS, HD, BS = 4, 2, 8, 4
 
 def reference(q, k, v):
     """q: (n, heads, hd), k/v: (n, kv_heads, hd) -> (n, heads * hd), causal."""
+    q, k, v = (t.double() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                          v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
-def run(bm, caches, seqs, pieces):
+def run(bm, caches, seqs, pieces, scratch=None):
     """One step: for each sequence, tokens [start, end) of its q/k/v."""
     q, k, v, slots, ctx, qlen, positions = [], [], [], [], [], [], []
     for sid, (start, end) in zip(seqs, pieces, strict=True):
@@ -32,36 +34,46 @@ def run(bm, caches, seqs, pieces):
     width = max(len(bm.block_table(s)) for s in seqs)
     tables = torch.tensor([bm.block_table(s) + [0] * (width - len(bm.block_table(s)))
                            for s in seqs])
-    meta = AttentionMetadata(torch.tensor(positions), torch.tensor(slots), tables, ctx, qlen, BS)
+    meta = AttentionMetadata(torch.tensor(positions), torch.tensor(slots), tables, ctx, qlen, BS,
+                             scratch)
     out = paged_attention(torch.cat(q), torch.cat(k), torch.cat(v), caches["k"], caches["v"],
                           meta)
     return meta, out
 
 
+# bfloat16 outputs are rounded to 8 mantissa bits (relative 4e-3) of values of size ~1
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 3]])
-def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_scratch", [False, True])
+def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths, dtype, use_scratch):
     torch.manual_seed(0)
     bm = BlockManager(32, BS)
-    caches = {"k": torch.zeros(32, BS, KV_HEADS, HD), "v": torch.zeros(32, BS, KV_HEADS, HD),
-              "qkv": {}}
+    caches = {"k": torch.zeros(32, BS, KV_HEADS, HD, dtype=dtype),
+              "v": torch.zeros(32, BS, KV_HEADS, HD, dtype=dtype), "qkv": {}}
+    scratch = Scratch() if use_scratch else None
     seqs = list(range(len(lengths)))
     for sid, n in zip(seqs, lengths, strict=True):
         total = n + 6  # prefix, a 4-token chunk, then 2 decode steps
-        caches["qkv"][sid] = (torch.randn(total, HEADS, HD), torch.randn(total, KV_HEADS, HD),
-                              torch.randn(total, KV_HEADS, HD))
+        caches["qkv"][sid] = tuple(torch.randn(total, h, HD).to(dtype)
+                                   for h in (HEADS, KV_HEADS, KV_HEADS))
         bm.allocate(sid, total)
     expected = {sid: reference(*caches["qkv"][sid]) for sid in seqs}
     steps = [[(0, n) for n in lengths], [(n, n + 4) for n in lengths],
              [(n + 4, n + 5) for n in lengths], [(n + 5, n + 6) for n in lengths]]
     kinds = []
     for pieces in steps:
-        meta, out = run(bm, caches, seqs, pieces)
+        meta, out = run(bm, caches, seqs, pieces, scratch)
+        assert out.dtype == dtype, out.dtype
         kinds.append("fresh" if meta.is_fresh_prefill else "decode" if meta.is_decode else
                      "chunk")
         rows = 0
         for sid, (start, end) in zip(seqs, pieces, strict=True):
-            torch.testing.assert_close(out[rows:rows + end - start],
-                                       expected[sid][start:end], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[rows:rows + end - start].double(),
+                                       expected[sid][start:end], atol=TOLERANCE[dtype],
+                                       rtol=TOLERANCE[dtype])
             rows += end - start
     assert kinds == ["fresh", "chunk", "decode", "decode"], kinds
 
@@ -81,4 +93,16 @@ def test_lone_sequence_reads_consecutive_blocks_as_a_view(scrambled):
     run(bm, caches, [0], [(0, 9)])
     meta, out = run(bm, caches, [0], [(9, 10)])
     assert (meta.first_block is None) == scrambled, (bm.block_table(0), meta.first_block)
-    torch.testing.assert_close(out, reference(*caches["qkv"][0])[9:10], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), reference(*caches["qkv"][0])[9:10], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_scratch_reuses_one_buffer_per_name():
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    scratch = Scratch()
+    first = scratch.get("keys", (4, 8), like)
+    smaller = scratch.get("keys", (2, 8), like)
+    assert (first.data_ptr(), smaller.shape) == (smaller.data_ptr(), (2, 8)), (first, smaller)
+    assert scratch.get("values", (4, 8), like).data_ptr() != first.data_ptr()
+    wider = scratch.get("keys", (8, 8), like, torch.float32)
+    assert (wider.dtype, wider.shape, wider.is_contiguous()) == (torch.float32, (8, 8), True)
