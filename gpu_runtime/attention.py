@@ -2,7 +2,9 @@
 
 Tokens of a step are flattened to ``(num_tokens, ...)`` (vLLM's layout): linear layers run on
 all of them at once. Attention writes this step's keys and values into the cache slots named by
-``slot_mapping``, then reads each sequence's context back through its block table.
+``slot_mapping``, then reads each sequence's context back through its block table. A layer's
+cache is one tensor ``(2, num_blocks, block_size, kv_heads, head_dim)``, keys then values, so
+both are gathered (and converted) by one kernel each.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class AttentionMetadata:
     max_context: int = 0
     is_fresh_prefill: bool = False  # every sequence's context is exactly this step's tokens
     first_block: int | None = None  # one sequence on consecutive blocks: read them as a view
+    kv_index: torch.Tensor | None = None  # (2 * batch * blocks,) key then value rows, lazily
 
     def __post_init__(self) -> None:
         assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
@@ -112,34 +115,40 @@ class AttentionMetadata:
             self.output_index = (torch.arange(batch, device=device)[:, None] * max_q + row)[valid_q]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim); k, v: (tokens, kv_heads, hd)."""
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """kv_cache: (2, num_blocks, block_size, kv_heads, head_dim); k, v: (tokens, kv_heads, hd)."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    slots[0].index_copy_(0, slot_mapping, k)
+    slots[1].index_copy_(0, slot_mapping, v)
 
 
-def gather_context(cache: torch.Tensor, meta: AttentionMetadata, name: str,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(num_blocks, block_size, kv_heads, hd) -> (batch, kv_heads, max_context, hd) in
-    ``dtype`` (default the cache's): a view of the cache, or of ``meta.scratch`` buffers
-    ``name`` and ``name + "32"``, valid until the next layer."""
-    num_blocks_needed = -(-meta.max_context // meta.block_size)
-    tables = meta.block_tables[:, :num_blocks_needed]  # (batch, blocks)
-    batch = tables.shape[0]
+def gather_context(kv_cache: torch.Tensor, meta: AttentionMetadata,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, num_blocks, block_size, kv_heads, hd) -> keys, values (batch, kv_heads,
+    max_context, hd) in ``dtype``: views of the cache, or of ``meta.scratch`` buffers valid
+    until the next layer."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    num_blocks_needed = -(-meta.max_context // block_size)
+    batch = meta.batch_size
     if meta.first_block is not None:
-        ctx = cache.narrow(0, meta.first_block, num_blocks_needed)  # a view, no copy
+        ctx = kv_cache.narrow(1, meta.first_block, num_blocks_needed)  # a view, no copy
     else:
+        if meta.kv_index is None:  # rows of the (2 * num_blocks, ...) view: keys, then values
+            index = meta.block_tables[:, :num_blocks_needed].reshape(-1)  # (batch * blocks,)
+            meta.kv_index = torch.cat((index, index + num_blocks))
+        flat = kv_cache.view(2 * num_blocks, block_size, kv_heads, head_dim)
+        out = _scratch(meta, "kv", (meta.kv_index.numel(), block_size, kv_heads, head_dim),
+                       kv_cache.dtype, kv_cache)
         # index_select over whole blocks is a row memcpy; advanced indexing is much slower
-        index = tables.reshape(-1)
-        out = _scratch(meta, name, (index.numel(), *cache.shape[1:]), cache.dtype, cache)
-        ctx = torch.index_select(cache, 0, index, out=out)  # (batch * blocks, bs, kvh, hd)
-    if dtype is not None and dtype != ctx.dtype:
+        ctx = torch.index_select(flat, 0, meta.kv_index, out=out)  # (2 * batch * blocks, ...)
+    if dtype != ctx.dtype:
         # one straight copy of whole blocks; SDPA takes the strided view below as it is
-        ctx = _scratch(meta, name + "32", tuple(ctx.shape), dtype, ctx).copy_(ctx)
-    ctx = ctx.view(batch, -1, cache.shape[2], cache.shape[3])[:, :meta.max_context]
-    return ctx.transpose(1, 2)  # (batch, kv_heads, max_context, hd)
+        ctx = _scratch(meta, "kv32", tuple(ctx.shape), dtype, ctx).copy_(ctx)
+    ctx = ctx.reshape(2, batch, -1, kv_heads, head_dim)[:, :, :meta.max_context]
+    ctx = ctx.transpose(2, 3)  # (2, batch, kv_heads, max_context, hd)
+    return ctx[0], ctx[1]
 
 
 def _scratch(meta: AttentionMetadata, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -149,14 +158,14 @@ def _scratch(meta: AttentionMetadata, name: str, shape: tuple[int, ...], dtype: 
     return meta.scratch.get(name, shape, like, dtype)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
-    """q: (tokens, heads, hd); k, v: (tokens, kv_heads, hd) -> (tokens, heads * hd)."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    """q: (tokens, heads, hd); k, v: (tokens, kv_heads, hd); kv_cache: (2, num_blocks,
+    block_size, kv_heads, hd) -> (tokens, heads * hd)."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
     if meta.is_fresh_prefill:
         return _prefill_attention(q, k, v, meta.query_lens)
-    return _cached_attention(q, k_cache, v_cache, meta)
+    return _cached_attention(q, kv_cache, meta)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -172,12 +181,11 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _cached_attention(q: torch.Tensor, kv_cache: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     dtype = torch.float32 if _is_upcast(q) else q.dtype
-    keys = gather_context(k_cache, meta, "keys", dtype)
-    values = gather_context(v_cache, meta, "values", dtype)
+    keys, values = gather_context(kv_cache, meta, dtype)
     gqa = num_heads != keys.shape[1]
     if meta.query_index is None:  # one query row per sequence (decode)
         queries = q.view(meta.batch_size, 1, num_heads, head_dim).transpose(1, 2)

@@ -64,11 +64,11 @@ class KVCache:
         else:
             self.data = torch.zeros(shape, dtype=spec.dtype, device=device)
         # views made once: a step touches every layer, and view creation is not free
-        self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(spec.num_layers)]
+        self.layers = [self.data[i] for i in range(spec.num_layers)]
         self.scratch = Scratch()  # attention's gather/upcast buffers, reused every layer
 
-    def layer(self, local_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k_cache, v_cache) of one held layer: (num_blocks, block_size, kv_heads, hd) each."""
+    def layer(self, local_index: int) -> torch.Tensor:
+        """One held layer's keys and values: (2, num_blocks, block_size, kv_heads, hd)."""
         return self.layers[local_index]
 
     def _local(self, layers: range) -> range:

@@ -183,8 +183,8 @@ class Stage(nn.Module):
         """x: token ids (tokens,) on stage 0, else hidden (tokens, hidden) -> hidden."""
         aux = self.model.prepare(meta, self.dtype)
         h = self.model.embed(x, meta) if self.spec.is_first else x
-        for layer, (k_cache, v_cache) in zip(self.layer_list, kv.layers, strict=True):
-            h = layer(h, meta, aux, k_cache, v_cache)
+        for layer, kv_cache in zip(self.layer_list, kv.layers, strict=True):
+            h = layer(h, meta, aux, kv_cache)
         return h
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -42,14 +42,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c.attention_bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)  # (tokens, heads, hd)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, hd)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rope_qk(q, k, cos, sin)
-        return self.o_proj(paged_attention(q, k, v, k_cache, v_cache, meta))
+        return self.o_proj(paged_attention(q, k, v, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -72,8 +72,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(c)
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, aux: tuple,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), meta, aux, k_cache, v_cache)
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta, aux, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

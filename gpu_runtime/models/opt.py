@@ -48,12 +48,12 @@ class OPTAttention(nn.Module):
         self.out_proj = _linear(c.hidden_size, c.hidden_size, c.attention_bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)  # (tokens, heads, hd)
         k = self.k_proj(x).view(tokens, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_heads, self.head_dim)
-        return self.out_proj(paged_attention(q, k, v, k_cache, v_cache, meta))
+        return self.out_proj(paged_attention(q, k, v, kv_cache, meta))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -66,8 +66,8 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, aux: None,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.self_attn_layer_norm(h), meta, k_cache, v_cache)
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.self_attn_layer_norm(h), meta, kv_cache)
         return h + self.fc2(F.relu(self.fc1(self.final_layer_norm(h))))
 
 

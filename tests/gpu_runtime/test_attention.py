@@ -36,8 +36,7 @@ def run(bm, caches, seqs, pieces, scratch=None):
                            for s in seqs])
     meta = AttentionMetadata(torch.tensor(positions), torch.tensor(slots), tables, ctx, qlen, BS,
                              scratch)
-    out = paged_attention(torch.cat(q), torch.cat(k), torch.cat(v), caches["k"], caches["v"],
-                          meta)
+    out = paged_attention(torch.cat(q), torch.cat(k), torch.cat(v), caches["kv"], meta)
     return meta, out
 
 
@@ -51,8 +50,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths, dtype, use_scratch):
     torch.manual_seed(0)
     bm = BlockManager(32, BS)
-    caches = {"k": torch.zeros(32, BS, KV_HEADS, HD, dtype=dtype),
-              "v": torch.zeros(32, BS, KV_HEADS, HD, dtype=dtype), "qkv": {}}
+    caches = {"kv": torch.zeros(2, 32, BS, KV_HEADS, HD, dtype=dtype), "qkv": {}}
     scratch = Scratch() if use_scratch else None
     seqs = list(range(len(lengths)))
     for sid, n in zip(seqs, lengths, strict=True):
@@ -86,7 +84,7 @@ def test_lone_sequence_reads_consecutive_blocks_as_a_view(scrambled):
         bm.allocate(98, 1)
         bm.allocate(99, 1)
         bm.free(98)
-    caches = {"k": torch.zeros(8, BS, KV_HEADS, HD), "v": torch.zeros(8, BS, KV_HEADS, HD),
+    caches = {"kv": torch.zeros(2, 8, BS, KV_HEADS, HD),
               "qkv": {0: (torch.randn(10, HEADS, HD), torch.randn(10, KV_HEADS, HD),
                           torch.randn(10, KV_HEADS, HD))}}
     bm.allocate(0, 10)
