@@ -268,6 +268,12 @@ class WorkerPool:
         with self._lock:
             return len(self._idle)
 
+    @property
+    def num_booted(self) -> int:
+        """Idle workers that have finished booting: stages they take start at once."""
+        with self._lock:
+            return sum(w.booted is not None or w.poll_boot() for w in self._idle)
+
     def assign(self, assignment: StageAssignment) -> StageHandle:
         """Hands ``assignment`` to a free worker (booted ones first), or to a new process."""
         with self._lock:

@@ -75,9 +75,10 @@ class NodeAgent:
         log.info("node %s up with %d device(s)", self.node_id, len(self.devices))
 
     def info(self) -> dict:
-        cached = self.coldstart.cached() if self.coldstart is not None else []
+        cs = self.coldstart
         return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
-                "booted": self._booted.is_set(), "cached_stages": cached}
+                "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
+                "idle_workers": cs.pool.num_booted if cs else 0}
 
     def _boot_pool(self) -> None:
         """Reports the node fully warm once its pre-started workers have booted."""

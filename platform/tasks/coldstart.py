@@ -11,10 +11,17 @@ import re
 import signal
 import subprocess
 import threading
+import time
 
 from sqlalchemy.orm import sessionmaker
 
-from gpu_runtime.coldstart import LaunchedStage, WorkerPool, WorkerPoolConfig, launch_stage
+from gpu_runtime.coldstart import (
+    LaunchedStage,
+    PoolClosedError,
+    WorkerPool,
+    WorkerPoolConfig,
+    launch_stage,
+)
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
 from gpu_runtime.store import LinkConfig
 from hydraserve.services import nodes, serving
@@ -24,6 +31,10 @@ log = logging.getLogger("hydraserve.node")
 CACHE_MODEL = re.compile(r"^m(\d+)-")  # cache names made by assignment.cache_model
 CACHE_STAGE = re.compile(r"^pp(\d+)-s(\d+)$")  # StagePlan.cache_stage
 READY_TIMEOUT_S = 900.0
+# A replacement pre-started worker boots (imports torch: seconds of CPU) this long after the
+# worker it replaces has its stage up, so that boot does not compete with the cold start's
+# first forward pass on the node's CPUs (4 nodes booting at once doubled a pp=4 start here).
+REFILL_AFTER_S = 3.0
 
 
 class PooledChild:
@@ -67,9 +78,10 @@ class ColdStarter:
         link = LinkConfig(bandwidth_mb_s=link_mbps / 8 if link_mbps else None)
         self.prefetcher = Prefetcher(PrefetchConfig(node_id=cache_name, pool_bytes=cache_bytes,
                                                     link=link))
+        # refilled by _follow once a taken worker's stage is up, not at once (see REFILL_AFTER_S)
         self.pool = WorkerPool(WorkerPoolConfig(node_id=cache_name, num_prestarted=num_prestarted,
                                                 device=device, num_threads=threads,
-                                                preload=PRELOAD))
+                                                preload=PRELOAD, refill=False))
         self.threads = threads
 
     def launch(self, sessions: sessionmaker, a: Assignment) -> PooledChild:
@@ -91,9 +103,12 @@ class ColdStarter:
                 nodes.close_instance(s, instance_id, "failed", f"{type(exc).__name__}: {exc}")
                 s.commit()
             launched.handle.stop(5)
+            self._refill(0)
             return
         finally:
             launched.job.release()
+        threading.Thread(target=self._refill, args=(REFILL_AFTER_S,), daemon=True,
+                         name=f"refill-{instance_id}").start()
         t = launched.timeline()
         phases = {"plan": t.plan, "fetch_start": t.fetch_start, "fetch_end": t.fetch_end,
                   "fetch_bytes": t.fetch_bytes, "cache_hit": t.cache_hit,
@@ -101,6 +116,11 @@ class ColdStarter:
         with sessions() as s:
             serving.add_timeline(s, instance_id, phases)
             s.commit()
+
+    def _refill(self, delay_s: float) -> None:
+        time.sleep(delay_s)
+        with contextlib.suppress(PoolClosedError):  # the node is shutting down
+            self.pool.replenish()
 
     def cached(self) -> list[list[int]]:
         """[model_id, pp, stage] of every complete stage in the node cache, for the heartbeat
