@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -108,10 +109,16 @@ def invoke(session: requests.Session, base: str, max_tokens: int) -> dict:
 
 
 def platform_rps(base: str, concurrency: int, total: int, max_tokens: int) -> float:
-    sessions = [requests.Session() for _ in range(concurrency)]
+    local = threading.local()  # one keep-alive session per client thread
+
+    def one(_i: int) -> dict:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return invoke(local.session, base, max_tokens)
+
     with ThreadPoolExecutor(concurrency) as pool:
         start = time.perf_counter()
-        list(pool.map(lambda i: invoke(sessions[i % concurrency], base, max_tokens), range(total)))
+        list(pool.map(one, range(total)))
         return total / (time.perf_counter() - start)
 
 

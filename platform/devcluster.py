@@ -18,6 +18,7 @@ import requests
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
 from hydraserve.settings import Settings
 
+GUNICORN_CONF = "python:hydraserve.api.gunicorn_conf"  # the API's settings (keep-alive, threads)
 DEMO_FUNCTIONS = {"demo-llama": DemoModelSpec(arch="llama", size="tiny"),
                   "demo-opt": DemoModelSpec(arch="opt", size="tiny")}
 
@@ -143,9 +144,8 @@ def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpe
     env = child_env(layout, settings, key)
     bin_dir = Path(sys.executable).parent
     cli = str(bin_dir / "hydraserve")
-    start(layout, "api", [str(bin_dir / "gunicorn"), "--worker-class", "gthread", "--workers",
-                          "2", "--threads", "16", "--bind", f"127.0.0.1:{settings.api_port}",
-                          "hydraserve.api.wsgi:app"], env)
+    start(layout, "api", [str(bin_dir / "gunicorn"), "-c", GUNICORN_CONF, "--bind",
+                          f"127.0.0.1:{settings.api_port}", "hydraserve.api.wsgi:app"], env)
     start(layout, "scheduler", [cli, "scheduler"], env)
     start(layout, "store", [cli, "store", "--root", settings.store_root,
                             "--port", str(spec.store_port)], env)

@@ -42,6 +42,9 @@ def test_service_runs_a_real_entry_point(name):
         assert attr == "app"
         source = Path(importlib.util.find_spec(module).origin).read_text()
         assert f"{attr} = " in source
+        conf = argv[argv.index("-c") + 1]
+        assert conf.startswith("python:"), conf
+        assert importlib.util.find_spec(conf.removeprefix("python:")) is not None, conf
         return
     assert argv[0] == "hydraserve", argv
     # click resolves the sub-command and parses its options exactly as the container would

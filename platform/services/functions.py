@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -40,16 +40,19 @@ class Target(NamedTuple):
     version: int
 
 
+TARGET_LOOKUP = (  # built once: every invocation runs it
+    select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version)
+    .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
+          & (FunctionVersion.version == Function.alias_version))
+    .where(Function.tenant_id == bindparam("tenant_id"), Function.name == bindparam("name"),
+           Function.deleted_at.is_(None)))
+
+
 def get_target(session: Session, who: Principal, name: str) -> Target:
     """The version the alias of the caller's live function ``name`` points at, in one query of
     plain columns (the invocation path needs nothing else)."""
     check_name(name, "name", "function name")
-    row = session.execute(
-        select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version)
-        .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
-              & (FunctionVersion.version == Function.alias_version))
-        .where(Function.tenant_id == who.tenant_id, Function.name == name,
-               Function.deleted_at.is_(None))).first()
+    row = session.execute(TARGET_LOOKUP, {"tenant_id": who.tenant_id, "name": name}).first()
     if row is None:
         raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
     return Target(*row)

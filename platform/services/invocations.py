@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pika.exceptions import AMQPError
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from hydraserve.db.base import utcnow
@@ -36,6 +36,17 @@ def notify(session: Session, what: str) -> None:
     session.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENTS_CHANNEL, "p": what})
 
 
+def _accept_statement():
+    """INSERT the row and NOTIFY the scheduler, one statement; built once (every request)."""
+    columns = Invocation.__table__.c
+    row = insert(Invocation).values({c: bindparam(c, type_=columns[c].type) for c in ACCEPTED})
+    return select(func.pg_notify(EVENTS_CHANNEL, bindparam("event"))).select_from(
+        row.returning(Invocation.function_id).cte("accepted"))
+
+
+ACCEPT = _accept_statement()
+
+
 def accept(session: Session, publisher: Publisher, who: Principal, target: Target,
            body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None,
            prefix: str = "", stream: bool = False) -> Invocation:
@@ -49,10 +60,8 @@ def accept(session: Session, publisher: Publisher, who: Principal, target: Targe
                      function_version_id=target.version_id, status="queued", attempts=0,
                      request={"kind": kind, **body.model_dump(exclude_none=True)},
                      instance_ids=[], queued_at=utcnow())
-    row = insert(Invocation).values({c: getattr(inv, c) for c in ACCEPTED}).returning(
-        Invocation.function_id).cte("accepted")
-    session.execute(select(func.pg_notify(EVENTS_CHANNEL, f"queued:{target.function_id}"))
-                    .select_from(row))
+    session.execute(ACCEPT, {c: getattr(inv, c) for c in ACCEPTED}
+                    | {"event": f"queued:{target.function_id}"})
     session.commit()
     message = {"id": inv.id, "function_version_id": target.version_id, "request": inv.request,
                "stream": stream}

@@ -7,7 +7,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -91,12 +91,14 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
     return row
 
 
+KEY_LOOKUP = (select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_id")).join(Tenant)
+              .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)))
+
+
 def authenticate(session: Session, key: str) -> Principal:
-    """The key's principal (columns only, no ORM objects: every request pays for this)."""
-    row = session.execute(
-        select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_id"))
-        .join(Tenant).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-    ).first()
+    """The key's principal (every request pays for this: a statement built once, plain
+    columns, no ORM objects)."""
+    row = session.execute(KEY_LOOKUP, {"key_hash": hash_key(key)}).first()
     if row is None:
         raise AuthenticationFailed("invalid API key; check the key or ask an admin for a new one")
     return Principal(*row)
