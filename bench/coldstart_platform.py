@@ -82,15 +82,15 @@ def start_cluster(cache: Path, cache_bytes: int, tag: str):
     layout = devcluster.Layout(cache / f".cluster-{tag}")
     layout.run.mkdir(parents=True, exist_ok=True)
     base = devcluster.start_cluster(layout, settings, KEY, spec)
-    return base, f"http://127.0.0.1:{spec.store_port}", (layout, spec, url)
+    return base, f"http://127.0.0.1:{spec.store_port}", (layout, spec, url, tag)
 
 
 def stop_cluster(handle) -> None:
     from hydraserve import devcluster
     from hydraserve.cli.db import drop_database
 
-    layout, spec, url = handle
-    devcluster.stop_cluster(layout, spec)
+    layout, spec, url, tag = handle
+    devcluster.stop_cluster(layout, spec, f"b{tag}.")
     drop_database(url)
 
 

@@ -80,15 +80,15 @@ def start_cluster(root: Path, model_dir: Path):
                                   worker_threads=1, store_port=free_port())
     layout = devcluster.Layout(root)
     base = devcluster.start_cluster(layout, settings, KEY, spec)
-    return base, (layout, spec, url)
+    return base, (layout, spec, url, settings.queue_prefix)
 
 
 def stop_cluster(handle) -> None:
     from hydraserve import devcluster
     from hydraserve.cli.db import drop_database
 
-    layout, spec, url = handle
-    devcluster.stop_cluster(layout, spec)
+    layout, spec, url, prefix = handle
+    devcluster.stop_cluster(layout, spec, prefix)
     drop_database(url)
 
 

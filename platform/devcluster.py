@@ -3,6 +3,7 @@ their pids and logs under ``.run/``, a demo model under ``.demo/models``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -56,10 +57,18 @@ def admin_key(layout: Layout) -> str:
 def is_running(pidfile: Path) -> int | None:
     try:
         pid = int(pidfile.read_text())
+        reap(pid)
         os.kill(pid, 0)
         return pid
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return None
+
+
+def reap(pid: int) -> None:
+    """Collects ``pid`` if it is an exited child of this process (a cluster started from a test
+    or a benchmark): a zombie still answers ``kill(pid, 0)``, and would look alive."""
+    with contextlib.suppress(ChildProcessError):  # not ours (``make up``, then ``make down``)
+        os.waitpid(pid, os.WNOHANG)
 
 
 def stop(layout: Layout, name: str, timeout_s: float = 15.0) -> bool:
@@ -195,8 +204,15 @@ def wait_nodes(settings: Settings, node_ids: list[str], layout: Layout,
                        f"leads, within {timeout_s:.0f} s; see {layout.run}/")
 
 
-def stop_cluster(layout: Layout, spec: ClusterSpec) -> list[str]:
-    return [name for name in process_names(spec) if stop(layout, name)]
+def stop_cluster(layout: Layout, spec: ClusterSpec, queue_prefix: str = "") -> list[str]:
+    """Stops every process of the cluster, then removes the nodes' shared-memory cache pools
+    (a node agent killed with SIGKILL cannot remove its own)."""
+    from gpu_runtime.prefetch import PrefetchConfig
+
+    stopped = [name for name in process_names(spec) if stop(layout, name)]
+    for node_id in spec.node_ids():
+        Path(PrefetchConfig(node_id=f"{queue_prefix}{node_id}").pool_path).unlink(missing_ok=True)
+    return stopped
 
 
 def ensure_demo_models(settings: Settings) -> dict[str, str]:

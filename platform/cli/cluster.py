@@ -80,7 +80,8 @@ def show_invocations(base: str, headers: dict) -> None:
 def down() -> None:
     """Stop every process that ``up`` started."""
     layout = devcluster.Layout(Path.cwd())
-    stopped = devcluster.stop_cluster(layout, devcluster.ClusterSpec(num_nodes=16))
+    stopped = devcluster.stop_cluster(layout, devcluster.ClusterSpec(num_nodes=16),
+                                      Settings.from_env().queue_prefix)
     click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 

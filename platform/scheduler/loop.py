@@ -33,15 +33,19 @@ log = logging.getLogger("hydraserve.scheduler")
 LOCK_KEY = 0x48594452  # "HYDR"
 MAX_BATCH = 16
 MIN_GAP_S = 0.05
+# Under a stream of requests, scale-out looks run at most this often: every request notifies,
+# and a warm one needs nothing from the scheduler. After a quiet spell the first request of a
+# burst is still looked at within MIN_GAP_S (a cold start is not delayed).
+REACT_EVERY_S = 0.25
 
 
-def wait_events(conn: psycopg.Connection, timeout_s: float) -> list[str]:
+def wait_events(conn: psycopg.Connection, timeout_s: float, gap_s: float = MIN_GAP_S) -> list[str]:
     """Payloads of the NOTIFYs that arrive within ``timeout_s`` (none: the time is up). A burst is
-    coalesced: after the first, MIN_GAP_S more are gathered, so one pass serves them all."""
+    coalesced: after the first, ``gap_s`` more are gathered, so one pass serves them all."""
     first = [n.payload for n in conn.notifies(timeout=timeout_s, stop_after=1)]
     if not first:
         return []
-    time.sleep(MIN_GAP_S)
+    time.sleep(gap_s)
     return first + [n.payload for n in conn.notifies(timeout=0)]
 
 
@@ -80,12 +84,15 @@ class Scheduler:
             while True:
                 self.tick()
                 due = time.monotonic() + self.tick_s
+                last_react = 0.0
                 while (left := due - time.monotonic()) > 0:
-                    events = wait_events(conn, left)
+                    gap = max(MIN_GAP_S, last_react + REACT_EVERY_S - time.monotonic())
+                    events = wait_events(conn, left, gap)
                     queued = {int(e.partition(":")[2]) for e in events if e.startswith("queued:")}
                     if not events or len(queued) < len(events):
                         break  # the tick is due, or a node or group changed: a full pass
                     self.react(queued)
+                    last_react = time.monotonic()
 
     def tick(self) -> None:
         """One full pass; a broker or database outage skips it (state is in Postgres, the next

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -29,7 +30,8 @@ def cluster(store_root, tmp_path_factory):
     layout = devcluster.Layout(tmp_path_factory.mktemp("cluster"))
     c = start(layout, url, store_root, free_port(), free_port())
     yield c
-    devcluster.stop_cluster(layout, c.spec)
+    devcluster.stop_cluster(layout, c.spec, c.settings.queue_prefix)
+    assert not list(Path("/dev/shm").glob(f"hydraserve-{c.settings.queue_prefix}*"))
     c.db.dispose()
     drop_database(url)
 
