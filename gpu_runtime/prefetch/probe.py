@@ -123,7 +123,7 @@ def mark_latency(pool: ShmPool, count: int = 200) -> dict:
 
 def fetch_rates(mb: int) -> dict:
     from gpu_runtime.prefetch.prefetcher import PrefetchConfig, Prefetcher
-    from gpu_runtime.store.server import serve
+    from gpu_runtime.store.server import running
     out = {}
     with tempfile.TemporaryDirectory() as root:
         data = os.urandom(mb << 20)
@@ -133,18 +133,17 @@ def fetch_rates(mb: int) -> dict:
         entries = [TensorEntry(f"t{i}", "U8", (min(step, len(data) - o),), "w.bin", o,
                                min(step, len(data) - o), zlib.crc32(data[o:o + step]))
                    for i, o in enumerate(range(0, len(data), step))]
-        server = serve(root, port=0, background=True)
-        pf = Prefetcher(PrefetchConfig(node_id=f"probe-{os.getpid()}",
-                                       pool_bytes=((mb + 2) << 20) * 2))
-        try:
-            for name, uri in [("http", server.url), ("file", f"file://{root}")]:
-                stats = pf.prefetch("probe", name, uri, entries).wait(300)
-                out[f"fetch_{name}_mb_s"] = stats.mb_per_s
-            out["pool_prefault_gb_s"] = _rate(pf.config.pool_bytes, pf.pool.prefault_seconds)
-        finally:
-            pf.close()
-            server.shutdown()
-            server.server_close()
+        with running(root) as server:
+            pf = Prefetcher(PrefetchConfig(node_id=f"probe-{os.getpid()}",
+                                           pool_bytes=((mb + 2) << 20) * 2))
+            try:
+                for name, uri in [("http", server.url), ("file", f"file://{root}")]:
+                    stats = pf.prefetch("probe", name, uri, entries).wait(300)
+                    out[f"fetch_{name}_mb_s"] = stats.mb_per_s
+                out["pool_prefault_gb_s"] = _rate(pf.config.pool_bytes,
+                                                  pf.pool.prefault_seconds)
+            finally:
+                pf.close()
     return out
 
 

@@ -13,10 +13,12 @@ Run: ``python -m gpu_runtime.store.server --root DIR --port P``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -165,6 +167,19 @@ def serve(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 8300,
     finally:
         server.server_close()
     return server
+
+
+@contextlib.contextmanager
+def running(root: str | os.PathLike, host: str = "127.0.0.1",
+            port: int = 0) -> Iterator[StoreServer]:
+    """A store server for ``root`` serving in a background thread while the block runs, then
+    shut down and its socket closed. ``port=0`` picks a free port; read it from ``server.url``."""
+    server = serve(root, host, port, background=True)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def main(argv: list[str] | None = None) -> None:

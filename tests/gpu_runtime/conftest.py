@@ -12,7 +12,7 @@ import torch
 from gpu_runtime.checkpoint import CheckpointIndex, index_checkpoint
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
-from gpu_runtime.store.server import serve
+from gpu_runtime.store.server import running
 
 # init_std 0.2 keeps greedy argmax margins clear; with 0.02 logits are nearly flat and float
 # rounding could flip ties between implementations that are both right
@@ -127,7 +127,5 @@ def ckpt_index(ckpt_root) -> CheckpointIndex:
 
 @pytest.fixture
 def store_server(ckpt_root):
-    server = serve(ckpt_root, port=0, background=True)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(ckpt_root) as server:
+        yield server

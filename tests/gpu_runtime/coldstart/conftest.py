@@ -9,7 +9,7 @@ import pytest
 
 from gpu_runtime.checkpoint import CheckpointIndex, index_checkpoint
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
-from gpu_runtime.store.server import serve
+from gpu_runtime.store.server import running
 
 # init_std 0.2: clear greedy margins, so token equality tests are not decided by rounding
 MODELS = {
@@ -29,10 +29,8 @@ def cs_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cs_server(cs_root):
-    server = serve(cs_root, port=0, background=True)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(cs_root) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

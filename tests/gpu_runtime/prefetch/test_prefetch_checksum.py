@@ -10,7 +10,7 @@ import pytest
 from gpu_runtime.prefetch import ChecksumError, FetchFailedError, iter_tensors, open_buffer
 from gpu_runtime.prefetch.header import FAILED
 from gpu_runtime.store import LinkConfig, plan_stage
-from gpu_runtime.store.server import serve
+from gpu_runtime.store.server import running
 
 
 @pytest.fixture
@@ -24,10 +24,8 @@ def corrupted(ckpt_root, ckpt_index, tmp_path):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    server = serve(tmp_path, port=0, background=True)
-    yield server, victim, layout
-    server.shutdown()
-    server.server_close()
+    with running(tmp_path) as server:
+        yield server, victim, layout
 
 
 def test_corrupted_range_fails_loudly_and_serves_nothing_past_it(make_prefetcher, corrupted,
@@ -99,8 +97,7 @@ def test_truncated_store_file_fails_the_fetch(make_prefetcher, ckpt_root, ckpt_i
     last = sorted(ckpt_index.file_sizes)[-1]
     with open(tmp_path / "small" / last, "r+b") as f:
         f.truncate(ckpt_index.file_sizes[last] - 4096)
-    server = serve(tmp_path, port=0, background=True)
-    try:
+    with running(tmp_path) as server:
         pf = make_prefetcher()
         job = pf.prefetch("small", "all", server.url + "/small", ckpt_index.tensors)
         with pytest.raises(FetchFailedError, match="shorter than the index"):
@@ -109,6 +106,3 @@ def test_truncated_store_file_fails_the_fetch(make_prefetcher, ckpt_root, ckpt_i
                 pytest.raises(FetchFailedError, match="shorter than the index"):
             list(iter_tensors(buf, plan_stage(ckpt_index.tensors), timeout_s=5))
         assert "small" not in pf.bad_models  # a store error, not a checksum mismatch
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -8,15 +8,13 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gpu_runtime.store.server import serve
+from gpu_runtime.store.server import running
 
 
 @pytest.fixture
 def store_server(store_root):
-    server = serve(store_root, port=0, background=True)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(store_root) as server:
+        yield server
 
 
 @pytest.fixture
