@@ -97,10 +97,15 @@ class Scheduler:
     def tick(self) -> None:
         """One full pass; a broker or database outage skips it (state is in Postgres, the next
         tick redoes what is still needed)."""
-        self._pass(lambda s: (actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s),
-                              actions.expire_queued(s, self.settings.max_queue_s),
-                              self.stop_broken_groups(s), self.requeue_orphans(s),
-                              self.scale_in(s), self.scale_out(s)))
+        self._pass(self._full_pass)
+
+    def _full_pass(self, s) -> None:
+        actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
+        actions.expire_queued(s, self.settings.max_queue_s)
+        self.stop_broken_groups(s)
+        self.requeue_orphans(s)
+        self.scale_in(s)
+        self.scale_out(s)
 
     def react(self, function_ids: set[int]) -> None:
         """New requests of these functions: only scale-out, only for them. Every invocation

@@ -53,14 +53,12 @@ class NodeState:
     node_id: str
     link: Link
     devices: tuple[Device, ...]
-    cached_models: frozenset[int] = frozenset()  # whole models in the node cache (pp = 1)
-    # stages of pipelines in the node cache: (model_id, pp, stage index); a pipeline whose
-    # every stage is cached on some node restarts there with no fetch at all
+    # stages in the node cache: (model_id, pp, stage index), a whole model being (id, 1, 0); a
+    # pipeline whose every stage is cached on some node restarts there with no fetch at all
     cached_stages: frozenset[tuple[int, int, int]] = frozenset()
 
     def holds(self, model_id: int, pp: int, stage: int) -> bool:
-        return (model_id, pp, stage) in self.cached_stages or (
-            pp == 1 and model_id in self.cached_models)
+        return (model_id, pp, stage) in self.cached_stages
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +209,7 @@ def _cached_pipeline(req: Request, nodes: list[NodeState], cfg: PlannerConfig,
         for full in ((True, False) if stage == 0 and pp > 1 else (stage == 0,)):
             need = memory_need(req, cfg, pp, full)
             pick = next(((n, d) for n in nodes if n.holds(req.model_id, pp, stage)
-                         and n not in [c[0] for c in chosen]
+                         and all(n.node_id != c.node_id for c, _, _ in chosen)
                          and (d := pick_device(n, need)) is not None), None)
             if pick is not None:
                 chosen.append((*pick, full))

@@ -57,8 +57,7 @@ def nodes_snapshot(session: Session) -> list[NodeState]:
         devs = tuple(PlannerDevice(d.id, d.memory_bytes - used[d.id], workers[d.id])
                      for d in devices if d.node_id == node.id)
         cached = frozenset(tuple(c) for c in (node.info or {}).get("cached_stages", []))
-        out.append(NodeState(node.id, link_of(node, fetches[node.id]), devs,
-                             cached_stages=cached))
+        out.append(NodeState(node.id, link_of(node, fetches[node.id]), devs, cached))
     return out
 
 

@@ -23,8 +23,9 @@ CFG = PlannerConfig(init_overhead_s=1.0, hop_s=0.002, kv_reserve_fraction=0.25)
 
 
 def node(name: str, mbps: float = 100, free_gb: float = 40, fetches=(), cached=()) -> NodeState:
+    """``cached``: ids of models the node's cache holds whole."""
     return NodeState(name, Link(mbps * MBPS, tuple(fetches)),
-                     (Device(0, int(free_gb * GB)),), frozenset(cached))
+                     (Device(0, int(free_gb * GB)),), frozenset((m, 1, 0) for m in cached))
 
 
 def request(**kw) -> Request:
