@@ -18,11 +18,14 @@ test: venv services
 venv: $(STAMP)
 
 # torch is pinned to the local CPU build: a looser requirement would pull a multi-GB CUDA build.
+# The runtime's native CPU kernels are compiled here, not at the first engine start
+# (gpu_runtime/native.py; without a compiler the engine keeps to its torch path).
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m gpu_runtime.native || echo "native kernels not built: the engine uses its torch path"
 	touch $(STAMP)
 
 services:

@@ -14,4 +14,6 @@ data_plane = find_packages(include=["gpu_runtime", "gpu_runtime.*"])
 setup(
     packages=control_plane + data_plane,
     package_dir={"hydraserve": "platform"},
+    # the native kernels' source, compiled on the target machine (gpu_runtime/native.py)
+    package_data={"gpu_runtime": ["csrc/*.c", "csrc/*.h"]},
 )
