@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpu_runtime import kernels
+
 
 class Scratch:
     """Buffers a stage's attention reuses across layers and steps, one per name, grown on
@@ -60,12 +62,14 @@ class AttentionMetadata:
     scratch: Scratch | None = None
     # derived in __post_init__: attention mask and the padded-query gather/scatter indices
     attn_mask: torch.Tensor | None = None
+    has_mask: bool = False  # _build_mask ran (attn_mask stays None where none is needed)
     query_index: torch.Tensor | None = None  # (batch * max_q,) flat token of each padded query
     output_index: torch.Tensor | None = None  # (num_tokens,) padded-query row of each token
     max_context: int = 0
     is_fresh_prefill: bool = False  # every sequence's context is exactly this step's tokens
     first_block: int | None = None  # one sequence on consecutive blocks: read them as a view
     kv_index: torch.Tensor | None = None  # (2 * batch * blocks,) key then value rows, lazily
+    context_lens_tensor: torch.Tensor | None = None  # (batch,) int64, lazily (native kernel)
 
     def __post_init__(self) -> None:
         assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
@@ -75,8 +79,8 @@ class AttentionMetadata:
         # prefill of new (or recomputed) sequences attends to this step's own keys and values:
         # no cache read, no mask (is_causal), no padding
         self.is_fresh_prefill = (not self.is_decode and self.context_lens == self.query_lens)
-        if self.attn_mask is None and not self.is_fresh_prefill:
-            self._build_mask()
+        if self.attn_mask is None and not self.is_fresh_prefill and not self.is_decode:
+            self._build_mask()  # decode builds it only if the torch path runs (ensure_mask)
         if self.batch_size == 1 and not self.is_fresh_prefill:
             # the block manager hands out lowest ids first, so a lone sequence's blocks are
             # usually consecutive; then its context is a slice of the cache, no gather needed
@@ -92,7 +96,14 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return max(self.query_lens) == 1
 
+    def ensure_mask(self) -> None:
+        """The mask and padded-query indices of the torch cached-attention path, built on first
+        use: a decode step on the native kernel never needs them."""
+        if not self.has_mask and self.attn_mask is None and not self.is_fresh_prefill:
+            self._build_mask()
+
     def _build_mask(self) -> None:
+        self.has_mask = True
         device = self.positions.device
         batch, max_q = self.batch_size, max(self.query_lens)
         ctx = torch.tensor(self.context_lens, device=device)
@@ -162,10 +173,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     meta: AttentionMetadata) -> torch.Tensor:
     """q: (tokens, heads, hd); k, v: (tokens, kv_heads, hd); kv_cache: (2, num_blocks,
     block_size, kv_heads, hd) -> (tokens, heads * hd)."""
+    if meta.is_decode:
+        out = _native_decode_attention(q, k, v, kv_cache, meta)
+        if out is not None:
+            return out
     write_kv(kv_cache, k, v, meta.slot_mapping)
     if meta.is_fresh_prefill:
         return _prefill_attention(q, k, v, meta.query_lens)
     return _cached_attention(q, kv_cache, meta)
+
+
+def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             kv_cache: torch.Tensor,
+                             meta: AttentionMetadata) -> torch.Tensor | None:
+    """Decode on CPU: the native kernel writes k/v and reads each context through its block
+    table, no gather and no float32 copy (``gpu_runtime.kernels``); None: use torch."""
+    if q.device.type != "cpu":
+        return None
+    if meta.context_lens_tensor is None:
+        meta.context_lens_tensor = torch.tensor(meta.context_lens, dtype=torch.int64)
+    return kernels.decode_attention(q, k, v, kv_cache, meta.slot_mapping, meta.block_tables,
+                                    meta.context_lens_tensor)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -184,6 +212,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _cached_attention(q: torch.Tensor, kv_cache: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
+    meta.ensure_mask()
     dtype = torch.float32 if _is_upcast(q) else q.dtype
     keys, values = gather_context(kv_cache, meta, dtype)
     gqa = num_heads != keys.shape[1]

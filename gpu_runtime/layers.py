@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_runtime import kernels
 from gpu_runtime.config import RopeConfig
 
 
@@ -18,6 +19,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = kernels.rms_norm(x, self.weight, self.eps)
+        return self._torch(x) if native is None else native[1]
+
+    def add_forward(self, x: torch.Tensor,
+                    delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, RMSNorm(x + delta)): the residual add and the norm after it, one pass
+        on the native path."""
+        native = kernels.rms_norm(x, self.weight, self.eps, delta)
+        if native is not None:
+            return native
+        total = x + delta
+        return total, self._torch(total)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         # statistics in float32 as the reference does, then back to the input dtype, then the
         # weight; one fused kernel when the input already is float32
         if x.dtype == torch.float32:
@@ -64,7 +79,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on queries and keys in one pass: (tokens, heads, hd), (tokens, kv_heads, hd).
-    One concatenation costs less than running the elementwise kernels twice."""
+    Natively in place for a few tokens; else one concatenation, which costs less than running
+    the elementwise kernels twice."""
+    if kernels.rope_qk(q, k, cos, sin):
+        return q, k
     heads = q.shape[1]
     qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)  # (tokens, heads + kv_heads, hd)
     return qk[:, :heads], qk[:, heads:]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_runtime import kernels
 from gpu_runtime.errors import SamplingParamsError
 
 MAX_TEMPERATURE = 100.0
@@ -72,10 +73,17 @@ class SamplingBatch:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[float]]:
-    """logits: float32 (rows, vocab) -> (token ids, log-softmax of the raw logits at them)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    tokens = logits.argmax(dim=-1) if batch.all_greedy else _sample_random(logits, batch)
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    """logits: float32 (rows, vocab) -> (token ids, log-softmax of the raw logits at them).
+    A log-probability is the logit minus its row's log-sum-exp; the native kernel finds that
+    and the argmax in one pass, without writing a log-softmax of the whole vocabulary."""
+    stats = kernels.logits_stats(logits)
+    if stats is None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1) if batch.all_greedy else _sample_random(logits, batch)
+        return tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    argmax, lse = stats
+    tokens = argmax if batch.all_greedy else _sample_random(logits, batch)
+    chosen = logits.gather(1, tokens[:, None])[:, 0] - lse
     return tokens.tolist(), chosen.tolist()
 
 

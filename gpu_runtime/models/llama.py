@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_runtime import kernels
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
 from gpu_runtime.layers import RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
@@ -60,7 +61,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        act = kernels.silu_mul(gate, up)
+        return self.down_proj(F.silu(gate) * up if act is None else act)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -73,8 +76,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, aux: tuple,
                 kv_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), meta, aux, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(h), meta, aux, kv_cache)
+        h, x = self.post_attention_layernorm.add_forward(h, attn)  # residual add + norm
+        return h + self.mlp(x)
 
 
 class LlamaForCausalLM(nn.Module):
