@@ -3,10 +3,12 @@
 Each wrapper returns None (or False) when its kernel does not apply, and the caller runs its
 torch code instead: no library (no compiler, ``HYDRA_NATIVE=0``), a CUDA tensor, a dtype other
 than float32 / bfloat16 / float16, an unexpected layout, or, for the elementwise kernels, more
-than ``MAX_TOKENS`` rows. The kernels are single-threaded; at decode sizes one pass over a few
-KB costs less than torch's several multi-threaded eager kernels (each a dispatch, an output
-allocation and a wake-up of the OpenMP threads), while a prefill of hundreds of tokens is
-real work that torch's kernels spread over every core.
+than ``MAX_TOKENS`` rows. The elementwise kernels are single-threaded; at decode sizes one pass
+over a few KB costs less than torch's several multi-threaded eager kernels (each a dispatch, an
+output allocation and a wake-up of the OpenMP threads), while a prefill of hundreds of tokens
+is real work that torch's kernels spread over every core. Decode attention of a large batch
+reads megabytes of cache per layer: it splits the batch in two over torch's own OpenMP
+threads (``native``), up to ``torch.get_num_threads()``.
 
 Rounding: the kernels compute in float32 and round to the tensor's dtype where the reference
 (HF's eager modules) rounds, so results match it bit for bit except where a float32 sum or
@@ -29,6 +31,9 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # one cost 3% of a decode step; at batch 8 it saves 5%).
 MAX_TOKENS = 32
 SILU_TOKENS = range(2, 9)
+# Threads decode attention may use (it splits a large batch in two, csrc/pair.c); None: as
+# many as torch's intra-op threads, so a worker given one core keeps to one.
+ATTENTION_THREADS: int | None = None
 
 
 def _lib(t: torch.Tensor):
@@ -67,7 +72,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         kv_cache.data_ptr(), num_blocks, block_size, slot_mapping.data_ptr(),
         block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), seqs, heads,
-        kv_heads, hd, DTYPE_CODES[q.dtype], 1.0 / math.sqrt(hd), out.data_ptr())
+        kv_heads, hd, DTYPE_CODES[q.dtype], 1.0 / math.sqrt(hd), out.data_ptr(),
+        ATTENTION_THREADS or torch.get_num_threads())
     assert rc == 0, f"decode attention rejected its inputs: q {tuple(q.shape)}, cache " \
                     f"{tuple(kv_cache.shape)}, context lens {context_lens.tolist()}"
     return out

@@ -8,8 +8,11 @@ temporary file and renamed into place, so processes starting together never load
 ``python -m gpu_runtime.native`` builds ahead of time (the Makefile's ``venv`` target and the
 Dockerfile do), so no cold start waits for a compiler.
 
-No OpenMP: torch brings its own libgomp, and a second OpenMP runtime in the process would fight
-it for the cores. The kernels are single-threaded (``gpu_runtime.kernels`` says where they pay).
+OpenMP, but torch's: the library asks for ``libgomp.so.1``, and loaded after torch (``load``
+imports it first) that name is torch's own copy, so a parallel region of a kernel runs on the
+threads torch's matrix products use, already awake, not on a second set fighting them for the
+cores. Only decode attention of a large batch uses it (two halves); the other kernels are
+single-threaded (``gpu_runtime.kernels`` says where they pay).
 
 Without a compiler, on a failed build, or with ``HYDRA_NATIVE=0``, ``load()`` returns None
 (logged once, with the reason) and every caller keeps to its pure-torch path.
@@ -36,19 +39,19 @@ SOURCES = ("kernels.h", "attention.c", "layer_ops.c")  # the header first: it go
 # -ffp-contract=off: a * b + c * d stays two roundings, as in torch's eager kernels (the
 # kernels write fmaf where they want a fused multiply-add). $HYDRA_NATIVE_MARCH overrides
 # -march=native, e.g. x86-64-v3 for one build that runs on a fleet of AVX2 machines.
-BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11")
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-std=gnu11")
 
 
 def flags() -> tuple[str, ...]:
     return (f"-march={os.environ.get('HYDRA_NATIVE_MARCH', 'native')}", *BASE_FLAGS)
-ABI_VERSION = 1  # hydra_abi_version() of the source this module's signatures describe
+ABI_VERSION = 2  # hydra_abi_version() of the source this module's signatures describe
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     # name: (restype, argtypes), as declared in csrc/*.c
     "hydra_abi_version": (_I32, []),
     "hydra_decode_attention": (_I32, [_P, _I64, _P, _I64, _P, _I64, _P, _I64, _I32, _P, _P, _I64,
-                                      _P, _I64, _I32, _I32, _I32, _I32, _F32, _P]),
+                                      _P, _I64, _I32, _I32, _I32, _I32, _F32, _P, _I32]),
     "hydra_rms_norm": (_I32, [_P, _P, _P, _P, _P, _I64, _I64, _F32, _I32]),
     "hydra_silu_mul": (None, [_P, _P, _P, _I64, _I32]),
     "hydra_rope_qk": (_I32, [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I32, _I32]),
@@ -134,6 +137,8 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("HYDRA_NATIVE", "1") == "0":
         log.info("native CPU kernels off (HYDRA_NATIVE=0): using the torch path")
         return None
+    import torch  # noqa: F401  (first: its libgomp.so.1 is the one the library binds to)
+
     try:
         return _declare(ctypes.CDLL(str(build())))  # CDLL calls release the GIL
     except (NativeBuildError, OSError, subprocess.SubprocessError, AttributeError) as e:
@@ -143,6 +148,8 @@ def load() -> ctypes.CDLL | None:
 
 def main() -> int:
     """``python -m gpu_runtime.native``: build now (image build, ``make venv``)."""
+    import torch  # noqa: F401  (as in ``load``: check the library against torch's libgomp)
+
     try:
         path = build()
         _declare(ctypes.CDLL(str(path)))

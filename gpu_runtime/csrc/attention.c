@@ -1,6 +1,8 @@
 /* Decode attention straight from the paged KV cache: no gather of the context into a
  * contiguous tensor and no float32 copy of it (the torch path's two extra passes over the
  * cache, per layer and step). Portable C, and an AVX2 path where the CPU has it. */
+#include <omp.h>
+
 #include "kernels.h"
 
 /* a . b over hd floats (portable fallback; the AVX2 path below is the fast one) */
@@ -160,18 +162,19 @@ INLINE void attend_sequence_avx2(const float *qf, const uint8_t *keys, const uin
 }
 #endif
 
+/* sequences first..last - 1 of the batch */
 INLINE void decode_attention(const uint8_t *q, int64_t q_stride, const uint8_t *cache,
                              int64_t num_blocks, int block_size, const int64_t *block_tables,
-                             int64_t table_width, const int64_t *context_lens, int64_t num_seqs,
-                             int heads, int kv_heads, int hd, float scale, float *scratch,
-                             int64_t max_context, uint8_t *out, int dt) {
+                             int64_t table_width, const int64_t *context_lens, int64_t first,
+                             int64_t last, int heads, int kv_heads, int hd, float scale,
+                             float *scratch, int64_t max_context, uint8_t *out, int dt) {
     size_t es = dt_size(dt);
     int64_t row_bytes = (int64_t)kv_heads * hd * (int64_t)es;
     const uint8_t *keys = cache, *values = cache + num_blocks * block_size * row_bytes;
     float *scores = scratch, *qf = scores + heads * max_context, *acc = qf + heads * hd;
     float *row = acc + heads * hd, *inv = row + kv_heads * hd;
     (void)inv; /* used by the AVX2 path only */
-    for (int64_t i = 0; i < num_seqs; i++) {
+    for (int64_t i = first; i < last; i++) {
         const int64_t *table = block_tables + i * table_width;
         load_row(q + (size_t)(i * q_stride) * es, qf, (int64_t)heads * hd, dt);
 #if HAVE_AVX2
@@ -192,6 +195,43 @@ INLINE void decode_attention(const uint8_t *q, int64_t q_stride, const uint8_t *
     }
 }
 
+/* Batches at least this large (context tokens x heads x head dim) split across two threads;
+ * below it the parallel region costs more than the second half saves (batch 1 never splits). */
+#define PAIR_MIN_WORK (1 << 18)
+
+struct attention_job {
+    const uint8_t *q;
+    int64_t q_stride;
+    const uint8_t *cache;
+    int64_t num_blocks;
+    int block_size;
+    const int64_t *block_tables;
+    int64_t table_width;
+    const int64_t *context_lens;
+    int64_t num_seqs, split; /* part 0: sequences [0, split), part 1: [split, num_seqs) */
+    int heads, kv_heads, hd, dt;
+    float scale;
+    int64_t max_context;
+    uint8_t *out;
+    int status[2]; /* per part: 0, or -1 when its scratch could not be allocated */
+};
+
+static void attention_part(struct attention_job *j, int part) {
+    int64_t first = part ? j->split : 0, last = part ? j->num_seqs : j->split;
+    if (first >= last) return;
+    size_t floats = (size_t)(j->heads * j->max_context + 2 * j->heads * j->hd +
+                             j->kv_heads * j->hd + j->heads);
+    float *scratch = malloc(sizeof(float) * floats);
+    if (!scratch) {
+        j->status[part] = -1;
+        return;
+    }
+    BY_DTYPE(j->dt, decode_attention, j->q, j->q_stride, j->cache, j->num_blocks, j->block_size,
+             j->block_tables, j->table_width, j->context_lens, first, last, j->heads,
+             j->kv_heads, j->hd, j->scale, scratch, j->max_context, j->out);
+    free(scratch);
+}
+
 /* Writes this step's keys and values into their cache slots, then attends each sequence's one
  * query row to its whole context, read through its block table straight from the cache (no
  * gather, no float32 copy of the context).
@@ -202,33 +242,52 @@ INLINE void decode_attention(const uint8_t *q, int64_t q_stride, const uint8_t *
  * slot_mapping: (num_seqs,) flat slot of each new token; block_tables: (num_seqs, width)
  * context_lens: (num_seqs,) tokens in the cache after this step, each >= 1
  * out:    (num_seqs, heads * hd) contiguous
- * Returns 0, or -1 (nothing done) when a size is out of range. */
+ * threads: at most this many threads (1: this one only; more: a large batch splits in two)
+ * Returns 0, or -1 when a size is out of range (nothing done) or scratch memory ran out. */
 int hydra_decode_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride,
                            const void *v, int64_t v_stride, void *cache, int64_t num_blocks,
                            int block_size, const int64_t *slot_mapping, const int64_t *block_tables,
                            int64_t table_width, const int64_t *context_lens, int64_t num_seqs,
-                           int heads, int kv_heads, int hd, int dt, float scale, void *out) {
+                           int heads, int kv_heads, int hd, int dt, float scale, void *out,
+                           int threads) {
     if (hd > MAX_HEAD_DIM || kv_heads < 1 || heads % kv_heads != 0) return -1;
     int64_t max_context = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
         if (context_lens[i] < 1 || context_lens[i] > table_width * block_size) return -1;
         max_context = context_lens[i] > max_context ? context_lens[i] : max_context;
     }
-    size_t floats = (size_t)(heads * max_context + 2 * heads * hd + kv_heads * hd + heads);
-    float *scratch = malloc(sizeof(float) * floats);
-    if (!scratch) return -1;
     size_t row_bytes = (size_t)kv_heads * hd * dt_size(dt);
     uint8_t *keys = cache, *values = keys + num_blocks * block_size * row_bytes;
+    int64_t total = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
         size_t k_off = (size_t)(i * k_stride) * dt_size(dt);
         size_t v_off = (size_t)(i * v_stride) * dt_size(dt);
         memcpy(keys + slot_mapping[i] * row_bytes, (const uint8_t *)k + k_off, row_bytes);
         memcpy(values + slot_mapping[i] * row_bytes, (const uint8_t *)v + v_off, row_bytes);
+        total += context_lens[i];
     }
-    BY_DTYPE(dt, decode_attention, q, q_stride, cache, num_blocks, block_size, block_tables,
-             table_width, context_lens, num_seqs, heads, kv_heads, hd, scale, scratch,
-             max_context, out);
-    free(scratch);
-    return 0;
+    struct attention_job job = {q, q_stride, cache, num_blocks, block_size, block_tables,
+                                table_width, context_lens, num_seqs, num_seqs, heads, kv_heads,
+                                hd, dt, scale, max_context, out, {0, 0}};
+    if (threads > 1 && num_seqs > 1 && total * heads * hd >= PAIR_MIN_WORK) {
+        /* two halves of about equal context, on two of torch's OpenMP threads (native.py) */
+        int64_t seen = 0;
+        job.split = 1;
+        for (int64_t i = 0; i < num_seqs - 1 && 2 * (seen + context_lens[i]) <= total; i++) {
+            seen += context_lens[i];
+            job.split = i + 1;
+        }
+#pragma omp parallel num_threads(2)
+        {
+            if (omp_get_num_threads() == 1) { /* no second thread to be had: both halves */
+                attention_part(&job, 0);
+                attention_part(&job, 1);
+            } else {
+                attention_part(&job, omp_get_thread_num());
+            }
+        }
+    } else {
+        attention_part(&job, 0);
+    }
+    return job.status[0] | job.status[1];
 }
-

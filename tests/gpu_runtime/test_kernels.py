@@ -4,6 +4,8 @@ bit for bit where the kernels claim it, and the log-sum-exp sampler against log_
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,10 @@ def decode_case(dtype, batch, heads, kv_heads, head_dim, block_size=16, num_bloc
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 64), (4, 1, 128),
                                                      (6, 3, 12)])  # 12: the portable path
 def test_decode_attention_matches_the_torch_path(dtype, batch, heads, kv_heads, head_dim):
-    cache, q, k, v, meta = decode_case(dtype, batch, heads, kv_heads, head_dim)
+    check_decode_attention(dtype, *decode_case(dtype, batch, heads, kv_heads, head_dim))
+
+
+def check_decode_attention(dtype, cache, q, k, v, meta) -> None:
     ref_cache = cache.clone()
     write_kv(ref_cache, k, v, meta.slot_mapping)
     expected = _cached_attention(q, ref_cache, meta)
@@ -62,6 +67,48 @@ def test_decode_attention_matches_the_torch_path(dtype, batch, heads, kv_heads, 
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     else:  # both compute in float32 and round once: at most one ulp apart
         assert ulp_diff(out, expected) <= 1
+
+
+PAIR_MIN_WORK = 1 << 18  # attention.c: a batch with this much work splits across two threads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(16, 16), (32, 8)])
+def test_decode_attention_of_a_large_batch_split_across_two_threads(dtype, heads, kv_heads):
+    """Each sequence's result is the same bit for bit whether its batch was split across the
+    helper thread or it ran alone (a batch of one never splits)."""
+    cache, q, k, v, meta = decode_case(dtype, 8, heads, kv_heads, 64, block_size=64,
+                                       num_blocks=64)
+    lens = torch.tensor(meta.context_lens)
+    assert int(lens.sum()) * heads * 64 >= PAIR_MIN_WORK, "too small to split"
+    together = kernels.decode_attention(q, k, v, cache, meta.slot_mapping, meta.block_tables,
+                                        lens)
+    for i in range(8):
+        alone = kernels.decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache,
+                                         meta.slot_mapping[i:i + 1],
+                                         meta.block_tables[i:i + 1].contiguous(), lens[i:i + 1])
+        assert torch.equal(alone[0], together[i]), f"sequence {i} differs"
+    expected = _cached_attention(q, cache, meta)  # the torch path, float32 within the batch
+    torch.testing.assert_close(together.float(), expected.float(), rtol=0,
+                               atol=1e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_decode_attention_from_several_threads_at_once():
+    """Callers racing for the kernel's helper thread (the loser runs both halves itself) get
+    what each gets alone, bit for bit."""
+    cases = [decode_case(torch.bfloat16, 8, 16, 16, 64, block_size=64, num_blocks=64, seed=s)
+             for s in range(6)]
+
+    def run(case):
+        cache, q, k, v, meta = case
+        return kernels.decode_attention(q, k, v, cache.clone(), meta.slot_mapping,
+                                        meta.block_tables, torch.tensor(meta.context_lens))
+
+    alone = [run(c) for c in cases]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(5):
+            for i, out in enumerate(pool.map(run, cases)):
+                assert torch.equal(out, alone[i]), f"case {i} differs when run concurrently"
 
 
 def test_decode_attention_reads_rows_a_token_apart_in_a_fused_qk_tensor():
