@@ -1,14 +1,15 @@
 """Time per output token (TPOT) and prefill throughput: our engine against
 ``transformers.generate`` on the same random Llama checkpoint, pipeline (pp = 2) against
 standalone, and the floor: one decode step's linear layers alone (every weight matrix times a
-batch of hidden vectors of the same shape and dtype).
+batch of hidden vectors of the same shape and dtype, by the engine's own linear kernel,
+``gpu_runtime.layers.linear``; ``floor_flinear_ms`` is the same with plain ``F.linear``).
 
     python bench/tpot.py --json bench/results/tpot.json          # full: ~370M params
     python bench/tpot.py --quick --json /tmp/tpot.json            # small model, ~2 minutes
 
 All four run interleaved, one decode step each in turn: ``generate`` calls a logits processor
 once per token, and that processor runs one step of our standalone engine, one of our pipeline
-and one floor measurement before handing back (its own time is excluded from transformers'
+and the floor measurements before handing back (its own time is excluded from transformers'
 step). Neighbours' load therefore hits the four sides within milliseconds of each other. Ratios
 are medians of per-step ratios of these adjacent measurements; absolute figures are the best
 round's median. Ratios without a dtype suffix are the worst over the dtypes measured.
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, markdown_table, median, write_json  # noqa: E402
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model  # noqa: E402
 from gpu_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
+from gpu_runtime.layers import linear  # noqa: E402
 from gpu_runtime.sampling import SamplingParams  # noqa: E402
 
 
@@ -86,7 +88,7 @@ def make_prompts(batch: int, cfg: BenchConfig) -> list[list[int]]:
 
 
 def measure_round(engines: list[LLMEngine], hf, prompts: list[list[int]], new_tokens: int,
-                  floor: Callable[[], None]) -> dict[str, list[float]]:
+                  floors: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
     """One batch through transformers and every engine, interleaved step by step (see the
     module docstring). Returns per-side lists: prefill seconds first, then decode steps."""
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -96,8 +98,8 @@ def measure_round(engines: list[LLMEngine], hf, prompts: list[list[int]], new_to
     for engine in engines:
         for i, p in enumerate(prompts):
             engine.add_request(f"{tag}-{i}", p, params)
-    times: dict[str, list[float]] = {"hf": [], "floor": [], **{f"e{i}": [] for i in
-                                                                 range(len(engines))}}
+    times: dict[str, list[float]] = {"hf": [], **{k: [] for k in floors},
+                                     **{f"e{i}": [] for i in range(len(engines))}}
 
     def timed(key: str, fn: Callable[[], object]) -> None:
         start = time.perf_counter()
@@ -111,7 +113,8 @@ def measure_round(engines: list[LLMEngine], hf, prompts: list[list[int]], new_to
             times["hf"].append(time.perf_counter() - self.last)
             for i, engine in enumerate(engines):
                 timed(f"e{i}", engine.step)
-            timed("floor", floor)
+            for key, floor in floors.items():
+                timed(key, floor)
             self.last = time.perf_counter()
             return scores
 
@@ -134,17 +137,22 @@ def linear_weights(engine: LLMEngine) -> list[torch.Tensor]:
             if p.dim() == 2 and "embed" not in name]
 
 
-def floor_fn(weights: list[torch.Tensor], batch: int) -> Callable[[], None]:
+def floor_fn(weights: list[torch.Tensor], batch: int,
+             kernel: Callable = linear) -> Callable[[], None]:
     """One decode step's linear layers alone: each weight matrix times ``batch`` hidden vectors
-    of its input width, same dtype."""
+    of its input width, same dtype, by ``kernel`` (the engine's own, or ``F.linear``)."""
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
 
     @torch.inference_mode()
     def step() -> None:
         for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+            kernel(inputs[w.shape[1]], w)
 
     return step
+
+
+def floors(weights: list[torch.Tensor], batch: int) -> dict[str, Callable[[], None]]:
+    return {"floor": floor_fn(weights, batch), "floor_flinear": floor_fn(weights, batch, F.linear)}
 
 
 def pipeline_counters(engine: LLMEngine) -> tuple[float, float, int]:
@@ -174,12 +182,12 @@ def run_dtype(dtype: str, cfg: BenchConfig, model_dir: Path, threads: int, pp: i
     hops: dict[int, list[float]] = {b: [] for b in cfg.batches}
     try:
         for b in cfg.batches:  # warm-up: first calls allocate and pick kernels
-            measure_round([engine, piped], hf, make_prompts(b, cfg), 3, floor_fn(weights, b))
+            measure_round([engine, piped], hf, make_prompts(b, cfg), 3, floors(weights, b))
         for _ in range(cfg.rounds):
             for b in cfg.batches:
                 before = pipeline_counters(piped)
                 rounds[b].append(measure_round([engine, piped], hf, make_prompts(b, cfg),
-                                               cfg.new_tokens, floor_fn(weights, b)))
+                                               cfg.new_tokens, floors(weights, b)))
                 hops[b].append(hop_overhead_s(before, pipeline_counters(piped), pp))
     finally:
         piped.close()
@@ -190,13 +198,15 @@ def run_dtype(dtype: str, cfg: BenchConfig, model_dir: Path, threads: int, pp: i
 def summarise(rounds: list[dict], hops: list[float], prompt_tokens: int) -> dict:
     """Absolute figures: best round's median. Ratios: median over every decode step of the
     ratio of adjacent measurements."""
-    names = {"ours": "e0", "pp": "e1", "transformers": "hf", "floor": "floor"}
+    names = {"ours": "e0", "pp": "e1", "transformers": "hf", "floor": "floor",
+             "floor_flinear": "floor_flinear"}
     out: dict = {}
     for name, key in names.items():
         out[f"{name}_tpot_ms"] = 1e3 * min(median(r[key][1:]) for r in rounds)
     for name in ("ours", "pp", "transformers"):
         out[f"{name}_prefill_tok_s"] = prompt_tokens / min(r[names[name]][0] for r in rounds)
     out["floor_ms"] = out.pop("floor_tpot_ms")
+    out["floor_flinear_ms"] = out.pop("floor_flinear_tpot_ms")
     out["hop_overhead_ms"] = 1e3 * median(hops)
 
     def paired(a: str, b: str) -> float:
@@ -204,7 +214,8 @@ def summarise(rounds: list[dict], hops: list[float], prompt_tokens: int) -> dict
 
     out["paired"] = {"ours_vs_transformers": paired("e0", "hf"),
                      "ours_vs_floor": paired("e0", "floor"), "pp_vs_ours": paired("e1", "e0"),
-                     "transformers_vs_floor": paired("hf", "floor")}
+                     "transformers_vs_floor": paired("hf", "floor"),
+                     "floor_vs_flinear": paired("floor", "floor_flinear")}
     out["raw_ms"] = [{k: [round(1e3 * t, 3) for t in v] for k, v in r.items()} for r in rounds]
     out["hop_overhead_ms_rounds"] = [1e3 * h for h in hops]
     return out
@@ -222,6 +233,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
             out[f"ratio_vs_floor_b{b}_{dtype}"] = p["ours_vs_floor"]
             out[f"ratio_pp2_vs_standalone_b{b}_{dtype}"] = p["pp_vs_ours"]
             out[f"transformers_vs_floor_b{b}_{dtype}"] = p["transformers_vs_floor"]
+            out[f"floor_vs_flinear_b{b}_{dtype}"] = p["floor_vs_flinear"]
     for key in ("ratio_vs_transformers_b1", "ratio_vs_transformers_b8", "ratio_vs_floor_b1",
                 "ratio_vs_floor_b8"):
         out[key] = max(v for k, v in out.items() if k.startswith(key + "_"))
@@ -236,7 +248,8 @@ def print_report(results: dict, rat: dict) -> None:
         for b, r in res.items():
             rows.append({"dtype": dtype, "batch": b[1:], **{k: v for k, v in r.items()
                                                             if not isinstance(v, dict | list)}})
-    cols = ["dtype", "batch", "ours_tpot_ms", "transformers_tpot_ms", "floor_ms", "pp_tpot_ms",
+    cols = ["dtype", "batch", "ours_tpot_ms", "transformers_tpot_ms", "floor_ms",
+            "floor_flinear_ms", "pp_tpot_ms",
             "hop_overhead_ms", "ours_prefill_tok_s", "transformers_prefill_tok_s"]
     print(markdown_table(rows, cols))
     print()

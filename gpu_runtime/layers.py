@@ -1,4 +1,5 @@
-"""Building blocks shared by the architectures: RMSNorm and rotary position embeddings."""
+"""Building blocks shared by the architectures: linear layers, RMSNorm and rotary position
+embeddings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,44 @@ from torch import nn
 
 from gpu_runtime import kernels
 from gpu_runtime.config import RopeConfig
+
+
+def _onednn_inner_product():
+    """oneDNN's inner product (``mkldnn::_linear_pointwise``) when this torch build has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# Float32 linear layers on CPU go to oneDNN's inner product, on the weight as it is stored (a
+# plain row-major matrix: no reorder, no copy, so it still aliases the checkpoint's bytes).
+# ``F.linear`` sends float32 to MKL's sgemm, which on the 2-core AVX-512 bench machine takes
+# 1.8x (1 row), 1.6x (8 rows) and 1.2-1.4x (64-512 rows) as long for the benchmark model's
+# matrices. bf16 ``F.linear`` already runs oneDNN, and the op has no fp16 kernel here, so both
+# keep ``F.linear``. None: every dtype uses ``F.linear``.
+ONEDNN_LINEAR = _onednn_inner_product()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, by the fastest kernel this build has for the dtype and device."""
+    if ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same checkpoint names) computed by ``linear``; built
+    without gradients."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool) -> None:
+        super().__init__(n_in, n_out, bias=bias)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from gpu_runtime import kernels
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
-from gpu_runtime.layers import RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
+from gpu_runtime.layers import Linear, RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
 
 # HF tensor name -> our parameter path; ``{0}`` is the layer index. Tied embeddings add a
 # second target (see ``param_paths``).
@@ -27,20 +27,14 @@ WEIGHT_MAP: tuple[tuple[re.Pattern, str, str], ...] = (
 IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # old checkpoints store a derivable buffer
 
 
-def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, bias=bias)
-    layer.requires_grad_(False)
-    return layer
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
-        self.k_proj = _linear(c.hidden_size, c.kv_dim, c.attention_bias)
-        self.v_proj = _linear(c.hidden_size, c.kv_dim, c.attention_bias)
-        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.kv_dim, c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.kv_dim, c.attention_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, c.attention_bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -56,9 +50,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
-        self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
-        self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
@@ -92,7 +86,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.requires_grad_(False)
         self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c) for i in range(c.num_layers)})
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.lm_head = _linear(c.hidden_size, c.vocab_size, False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, False)
         self.inv_freq = rope_inv_freq(c.rope, c.head_dim)  # plain attribute: never on meta
 
     def prepare(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple:

@@ -11,6 +11,7 @@ from torch import nn
 
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
+from gpu_runtime.layers import Linear
 
 POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in (fairseq legacy)
 
@@ -26,12 +27,6 @@ WEIGHT_MAP: tuple[tuple[re.Pattern, str, str], ...] = (
 )
 
 
-def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, bias=bias)
-    layer.requires_grad_(False)
-    return layer
-
-
 def _layer_norm(dim: int) -> nn.LayerNorm:
     norm = nn.LayerNorm(dim)
     norm.requires_grad_(False)
@@ -42,10 +37,10 @@ class OPTAttention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = c.num_heads, c.head_dim
-        self.q_proj = _linear(c.hidden_size, c.hidden_size, c.attention_bias)
-        self.k_proj = _linear(c.hidden_size, c.hidden_size, c.attention_bias)
-        self.v_proj = _linear(c.hidden_size, c.hidden_size, c.attention_bias)
-        self.out_proj = _linear(c.hidden_size, c.hidden_size, c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
+        self.out_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -62,8 +57,8 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn_layer_norm = _layer_norm(c.hidden_size)
         self.self_attn = OPTAttention(c)
         self.final_layer_norm = _layer_norm(c.hidden_size)
-        self.fc1 = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
-        self.fc2 = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, aux: None,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -81,11 +76,11 @@ class OPTForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.embed_dim)
         self.embed_positions = nn.Embedding(c.max_position_embeddings + POSITION_OFFSET,
                                             c.hidden_size)
-        self.project_in = _linear(c.embed_dim, c.hidden_size, False) if has_proj else None
+        self.project_in = Linear(c.embed_dim, c.hidden_size, False) if has_proj else None
         self.layers = nn.ModuleDict({str(i): OPTDecoderLayer(c) for i in range(c.num_layers)})
         self.final_layer_norm = _layer_norm(c.hidden_size)
-        self.project_out = _linear(c.hidden_size, c.embed_dim, False) if has_proj else None
-        self.lm_head = _linear(c.embed_dim, c.vocab_size, False)
+        self.project_out = Linear(c.hidden_size, c.embed_dim, False) if has_proj else None
+        self.lm_head = Linear(c.embed_dim, c.vocab_size, False)
         self.requires_grad_(False)
 
     def prepare(self, meta: AttentionMetadata, dtype: torch.dtype) -> None:

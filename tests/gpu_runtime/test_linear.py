@@ -1,0 +1,47 @@
+"""The engine's linear kernel (``gpu_runtime.layers.linear``) against ``F.linear``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpu_runtime import layers
+from gpu_runtime.layers import Linear, linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [0, 1, 8, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(dtype, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    w = (torch.randn(80, 96, generator=g) * 0.1).to(dtype)
+    b = torch.randn(80, generator=g).to(dtype) if bias else None
+    with torch.inference_mode():
+        out, expected = linear(x, w, b), F.linear(x, w, b)
+    assert out.dtype == dtype and out.shape == (rows, 80)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+def test_linear_takes_strided_inputs_and_weights():
+    x = torch.randn(8, 128)[:, ::2]  # (8, 64), rows 128 apart
+    w = torch.randn(64, 48).t()  # (48, 64), column-major
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(layers.ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
+def test_float32_on_cpu_runs_onednn_on_the_stored_weight(monkeypatch):
+    calls = []
+    real = layers.ONEDNN_LINEAR
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR", lambda *a: calls.append(a) or real(*a))
+    layer = Linear(16, 4, bias=True)
+    layer(torch.randn(3, 16))
+    assert len(calls) == 1 and calls[0][1] is layer.weight, "the weight itself, not a copy"
+    layer.to(torch.bfloat16)(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert len(calls) == 1, "bf16 keeps F.linear"
+
+
+def test_linear_is_built_without_gradients():
+    assert not any(p.requires_grad for p in Linear(4, 4, bias=True).parameters())
