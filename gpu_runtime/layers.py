@@ -27,14 +27,19 @@ def _onednn_inner_product():
 # plain row-major matrix: no reorder, no copy, so it still aliases the checkpoint's bytes).
 # ``F.linear`` sends float32 to MKL's sgemm, which on the 2-core AVX-512 bench machine takes
 # 1.8x (1 row), 1.6x (8 rows) and 1.2-1.4x (64-512 rows) as long for the benchmark model's
-# matrices. bf16 ``F.linear`` already runs oneDNN, and the op has no fp16 kernel here, so both
-# keep ``F.linear``. None: every dtype uses ``F.linear``.
+# matrices. oneDNN's call costs ~13 us more (its primitive lookup), which loses on small
+# matrices: below ONEDNN_MIN_WEIGHT elements (~512 x 1024, where the two break even in one
+# thread) ``F.linear`` stays. bf16 ``F.linear`` already runs oneDNN, and the op has no fp16
+# kernel here, so both keep ``F.linear``. None: every dtype uses ``F.linear``.
 ONEDNN_LINEAR = _onednn_inner_product()
+ONEDNN_MIN_WEIGHT = 1 << 19
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``, by the fastest kernel this build has for the dtype and device."""
-    if ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+    """``x @ weight.T + bias``, by the fastest kernel this build has for the dtype, device and
+    size."""
+    if (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.numel() >= ONEDNN_MIN_WEIGHT):
         return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
