@@ -2,7 +2,7 @@
  * and the sampler's argmax / log-sum-exp, each one pass where torch runs several kernels. */
 #include "kernels.h"
 
-int hydra_abi_version(void) { return 1; }
+int hydra_abi_version(void) { return 2; }
 
 /* ---- elementwise kernels of a Llama layer --------------------------------------------- */
 
