@@ -3,9 +3,14 @@ knows nothing of pipelines, stages or transport (see ``gpu_runtime.stage``)."""
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 
 from gpu_runtime.config import ModelConfig
+
+# an architecture's HF weight-name table: (pattern, parameter path template, role), the role
+# being embed, layer (the pattern's first group is the layer index) or head
+WeightMap = tuple[tuple[re.Pattern, str, str], ...]
 
 
 def model_module(config: ModelConfig) -> ModuleType:
@@ -13,3 +18,21 @@ def model_module(config: ModelConfig) -> ModuleType:
     from gpu_runtime.models import llama, opt
 
     return {"llama": llama, "opt": opt}[config.arch]
+
+
+def match_weight(weight_map: WeightMap, tied: bool, hf_name: str,
+                 family: str) -> tuple[str, list[str]]:
+    """(role, parameter paths) of one HF tensor by an architecture's name table: ``layer:<i>``
+    for a decoder layer's tensor, ``tied`` for the token embedding when the LM head shares it
+    (both paths), otherwise the table's role. ``family`` names the architecture in the error."""
+    for pattern, template, role in weight_map:
+        m = pattern.fullmatch(hf_name)
+        if not m:
+            continue
+        path = template.format(*m.groups())
+        if role == "layer":
+            return f"layer:{m.group(1)}", [path]
+        if role == "embed" and tied and path == "embed_tokens.weight":
+            return "tied", [path, "lm_head.weight"]
+        return role, [path]
+    raise KeyError(f"tensor {hf_name!r} is not part of {family} checkpoint")

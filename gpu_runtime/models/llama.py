@@ -14,10 +14,11 @@ from gpu_runtime import kernels
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
 from gpu_runtime.layers import Linear, RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
+from gpu_runtime.models import WeightMap, match_weight
 
 # HF tensor name -> our parameter path; ``{0}`` is the layer index. Tied embeddings add a
 # second target (see ``param_paths``).
-WEIGHT_MAP: tuple[tuple[re.Pattern, str, str], ...] = (
+WEIGHT_MAP: WeightMap = (
     # (pattern, parameter path, role: embed | layer | head)
     (re.compile(r"model\.embed_tokens\.weight"), "embed_tokens.weight", "embed"),
     (re.compile(r"model\.layers\.(\d+)\.(.+)"), "layers.{0}.{1}", "layer"),
@@ -102,16 +103,8 @@ class LlamaForCausalLM(nn.Module):
 
 
 def param_paths(c: ModelConfig, hf_name: str) -> tuple[str, list[str]]:
-    """(role, parameter paths) of one HF tensor; role is embed, layer:<i> or head."""
+    """(role, parameter paths) of one HF tensor; role is embed, tied, layer:<i>, head or
+    ignored."""
     if IGNORED.fullmatch(hf_name):
         return "ignored", []
-    for pattern, template, role in WEIGHT_MAP:
-        m = pattern.fullmatch(hf_name)
-        if not m:
-            continue
-        if role == "layer":
-            return f"layer:{m.group(1)}", [template.format(*m.groups())]
-        if role == "embed" and c.tie_word_embeddings:
-            return "tied", [template, "lm_head.weight"]
-        return role, [template]
-    raise KeyError(f"tensor {hf_name!r} is not part of a Llama checkpoint")
+    return match_weight(WEIGHT_MAP, c.tie_word_embeddings, hf_name, "a Llama")

@@ -12,10 +12,11 @@ from torch import nn
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
 from gpu_runtime.layers import Linear
+from gpu_runtime.models import WeightMap, match_weight
 
 POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in (fairseq legacy)
 
-WEIGHT_MAP: tuple[tuple[re.Pattern, str, str], ...] = (
+WEIGHT_MAP: WeightMap = (
     (re.compile(r"model\.decoder\.embed_tokens\.weight"), "embed_tokens.weight", "embed"),
     (re.compile(r"model\.decoder\.embed_positions\.weight"), "embed_positions.weight", "embed"),
     (re.compile(r"model\.decoder\.project_in\.weight"), "project_in.weight", "embed"),
@@ -101,13 +102,4 @@ class OPTForCausalLM(nn.Module):
 
 def param_paths(c: ModelConfig, hf_name: str) -> tuple[str, list[str]]:
     """(role, parameter paths) of one HF tensor; role is embed, tied, layer:<i> or head."""
-    for pattern, template, role in WEIGHT_MAP:
-        m = pattern.fullmatch(hf_name)
-        if not m:
-            continue
-        if role == "layer":
-            return f"layer:{m.group(1)}", [template.format(*m.groups())]
-        if hf_name.endswith("embed_tokens.weight") and c.tie_word_embeddings:
-            return "tied", [template, "lm_head.weight"]
-        return role, [template.format(*m.groups())]
-    raise KeyError(f"tensor {hf_name!r} is not part of an OPT checkpoint")
+    return match_weight(WEIGHT_MAP, c.tie_word_embeddings, hf_name, "an OPT")
