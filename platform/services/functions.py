@@ -50,9 +50,10 @@ TARGET_LOOKUP = (  # built once: every invocation runs it
 
 def get_target(session: Session, who: Principal, name: str) -> Target:
     """The version the alias of the caller's live function ``name`` points at, in one query of
-    plain columns (the invocation path needs nothing else)."""
+    plain columns on the session's Core connection (the invocation path needs nothing else)."""
     check_name(name, "name", "function name")
-    row = session.execute(TARGET_LOOKUP, {"tenant_id": who.tenant_id, "name": name}).first()
+    row = session.connection().execute(TARGET_LOOKUP, {"tenant_id": who.tenant_id,
+                                                       "name": name}).first()
     if row is None:
         raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
     return Target(*row)

@@ -97,8 +97,8 @@ KEY_LOOKUP = (select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_i
 
 def authenticate(session: Session, key: str) -> Principal:
     """The key's principal (every request pays for this: a statement built once, plain
-    columns, no ORM objects)."""
-    row = session.execute(KEY_LOOKUP, {"key_hash": hash_key(key)}).first()
+    columns, run on the session's Core connection, no ORM execution context)."""
+    row = session.connection().execute(KEY_LOOKUP, {"key_hash": hash_key(key)}).first()
     if row is None:
         raise AuthenticationFailed("invalid API key; check the key or ask an admin for a new one")
     return Principal(*row)
