@@ -121,7 +121,16 @@ def build() -> Path:
     return target
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+# what loading can raise: no compiler or a failed build, a library the loader refuses, a
+# compiler run that hung, a symbol missing from the library
+LOAD_ERRORS = (NativeBuildError, OSError, subprocess.SubprocessError, AttributeError)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """The library at ``path``, its functions declared and its ABI checked."""
+    import torch  # noqa: F401  (first: its libgomp.so.1 is the one the library binds to)
+
+    lib = ctypes.CDLL(str(path))  # CDLL calls release the GIL
     for name, (restype, argtypes) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
@@ -137,23 +146,20 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("HYDRA_NATIVE", "1") == "0":
         log.info("native CPU kernels off (HYDRA_NATIVE=0): using the torch path")
         return None
-    import torch  # noqa: F401  (first: its libgomp.so.1 is the one the library binds to)
-
     try:
-        return _declare(ctypes.CDLL(str(build())))  # CDLL calls release the GIL
-    except (NativeBuildError, OSError, subprocess.SubprocessError, AttributeError) as e:
+        return _open(build())
+    except LOAD_ERRORS as e:
         log.warning("native CPU kernels unavailable, using the torch path: %s", e)
         return None
 
 
 def main() -> int:
-    """``python -m gpu_runtime.native``: build now (image build, ``make venv``)."""
-    import torch  # noqa: F401  (as in ``load``: check the library against torch's libgomp)
-
+    """``python -m gpu_runtime.native``: build now (image build, ``make venv``) and check that
+    the library loads."""
     try:
         path = build()
-        _declare(ctypes.CDLL(str(path)))
-    except (NativeBuildError, OSError, subprocess.SubprocessError) as e:
+        _open(path)
+    except LOAD_ERRORS as e:
         print(f"native kernels not built: {e}", file=sys.stderr)
         return 1
     print(path)
