@@ -5,12 +5,12 @@ batch of hidden vectors of the same shape and dtype, by the engine's own linear 
 ``gpu_runtime.layers.linear``; ``floor_flinear_ms`` is the same with plain ``F.linear``).
 
     python bench/tpot.py --json bench/results/tpot.json          # full: ~370M params
-    python bench/tpot.py --quick --json /tmp/tpot.json            # small model, ~2 minutes
+    python bench/tpot.py --quick --json /tmp/tpot.json            # small model, ~20 s
 
-All four run interleaved, one decode step each in turn: ``generate`` calls a logits processor
+All sides run interleaved, one decode step each in turn: ``generate`` calls a logits processor
 once per token, and that processor runs one step of our standalone engine, one of our pipeline
 and the floor measurements before handing back (its own time is excluded from transformers'
-step). Neighbours' load therefore hits the four sides within milliseconds of each other. Ratios
+step). Neighbours' load therefore hits every side within milliseconds of each other. Ratios
 are medians of per-step ratios of these adjacent measurements; absolute figures are the best
 round's median. Ratios without a dtype suffix are the worst over the dtypes measured.
 """
@@ -198,15 +198,15 @@ def run_dtype(dtype: str, cfg: BenchConfig, model_dir: Path, threads: int, pp: i
 def summarise(rounds: list[dict], hops: list[float], prompt_tokens: int) -> dict:
     """Absolute figures: best round's median. Ratios: median over every decode step of the
     ratio of adjacent measurements."""
-    names = {"ours": "e0", "pp": "e1", "transformers": "hf", "floor": "floor",
-             "floor_flinear": "floor_flinear"}
-    out: dict = {}
-    for name, key in names.items():
-        out[f"{name}_tpot_ms"] = 1e3 * min(median(r[key][1:]) for r in rounds)
-    for name in ("ours", "pp", "transformers"):
-        out[f"{name}_prefill_tok_s"] = prompt_tokens / min(r[names[name]][0] for r in rounds)
-    out["floor_ms"] = out.pop("floor_tpot_ms")
-    out["floor_flinear_ms"] = out.pop("floor_flinear_tpot_ms")
+    sides = {"ours": "e0", "pp": "e1", "transformers": "hf"}
+
+    def best_ms(key: str) -> float:
+        return 1e3 * min(median(r[key][1:]) for r in rounds)
+
+    out: dict = {f"{name}_tpot_ms": best_ms(key) for name, key in sides.items()}
+    out |= {f"{key}_ms": best_ms(key) for key in ("floor", "floor_flinear")}
+    for name, key in sides.items():
+        out[f"{name}_prefill_tok_s"] = prompt_tokens / min(r[key][0] for r in rounds)
     out["hop_overhead_ms"] = 1e3 * median(hops)
 
     def paired(a: str, b: str) -> float:
