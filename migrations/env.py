@@ -5,7 +5,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from hydraserve.db.models import Base
+from hydraserve.models import Base
 from hydraserve.settings import Settings
 
 config = context.config

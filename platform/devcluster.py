@@ -174,8 +174,8 @@ def wait_nodes(settings: Settings, node_ids: list[str], layout: Layout,
                timeout_s: float = 120.0) -> None:
     from sqlalchemy import select, text
 
-    from hydraserve.db.base import make_engine, make_session_factory
-    from hydraserve.db.cluster import Node
+    from hydraserve.cluster.models import Node
+    from hydraserve.db import make_engine, make_session_factory
     from hydraserve.scheduler.loop import LOCK_KEY
 
     engine = make_engine(settings.database_url)

@@ -8,6 +8,8 @@ clients map them to their own exception classes.
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 
 class HydraError(Exception):
     status = 500
@@ -71,3 +73,15 @@ class RateLimited(HydraError):
 class ServiceUnavailable(HydraError):
     status = 503
     type = "service_unavailable"
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` object of every error body (the schema /openapi.json documents)."""
+
+    type: str
+    message: str
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

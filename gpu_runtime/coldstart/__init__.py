@@ -22,6 +22,7 @@ from gpu_runtime.coldstart.errors import (
     WorkerStartError,
     WorkerTimeoutError,
 )
+from gpu_runtime.coldstart.handoff import StageServer, check_server
 from gpu_runtime.coldstart.launch import ColdStartGroup, LaunchedStage, launch_stage, start_fetch
 from gpu_runtime.coldstart.plan import EngineShape, StageAssignment, StagePlan, plan_group
 from gpu_runtime.coldstart.pool import StageHandle, WorkerPool, WorkerPoolConfig
@@ -43,8 +44,9 @@ from gpu_runtime.coldstart.timeline import (
 __all__ = [
     "PHASES", "AssignmentError", "ColdStartError", "ColdStartGroup", "ColdStartTimeline",
     "CopyConfig", "EngineShape", "LaunchedStage", "LoadStats", "LoadedStage", "PoolClosedError",
-    "StageAssignment", "StageHandle", "StageLoadError", "StagePlan", "StageTimeline",
+    "StageAssignment", "StageHandle", "StageLoadError", "StagePlan", "StageServer",
+    "StageTimeline",
     "StreamConfig", "TimelineError", "WorkerDiedError", "WorkerFailedError", "WorkerPool",
-    "WorkerPoolConfig", "WorkerStartError", "WorkerTimeoutError", "launch_stage", "plan_group",
+    "WorkerPoolConfig", "WorkerStartError", "WorkerTimeoutError", "check_server", "launch_stage", "plan_group",
     "stage_entries", "start_fetch", "stream_into", "stream_stage",
 ]

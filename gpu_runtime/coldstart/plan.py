@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from gpu_runtime.checkpoint import CheckpointIndex, TensorEntry
 from gpu_runtime.coldstart.errors import AssignmentError
+from gpu_runtime.coldstart.handoff import StageServer, check_server
 from gpu_runtime.coldstart.stream import stage_entries
 from gpu_runtime.config import DTYPES, parse_config
 from gpu_runtime.kv_cache import blocks_for_budget
@@ -55,15 +56,9 @@ class StagePlan:
     addresses: tuple[str, ...]  # channel address of every stage (empty when pp = 1)
     engine: EngineShape
     plan_time: float  # wall clock of the scheduler's decision
-    # Stage 0 only: "module:function" that takes over once the engine is up, called as
-    # fn(engine, serve_args, report), instead of serving the pool's pipe. This is how a caller
-    # (the platform's request loop) runs in the worker without the data plane importing it.
-    serve: str | None = None
-    serve_args: dict = field(default_factory=dict)
-    # With ``serve``: "module:function" called as fn(serve_args) in a thread while the stage
-    # loads (connections, lookups); its result is passed on: fn(engine, serve_args, report,
-    # prepared). Whatever it does is then off the cold start's critical path.
-    prepare: str | None = None
+    # Stage 0 only: what takes over once the engine is up, instead of serving the pool's pipe
+    # (the platform's request loop; see handoff.py). Its ``prepare`` runs while the stage loads.
+    server: StageServer | None = None
 
     def __post_init__(self) -> None:
         pp = self.spec.num_stages
@@ -72,6 +67,11 @@ class StagePlan:
                                   f"stage), got {len(self.addresses)}", "addresses")
         if not self.entries:
             raise AssignmentError(f"stage {self.spec.index} has no tensors to fetch", "stage")
+        if self.server is not None:
+            if not self.spec.is_first:
+                raise AssignmentError(f"stage {self.spec.index} got a stage server; only "
+                                      "stage 0 serves requests", "server")
+            check_server(self.server)
 
     @property
     def pp(self) -> int:

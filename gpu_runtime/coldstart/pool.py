@@ -29,6 +29,7 @@ from gpu_runtime.coldstart.errors import (
     WorkerStartError,
     WorkerTimeoutError,
 )
+from gpu_runtime.coldstart.handoff import check_server_class
 from gpu_runtime.coldstart.plan import StageAssignment
 from gpu_runtime.coldstart.worker import WorkerBoot, worker_main
 from gpu_runtime.sampling import SamplingParams
@@ -46,9 +47,9 @@ class WorkerPoolConfig:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     num_threads: int | None = None
     refill: bool = True  # start a replacement whenever a pre-started worker is taken
-    # modules a worker imports at boot, besides the runtime: what a ``serve`` hook needs, paid
-    # for by a pre-started worker before any cold start instead of during one
-    preload: tuple[str, ...] = ()
+    # StageServer classes this pool's workers will be handed: their modules are imported at
+    # boot, paid for by a pre-started worker before any cold start instead of during one
+    preload: tuple[type, ...] = ()
     boot_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class WorkerPoolConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise AssignmentError(f"num_threads={self.num_threads}; allowed >= 1 or None",
                                   "num_threads")
+        for cls in self.preload:
+            check_server_class(cls)
         if self.boot_timeout_s <= 0:
             raise AssignmentError(f"boot_timeout_s={self.boot_timeout_s}; must be > 0",
                                   "boot_timeout_s")
@@ -222,7 +225,7 @@ class WorkerPool:
         parent, child = self._ctx.Pipe()
         self._count += 1
         boot = WorkerBoot(self.config.device, self.config.num_threads, time.time(),
-                          self.config.preload)
+                          tuple(cls.__module__ for cls in self.config.preload))
         proc = self._ctx.Process(target=worker_main, args=(child, boot), daemon=True,
                                  name=f"hydra-worker-{self.config.node_id}-{self._count}")
         proc.start()

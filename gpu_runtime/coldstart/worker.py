@@ -35,7 +35,7 @@ class WorkerBoot:
     device: str = "cpu"
     num_threads: int | None = None
     spawned_at: float = 0.0  # wall clock when the pool started the process
-    preload: tuple[str, ...] = ()  # more modules to import at boot
+    preload: tuple[str, ...] = ()  # modules of the pool's StageServer classes, imported at boot
 
 
 def worker_main(conn: Connection, boot: WorkerBoot) -> None:
@@ -105,7 +105,7 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     from gpu_runtime.prefetch import open_buffer
 
     plan = assignment.plan
-    prepared = _start_prepare(plan)  # the serve hook's own setup, overlapping the load
+    prepared = _start_prepare(plan)  # the stage server's own setup, overlapping the load
     config = parse_config(plan.config)
     dtype = resolve_dtype(plan.engine.dtype, config)
     device = torch.device(boot.device)
@@ -132,9 +132,9 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     report["ready"] = time.time()
     conn.send(("ready", report))
     try:
-        if plan.serve:
-            extra = (prepared.result(),) if prepared is not None else ()
-            _import(plan.serve)(engine, plan.serve_args, report, *extra)
+        if plan.server is not None:
+            assert prepared is not None, "a stage server's prepare was not started"
+            plan.server.serve(engine, report, prepared.result())
         else:
             _serve_requests(conn, engine)
     finally:
@@ -143,28 +143,20 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
 
 
 def _start_prepare(plan) -> Future | None:
-    """Runs the plan's ``prepare`` hook in a thread; its error surfaces at ``result()``."""
-    if not (plan.serve and plan.prepare):
+    """Runs the stage server's ``prepare`` in a thread; its error surfaces at ``result()``."""
+    if plan.server is None:
         return None
-    hook, future = _import(plan.prepare), Future()
+    server, future = plan.server, Future()
 
     def run() -> None:
         try:
-            future.set_result(hook(plan.serve_args))
+            future.set_result(server.prepare())
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
             future.set_exception(exc)
 
     # a daemon thread: a worker whose load failed exits without waiting for it
     threading.Thread(target=run, name="prepare", daemon=True).start()
     return future
-
-
-def _import(target: str):
-    """``"package.module:function"`` -> the function."""
-    import importlib
-
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _serve_requests(conn: Connection, engine) -> None:

@@ -1,1 +1,1 @@
-"""HTTP API: Flask app factory, thin views over the services, JSON errors, OpenAPI."""
+"""HTTP only: the Flask app factory, JSON errors, OpenAPI, and one thin blueprint per domain."""

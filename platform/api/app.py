@@ -10,11 +10,12 @@ from flask import Flask, g, jsonify
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from hydraserve.db.base import make_engine, make_session_factory
+from hydraserve.broker import Publisher
+from hydraserve.db import make_engine, make_session_factory
 from hydraserve.errors import HydraError, RateLimited
-from hydraserve.messaging import Publisher, ReplyListener
-from hydraserve.services.tenants import bootstrap_admin_key
+from hydraserve.invocations.replies import ReplyListener
 from hydraserve.settings import Settings
+from hydraserve.tenants.service import bootstrap_admin_key
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ class Extension:
 def create_app(settings: Settings | None = None,
                session_factory: sessionmaker | None = None) -> Flask:
     """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
-    from hydraserve.api.views import admin, functions, invocations, meta, openai
+    from hydraserve.api.views import functions, invocations, meta, openai, tenants
 
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
     app = Flask(__name__)
     app.json.sort_keys = False
     app.extensions["hydraserve"] = Extension(settings, session_factory)
-    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, admin.bp):
+    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
     app.teardown_appcontext(close_session)

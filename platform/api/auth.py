@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from flask import current_app, g, request
+from flask import request
 
+from hydraserve.api.context import db
 from hydraserve.errors import AuthenticationFailed, PermissionDenied
-from hydraserve.services.tenants import Principal, authenticate
-
-
-def db():
-    """The request's database session (opened on first use, closed at teardown)."""
-    if "db" not in g:
-        g.db = current_app.extensions["hydraserve"].session_factory()
-    return g.db
+from hydraserve.tenants.service import Principal, authenticate
 
 
 def bearer_key() -> str:

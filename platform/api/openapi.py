@@ -14,8 +14,7 @@ from flask import Blueprint, g, request
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from hydraserve.errors import InvalidRequest, UnsupportedMediaType
-from hydraserve.schemas import ErrorBody
+from hydraserve.errors import ErrorBody, InvalidRequest, UnsupportedMediaType
 
 REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {"400": "bad request", "401": "missing or invalid API key",

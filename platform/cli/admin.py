@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from hydraserve.db.base import make_engine, make_session_factory
+from hydraserve.db import make_engine, make_session_factory
 from hydraserve.errors import HydraError
-from hydraserve.services import tenants
 from hydraserve.settings import Settings
+from hydraserve.tenants import service as tenants
 
 
 def session():

@@ -7,7 +7,7 @@ import re
 
 import click
 
-from hydraserve.services.nodes import DeviceSpec
+from hydraserve.cluster.service import DeviceSpec
 from hydraserve.settings import Settings
 
 UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
@@ -56,9 +56,9 @@ def node(node_id: str, devices: str, device_mem: str, link_mbps: float | None,
          threads: int | None, loader: str, cache_mem: str, prestarted: int) -> None:
     """Run a node agent: register, heartbeat, run stage workers placed here."""
     from gpu_runtime.pipeline import prefer_short_spin
-    from hydraserve.messaging import node_queue
-    from hydraserve.tasks.agent import NodeAgent, set_agent
+    from hydraserve.broker import node_queue
     from hydraserve.tasks.celery_app import celery_app
+    from hydraserve.tasks.node.agent import NodeAgent, set_agent
 
     prefer_short_spin()  # workers start with short OpenMP spins: stages share the cores
 

@@ -1,2 +1,3 @@
-"""Cluster scheduler: planner (pipeline size, memory share, placement), network-contention model,
-keep-alive and consolidation decisions. Empty until the serving path lands (see docs/architecture.md)."""
+"""Cluster scheduler: the pure planner (pipeline size, memory share, placement) and link
+contention model, the scheduler's read of the cluster, the actions it takes, and the loop that
+applies them (one leader, standbys)."""

@@ -18,20 +18,18 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from hydraserve.db.base import make_engine, make_session_factory, utcnow
-from hydraserve.db.cluster import Instance
-from hydraserve.db.registry import Function, FunctionVersion
-from hydraserve.db.serving import Invocation
-from hydraserve.scheduler import actions, state
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.models import MAX_BATCH, Instance
+from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, utcnow
+from hydraserve.functions.models import Function, FunctionVersion
+from hydraserve.invocations import service as invocations
+from hydraserve.scheduler import actions
 from hydraserve.scheduler.actions import Profile, Sender
 from hydraserve.scheduler.planner import PlannerConfig
-from hydraserve.services.invocations import EVENTS_CHANNEL
-from hydraserve.services.nodes import close_instance
 from hydraserve.settings import Settings
 
 log = logging.getLogger("hydraserve.scheduler")
 LOCK_KEY = 0x48594452  # "HYDR"
-MAX_BATCH = 16
 MIN_GAP_S = 0.05
 # Under a stream of requests, scale-out looks run at most this often: every request notifies,
 # and a warm one needs nothing from the scheduler. After a quiet spell the first request of a
@@ -101,9 +99,9 @@ class Scheduler:
 
     def _full_pass(self, s) -> None:
         actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
-        actions.expire_queued(s, self.settings.max_queue_s)
+        invocations.expire_queued(s, self.settings.max_queue_s)
         self.stop_broken_groups(s)
-        self.requeue_orphans(s)
+        invocations.requeue_orphans(s)
         self.scale_in(s)
         self.scale_out(s)
 
@@ -121,7 +119,7 @@ class Scheduler:
 
     def stop_broken_groups(self, s) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)
-        for group in state.groups(s).values():
+        for group in cluster.live_groups(s).values():
             if group[0].stage_index != 0:  # stage 0 has ended: the rest of the ring follows it
                 actions.stop_group(s, self.sender, group, kill=True)
                 continue
@@ -130,29 +128,16 @@ class Scheduler:
                 continue
             stuck = [i for i in live if i.status == "starting" and i.created_at < stuck_before]
             for inst in stuck:
-                close_instance(s, inst.id, "failed", f"not ready after {self.start_timeout_s:.0f} s")
+                cluster.close_instance(s, inst.id, "failed", f"not ready after {self.start_timeout_s:.0f} s")
             if stuck or len(group) < group[0].num_stages:
                 log.warning("plan %s is broken (%d of %d stages live): stopping it",
                             group[0].plan_id, len(group), group[0].num_stages)
                 actions.stop_group(s, self.sender, [i for i in group if i not in stuck], kill=True)
 
-    def requeue_orphans(self, s) -> None:
-        """Running invocations whose group is gone go back to queued (their message is back on
-        the queue already, since it was never acked)."""
-        dead = select(Instance.id).where(Instance.status.in_(("failed", "released")))
-        running = s.scalars(select(Invocation).where(Invocation.status == "running")
-                            .with_for_update(skip_locked=True)).all()
-        dead_ids = set(s.scalars(dead.where(Instance.id.in_(
-            {i.instance_ids[0] for i in running if i.instance_ids}))))
-        for inv in running:
-            if inv.instance_ids and inv.instance_ids[0] in dead_ids:
-                inv.status = "queued"
-        s.commit()
-
     def scale_in(self, s) -> None:
         now = utcnow()
         by_version: dict[int, list[list[Instance]]] = {}
-        for group in state.groups(s).values():
+        for group in cluster.live_groups(s).values():
             by_version.setdefault(group[0].function_version_id, []).append(group)
         for fv_id, groups in by_version.items():
             fv = s.get(FunctionVersion, fv_id)
@@ -173,12 +158,12 @@ class Scheduler:
     def scale_out(self, s, function_ids: set[int] | None = None) -> None:
         """Plans groups for queued demand (of ``function_ids`` only, when given) and, on a full
         pass, for ``min_instances``."""
-        wants = {d.function_version_id: d for d in state.demand(s, function_ids)}
+        wants = {d.function_version_id: d for d in invocations.queued_demand(s, function_ids)}
         for fv in self.prewarm_versions(s) if function_ids is None else ():
             wants.setdefault(fv, None)
         for fv_id, d in wants.items():
             fv = s.get(FunctionVersion, fv_id)
-            groups = [g for g in state.groups(s, fv_id).values()
+            groups = [g for g in cluster.live_groups(s, fv_id).values()
                       if all(i.status != "stopping" for i in g)]
             starting = any(any(i.status == "starting" for i in g) for g in groups)
             queued = d.queued if d else 0

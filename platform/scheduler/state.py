@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hydraserve.db.base import utcnow
-from hydraserve.db.cluster import Device, Instance, Node, Plan
-from hydraserve.db.serving import Invocation
+from hydraserve.cluster.models import LIVE, Device, Instance, Node, Plan
+from hydraserve.db import utcnow
 from hydraserve.scheduler.network import Link, Reservation
 from hydraserve.scheduler.planner import Device as PlannerDevice
 from hydraserve.scheduler.planner import NodeState
 
-LIVE = ("starting", "ready", "stopping")
 UNCAPPED_BYTES_PER_S = 1.25e9  # a node without an emulated cap: assume a 10 Gb/s link
-
-
-@dataclass(frozen=True, slots=True)
-class Demand:
-    function_version_id: int
-    queued: int
-    oldest_queued_at: datetime
-
-
-def demand(session: Session, function_ids: set[int] | None = None) -> list[Demand]:
-    """Queued requests per function version (of ``function_ids`` only, when given)."""
-    q = (select(Invocation.function_version_id, func.count(), func.min(Invocation.queued_at))
-         .where(Invocation.status == "queued").group_by(Invocation.function_version_id))
-    if function_ids is not None:
-        q = q.where(Invocation.function_id.in_(function_ids))
-    return [Demand(*row) for row in session.execute(q)]
 
 
 def link_of(node: Node, fetches: list[Reservation]) -> Link:
@@ -78,15 +58,4 @@ def active_fetches(session: Session, starting: list[Instance]) -> dict[str, list
         age = (now - inst.created_at).total_seconds()
         out[inst.node_id].append(Reservation(stage["fetch_bytes"],
                                              max(stage.get("deadline_s", 0) - age, 1e-3)))
-    return out
-
-
-def groups(session: Session, function_version_id: int | None = None) -> dict[int, list[Instance]]:
-    """Live pipeline groups by plan id, each a list of instances by stage."""
-    q = select(Instance).where(Instance.status.in_(LIVE)).order_by(Instance.stage_index)
-    if function_version_id is not None:
-        q = q.where(Instance.function_version_id == function_version_id)
-    out: dict[int, list[Instance]] = defaultdict(list)
-    for inst in session.scalars(q):
-        out[inst.plan_id or -inst.id].append(inst)
     return out

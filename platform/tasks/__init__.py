@@ -1,2 +1,1 @@
-"""Celery app, per-node queue routing and task definitions. Empty until the serving path lands
-(see docs/architecture.md)."""
+"""Celery app and its thin node tasks (``node_tasks``), and what runs on a node (``node``)."""

@@ -12,7 +12,7 @@ from hydraserve.settings import Settings
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("hydraserve", broker=settings.broker_url, include=["hydraserve.tasks.node"])
+    app = Celery("hydraserve", broker=settings.broker_url, include=["hydraserve.tasks.node_tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -9,7 +9,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
 from hydraserve.cli.db import alembic_config, downgrade, drop_database, upgrade
-from hydraserve.db.models import Base
+from hydraserve.models import Base
 from tests.conftest import fresh_database_url
 
 

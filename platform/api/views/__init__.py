@@ -1,1 +1,1 @@
-"""Blueprints: thin views that parse, call one service and serialise."""
+"""Blueprints, one per domain: thin views that parse, call one service and serialise."""

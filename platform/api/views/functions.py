@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, g, request
 
-from hydraserve.api.auth import db
+from hydraserve.api.context import db, settings
 from hydraserve.api.openapi import operation
-from hydraserve.api.serialize import function_out
 from hydraserve.errors import InvalidRequest
-from hydraserve.schemas import (
-    NAME_PATTERN,
+from hydraserve.functions import service
+from hydraserve.functions.schemas import (
     Deleted,
     FunctionCreate,
     FunctionList,
     FunctionOut,
     FunctionPatch,
+    function_out,
 )
-from hydraserve.services import functions as service
+from hydraserve.validation import NAME_PARAM
 
 bp = Blueprint("functions", __name__)
-NAME = {"name": {"type": "string", "pattern": NAME_PATTERN}}
+NAME = {"name": NAME_PARAM}
 PAGE = {"limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
         "offset": {"type": "integer", "minimum": 0, "default": 0}}
-
-
-def settings():
-    return current_app.extensions["hydraserve"].settings
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:

@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 
-from hydraserve.api.auth import db
+from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
-from hydraserve.api.serialize import invocation_out
-from hydraserve.db.registry import FunctionVersion
 from hydraserve.errors import InvalidRequest, ServiceUnavailable
-from hydraserve.schemas import NAME_PATTERN, InvocationOut, InvokeRequest
-from hydraserve.services import functions, invocations
-from hydraserve.services.invocations import Waiter
+from hydraserve.functions import service as functions
+from hydraserve.invocations import service as invocations
+from hydraserve.invocations.models import FINISHED
+from hydraserve.invocations.replies import Waiter
+from hydraserve.invocations.schemas import InvocationOut, InvokeRequest, invocation_out
+from hydraserve.validation import NAME_PARAM
 
 bp = Blueprint("invocations", __name__)
-NAME = {"name": {"type": "string", "pattern": NAME_PATTERN}}
+NAME = {"name": NAME_PARAM}
 ID = {"id": {"type": "string", "maxLength": 40}}
-
-
-def runtime():
-    return current_app.extensions["hydraserve"]
 
 
 def wants_stream() -> bool:
@@ -36,7 +33,7 @@ def wants_async() -> bool:
 def sync_deadline_s() -> float:
     raw = request.args.get("timeout_s")
     if raw is None:
-        return runtime().settings.sync_deadline_s
+        return extension().settings.sync_deadline_s
     try:
         value = float(raw)
     except ValueError:
@@ -50,7 +47,7 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
     """Accepts an invocation; with ``follow``, subscribes to its events first (every token with
     ``stream``, else only the outcome)."""
     target = functions.get_target(db(), g.principal, name)
-    rt = runtime()
+    rt = extension()
     inv_id = invocations.new_id()
     listener = rt.listener() if follow else None
     events = listener.subscribe(inv_id) if listener else None
@@ -83,7 +80,7 @@ def invoke(name: str, body: InvokeRequest):
     finally:
         waiter.close()
     inv = waiter.load()
-    if inv.status not in invocations.FINISHED:
+    if inv.status not in FINISHED:
         return accepted(function, inv)
     return finished(function, inv)
 
@@ -111,7 +108,7 @@ def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Respons
                     continue
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
             inv = waiter.load()
-            done = inv.status in invocations.FINISHED
+            done = inv.status in FINISHED
             final = invocation_out(inv, *function).model_dump(mode="json")
             yield f"event: invocation\ndata: {json.dumps(final)}\n\n"
         finally:
@@ -127,7 +124,7 @@ def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Respons
            response=InvocationOut, path_params=ID)
 def get_invocation(id: str):  # noqa: A002 (the path parameter's name)
     inv = invocations.get(db(), g.principal, id)
-    return invocation_out(inv, *function_of(inv)).model_dump(mode="json")
+    return invocation_out(inv, *invocations.function_of(db(), inv)).model_dump(mode="json")
 
 
 @operation(bp, "/v1/invocations/<id>/cancel", "POST", summary="Cancel an invocation",
@@ -135,10 +132,4 @@ def get_invocation(id: str):  # noqa: A002 (the path parameter's name)
 def cancel_invocation(id: str):  # noqa: A002
     inv = invocations.get(db(), g.principal, id)
     invocations.cancel(db(), inv)
-    return invocation_out(inv, *function_of(inv)).model_dump(mode="json")
-
-
-def function_of(inv) -> tuple[str, int]:
-    """(function name, version number) an invocation ran against."""
-    version = db().get(FunctionVersion, inv.function_version_id)
-    return version.function.name, version.version
+    return invocation_out(inv, *invocations.function_of(db(), inv)).model_dump(mode="json")

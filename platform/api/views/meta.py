@@ -7,7 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from hydraserve.api import openapi
-from hydraserve.api.auth import db
+from hydraserve.api.context import db
 from hydraserve.errors import ServiceUnavailable
 
 bp = Blueprint("meta", __name__)

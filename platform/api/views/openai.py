@@ -12,17 +12,23 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, g
 from pydantic import ValidationError
 
-from hydraserve.api.auth import db
+from hydraserve.api.context import db
 from hydraserve.api.openapi import operation, validation_error
 from hydraserve.api.views.invocations import start
 from hydraserve.errors import InvalidRequest, NotFound, ServiceUnavailable
-from hydraserve.schemas import ChatRequest, CompletionRequest, InvokeRequest, OpenAIBase
-from hydraserve.services import functions, invocations
-from hydraserve.services.invocations import Waiter
+from hydraserve.functions import service as functions
+from hydraserve.invocations.models import FINISHED
+from hydraserve.invocations.replies import Waiter
+from hydraserve.invocations.schemas import (
+    OPENAI_DEFAULT_MAX_TOKENS,
+    ChatRequest,
+    CompletionRequest,
+    InvokeRequest,
+    OpenAIBase,
+)
 
 bp = Blueprint("openai", __name__)
 DEADLINE_S = 600.0
-DEFAULT_MAX_TOKENS = 16
 
 
 @operation(bp, "/v1/models", "GET", summary="Your functions, as OpenAI models")
@@ -49,7 +55,7 @@ def chat_completions(body: ChatRequest):
 
 def run(body: OpenAIBase, kind: str, inputs: dict):
     try:
-        request = InvokeRequest.model_validate(inputs | body.sampling(DEFAULT_MAX_TOKENS))
+        request = InvokeRequest.model_validate(inputs | body.sampling(OPENAI_DEFAULT_MAX_TOKENS))
     except (ValidationError, ValueError) as exc:
         raise (validation_error(exc) if isinstance(exc, ValidationError)
                else InvalidRequest(str(exc), "stop")) from None
@@ -128,7 +134,7 @@ def stream(waiter: Waiter, shape: Shape) -> Iterator[str]:
                 first, sent = False, sent + event["text"]
                 yield f"data: {json.dumps(chunk)}\n\n"
         inv = waiter.load()
-        done = inv.status in invocations.FINISHED
+        done = inv.status in FINISHED
         if inv.status != "succeeded":  # failed, cancelled, or out of time: say so, not "stop"
             error = inv.error or {"type": "service_unavailable", "param": None,
                                   "message": f"invocation {inv.id} ended {inv.status}"}

@@ -95,7 +95,6 @@ def test_pool_config_is_validated():
         WorkerPoolConfig(num_prestarted=-1)
 
 
-HOOKS = "tests.gpu_runtime.coldstart.hooks"
 
 
 def test_preload_and_prepare_hooks_run_before_and_during_the_load(
@@ -106,13 +105,14 @@ def test_preload_and_prepare_hooks_run_before_and_during_the_load(
     import time
     from dataclasses import replace
 
-    pool = pools(node_id="hk", num_prestarted=1, refill=False, preload=(HOOKS,))
+    from tests.gpu_runtime.coldstart.hooks import RecordingServer
+
+    pool = pools(node_id="hk", num_prestarted=1, refill=False, preload=(RecordingServer,))
     [pid] = pool.wait_booted(120)
     out = tmp_path / "served.json"
     plan = replace(plan_group("llama", cs_index["llama"], 1, kv_cache_bytes=4 << 20,
                               num_threads=1)[0],
-                   serve=f"{HOOKS}:serve", prepare=f"{HOOKS}:prepare",
-                   serve_args={"out": str(out)})
+                   server=RecordingServer(str(out)))
     assigned = time.time()
     launched = launch_stage(make_prefetcher(link=LinkConfig(bandwidth_mb_s=8)), pool, plan)
     try:
@@ -131,11 +131,12 @@ def test_a_failing_prepare_hook_fails_the_stage_with_its_error(pools, make_prefe
                                                                tmp_path):
     from dataclasses import replace
 
+    from tests.gpu_runtime.coldstart.hooks import RecordingServer
+
     pool = pools(node_id="hf", num_prestarted=0)
     plan = replace(plan_group("llama", cs_index["llama"], 1, kv_cache_bytes=4 << 20,
                               num_threads=1)[0],
-                   serve=f"{HOOKS}:serve", prepare=f"{HOOKS}:prepare",
-                   serve_args={"out": str(tmp_path / "never.json"), "fail": True})
+                   server=RecordingServer(str(tmp_path / "never.json"), fail=True))
     launched = launch_stage(make_prefetcher(), pool, plan)
     try:
         with pytest.raises(WorkerFailedError, match="failed on purpose") as info:

@@ -13,7 +13,7 @@ def test_create_and_list_tenants(client, admin):
 
 
 def test_key_is_shown_once_and_stored_hashed(client, admin, db_session):
-    from hydraserve.db.tenants import ApiKey
+    from hydraserve.tenants.models import ApiKey
 
     client.post("/v1/admin/tenants", json={"name": "acme"}, headers=admin)
     created = client.post("/v1/admin/tenants/acme/keys", json={"name": "ci"}, headers=admin).json

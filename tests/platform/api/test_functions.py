@@ -18,7 +18,7 @@ def test_register_with_minimal_body_fills_defaults(client, acme, register):
 
 
 def test_registration_stores_tensor_index_with_checksums(client, acme, register, db_session):
-    from hydraserve.db.registry import Model
+    from hydraserve.functions.models import Model
 
     assert register(acme, "chat").status_code == 201
     model = db_session.query(Model).one()
@@ -32,7 +32,7 @@ def test_registration_stores_tensor_index_with_checksums(client, acme, register,
 
 
 def test_sharded_checkpoint_indexes_every_file(client, acme, register, store_root, db_session):
-    from hydraserve.db.registry import Model
+    from hydraserve.functions.models import Model
 
     resp = register(acme, "sharded", model=(store_root / "llama-sharded").as_uri())
     assert resp.status_code == 201, resp.json
@@ -48,7 +48,7 @@ def test_opt_is_accepted(client, acme, register, store_root):
 
 
 def test_same_checkpoint_is_indexed_once(client, acme, register, db_session):
-    from hydraserve.db.registry import Model
+    from hydraserve.functions.models import Model
 
     assert register(acme, "a").status_code == 201
     assert register(acme, "b").status_code == 201

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pika
 import pytest
 
-from hydraserve.messaging import pika_url, request_queue
+from hydraserve.broker import pika_url, request_queue
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def broker(settings):
 
 def test_async_invocation_is_stored_and_queued(client, acme, register, settings, broker,
                                                db_session):
-    from hydraserve.db.serving import Invocation
+    from hydraserve.invocations.models import Invocation
 
     fn = register(acme, "fn").json
     resp = client.post("/v1/functions/fn/invocations", headers=acme | {"Prefer": "respond-async"},
@@ -51,7 +51,7 @@ def test_async_invocation_is_stored_and_queued(client, acme, register, settings,
 
 def test_sync_past_its_deadline_answers_202(client, acme, register, settings, broker,
                                             db_session):
-    from hydraserve.db.serving import Invocation
+    from hydraserve.invocations.models import Invocation
 
     register(acme, "fn")
     resp = client.post("/v1/functions/fn/invocations?timeout_s=0", headers=acme,
@@ -76,7 +76,7 @@ def test_nul_characters_are_refused(client, acme, register, settings):
 
 def test_cancel_and_tenant_isolation(client, acme, make_tenant, register, settings, broker,
                                      db_session):
-    from hydraserve.db.registry import Function
+    from hydraserve.functions.models import Function
 
     register(acme, "fn")
     inv_id = client.post("/v1/functions/fn/invocations", headers=acme | {"Prefer": "respond-async"},
@@ -118,8 +118,8 @@ def test_openai_validation(client, acme, register):
 
 
 def test_breakdown_phases_clamp_to_arrival():
-    from hydraserve.api.serialize import timings
-    from hydraserve.db.serving import Invocation
+    from hydraserve.invocations.models import Invocation
+    from hydraserve.invocations.schemas import timings
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     at = lambda ms: t0 + timedelta(milliseconds=ms)  # noqa: E731
@@ -141,7 +141,7 @@ def test_a_broker_that_is_down_gets_503_and_the_row_says_why(settings, session_f
     from dataclasses import replace
 
     from hydraserve.api.app import create_app
-    from hydraserve.db.serving import Invocation
+    from hydraserve.invocations.models import Invocation
 
     register(acme, "fn")
     down = replace(settings, broker_url="amqp://guest:guest@127.0.0.1:1//")

@@ -47,7 +47,7 @@ def test_no_server_errors_invoking_a_real_function(app, client, settings, llama_
     for a worker that does not exist here): every answer is 202 or a 4xx."""
     import pika
 
-    from hydraserve.messaging import pika_url, request_queue
+    from hydraserve.broker import pika_url, request_queue
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     fn = client.put("/v1/functions/fn", headers=headers,
@@ -70,7 +70,7 @@ def test_no_server_errors_invoking_a_real_function(app, client, settings, llama_
     check()
     assert 202 in statuses and 400 in statuses, statuses  # both valid and invalid bodies ran
     conn = pika.BlockingConnection(pika.URLParameters(pika_url(settings.broker_url)))
-    from hydraserve.db.registry import Function
+    from hydraserve.functions.models import Function
 
     fn_id = db_session.query(Function).filter_by(name="fn").one().id
     conn.channel().queue_delete(request_queue(fn_id, 1, settings.queue_prefix))

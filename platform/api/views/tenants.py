@@ -1,0 +1,60 @@
+"""``/v1/admin``: tenants and API keys (admin keys only)."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from hydraserve.api.context import db
+from hydraserve.api.openapi import operation
+from hydraserve.tenants import service
+from hydraserve.tenants.schemas import (
+    KeyCreate,
+    KeyList,
+    KeyOut,
+    TenantCreate,
+    TenantList,
+    TenantOut,
+    key_out,
+    tenant_out,
+)
+from hydraserve.validation import NAME_PARAM
+
+bp = Blueprint("admin", __name__)
+TENANT = {"tenant": NAME_PARAM}
+
+
+@operation(bp, "/v1/admin/tenants", "POST", summary="Create a tenant", auth="admin",
+           body=TenantCreate, response=TenantOut, status=201)
+def create_tenant(body: TenantCreate):
+    return tenant_out(service.create_tenant(db(), body.name)).model_dump(mode="json"), 201
+
+
+@operation(bp, "/v1/admin/tenants", "GET", summary="List tenants", auth="admin",
+           response=TenantList)
+def list_tenants():
+    rows = service.list_tenants(db())
+    return TenantList(data=[tenant_out(t) for t in rows]).model_dump(mode="json")
+
+
+@operation(bp, "/v1/admin/tenants/<tenant>/keys", "POST", summary="Issue an API key",
+           auth="admin", body=KeyCreate, response=KeyOut, status=201, path_params=TENANT)
+def create_key(tenant: str, body: KeyCreate):
+    t = service.get_tenant(db(), tenant)
+    row, key = service.issue_key(db(), t, body.name, body.role)
+    return key_out(row, t.name, key).model_dump(mode="json"), 201
+
+
+@operation(bp, "/v1/admin/tenants/<tenant>/keys", "GET", summary="List a tenant's keys",
+           auth="admin", response=KeyList, path_params=TENANT)
+def list_keys(tenant: str):
+    t = service.get_tenant(db(), tenant)
+    return KeyList(data=[key_out(k, t.name) for k in t.keys]).model_dump(mode="json")
+
+
+@operation(bp, "/v1/admin/keys/<int:key_id>", "DELETE", summary="Revoke an API key",
+           auth="admin", response=KeyOut,
+           path_params={"key_id": {"type": "integer", "minimum": 1,
+                                    "maximum": service.MAX_ID}})
+def revoke_key(key_id: int):
+    row = service.revoke_key(db(), key_id)
+    return key_out(row, row.tenant.name).model_dump(mode="json")

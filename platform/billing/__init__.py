@@ -1,0 +1,1 @@
+"""Billing: memory-time usage records (one per instance) and the price table."""

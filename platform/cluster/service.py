@@ -1,0 +1,210 @@
+"""Cluster use cases: nodes and their devices, and the life cycle of the instances they run
+(recorded plan and group, readiness, activity, exits, silent nodes), Postgres side."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import cast, select, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.orm import Session
+
+from hydraserve.billing.service import close_usage, open_usage
+from hydraserve.cluster.models import CLOSED, LIVE, Device, Instance, Node, Plan
+from hydraserve.db import notify, utcnow
+from hydraserve.functions.models import Function, FunctionVersion
+
+# A stage's activation channel listens on PORT_BASE + instance id mod PORT_SPAN, chosen when the
+# plan is recorded, so every stage knows its peers before any process starts.
+PORT_BASE, PORT_SPAN = 31000, 20000
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    index: int
+    kind: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageRecord:
+    """One stage of a plan to record: where it runs and the memory it holds."""
+
+    stage: int
+    node_id: str
+    device_id: int
+    memory_bytes: int
+    full_share: bool
+    fetch_bytes: int
+    deadline_s: float  # how long its fetch may hold the node's link
+
+
+# ---- nodes ---------------------------------------------------------------------------------
+
+def register(session: Session, node_id: str, address: str, link_mbps: float | None,
+             devices: list[DeviceSpec], info: dict) -> None:
+    """Upserts the node and its devices and marks it up; instances it ran before a restart
+    are gone, so they are closed."""
+    now = utcnow()
+    session.execute(insert(Node).values(
+        id=node_id, address=address, link_mbps=link_mbps, status="up", last_heartbeat_at=now,
+        registered_at=now, info=info).on_conflict_do_update(
+        index_elements=["id"], set_={"address": address, "link_mbps": link_mbps, "status": "up",
+                                     "last_heartbeat_at": now, "info": info}))
+    for d in devices:
+        session.execute(insert(Device).values(
+            node_id=node_id, index=d.index, kind=d.kind, memory_bytes=d.memory_bytes)
+            .on_conflict_do_update(constraint="uq_devices_node_id",
+                                   set_={"kind": d.kind, "memory_bytes": d.memory_bytes}))
+    stale = session.scalars(select(Instance.id).where(Instance.node_id == node_id,
+                                                      Instance.status.in_(LIVE))).all()
+    for instance_id in stale:
+        close_instance(session, instance_id, "failed", "node agent restarted")
+    notify(session, f"node:{node_id}")
+    session.commit()
+
+
+def heartbeat(session: Session, node_id: str, info: dict) -> None:
+    session.execute(update(Node).where(Node.id == node_id)
+                    .values(last_heartbeat_at=utcnow(), status="up", info=info))
+    session.commit()
+
+
+def mark_silent_nodes_down(session: Session, timeout_s: float) -> list[str]:
+    """Nodes whose last heartbeat is older than ``timeout_s`` go down, and their live
+    instances fail with the reason; returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    silent = session.scalars(select(Node).where(Node.status == "up",
+                                                Node.last_heartbeat_at < cutoff)).all()
+    for node in silent:
+        node.status = "down"
+        lost = session.scalars(select(Instance.id).where(Instance.node_id == node.id,
+                                                         Instance.status.in_(LIVE)))
+        for instance_id in lost.all():
+            close_instance(session, instance_id, "failed", f"node {node.id} stopped heartbeating")
+    session.commit()
+    return [n.id for n in silent]
+
+
+# ---- groups (the instances of one plan) ----------------------------------------------------
+
+def record_group(session: Session, fv: FunctionVersion, pp: int, stages: Sequence[StageRecord],
+                 reason: str, predicted_ttft_s: float, predicted_tpot_s: float) -> list[Instance]:
+    """Records a plan, one starting instance per stage (with its channel address) and one
+    open usage record per instance, and commits; returns the instances by stage."""
+    row = Plan(function_version_id=fv.id, pp=pp, status="started", reason=reason,
+               predicted_ttft_ms=predicted_ttft_s * 1000,
+               predicted_tpot_ms=predicted_tpot_s * 1000,
+               stages=[{"stage": s.stage, "node_id": s.node_id, "device_id": s.device_id,
+                        "memory_bytes": s.memory_bytes, "full_share": s.full_share,
+                        "fetch_bytes": s.fetch_bytes, "deadline_s": s.deadline_s}
+                       for s in stages])
+    session.add(row)
+    session.flush()
+    fn = session.get(Function, fv.function_id)
+    assert fn is not None, f"function version {fv.id} has no function {fv.function_id}"
+    instances = [Instance(function_version_id=fv.id, plan_id=row.id, node_id=s.node_id,
+                          device_id=s.device_id, stage_index=s.stage, num_stages=pp,
+                          memory_bytes=s.memory_bytes, status="starting") for s in stages]
+    session.add_all(instances)
+    session.flush()
+    for inst in instances:
+        node, device = session.get(Node, inst.node_id), session.get(Device, inst.device_id)
+        assert node is not None and device is not None, f"instance {inst.id} placed nowhere"
+        inst.address = f"tcp://{node.address or '127.0.0.1'}:{PORT_BASE + inst.id % PORT_SPAN}"
+        open_usage(session, inst, fn, device.kind)
+    session.commit()
+    return instances
+
+
+def live_groups(session: Session,
+                function_version_id: int | None = None) -> dict[int, list[Instance]]:
+    """Live pipeline groups by plan id, each a list of instances by stage."""
+    q = select(Instance).where(Instance.status.in_(LIVE)).order_by(Instance.stage_index)
+    if function_version_id is not None:
+        q = q.where(Instance.function_version_id == function_version_id)
+    out: dict[int, list[Instance]] = defaultdict(list)
+    for inst in session.scalars(q):
+        out[inst.plan_id or -inst.id].append(inst)
+    return out
+
+
+def mark_stopping(session: Session, group: list[Instance]) -> None:
+    """The group's starting and ready instances become ``stopping``; commits."""
+    for inst in group:
+        if inst.status in ("starting", "ready"):
+            inst.status = "stopping"
+    session.commit()
+
+
+def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> datetime:
+    """Marks the group ready now; returns that time (the worker's cold/warm line)."""
+    now = utcnow()
+    session.execute(update(Instance).where(Instance.id.in_(group), Instance.status == "starting")
+                    .values(status="ready", ready_at=now, last_active_at=now))
+    add_timeline(session, group[0], timeline)
+    notify(session, f"ready:{group[0]}")
+    session.commit()
+    return now
+
+
+# ---- instances -----------------------------------------------------------------------------
+
+def close_instance(session: Session, instance_id: int, status: str, error: str | None = None) -> None:
+    """Ends an instance (released or failed) and its usage record; no commit."""
+    assert status in CLOSED, f"close_instance to {status!r}; allowed {CLOSED}"
+    inst = session.get(Instance, instance_id)
+    if inst is None or inst.status in CLOSED:
+        return
+    now = utcnow()
+    inst.status, inst.released_at = status, now
+    if error:
+        inst.error = error[:1000]
+    close_usage(session, instance_id, now)
+    notify(session, f"closed:{instance_id}")
+
+
+def fail_instance(session: Session, instance_id: int, error: str) -> None:
+    """Closes an instance as failed with its cause, and commits."""
+    close_instance(session, instance_id, "failed", error)
+    session.commit()
+
+
+def instance_exited(session: Session, instance_id: int, returncode: int) -> None:
+    inst = session.get(Instance, instance_id)
+    if inst is None:
+        return
+    clean = inst.status == "stopping"
+    close_instance(session, instance_id, "released" if clean else "failed",
+                   None if clean else f"worker process exited with code {returncode}")
+    session.commit()
+
+
+def closed_instances(session: Session, instance_ids: list[int]) -> list[int]:
+    """Those of ``instance_ids`` that are failed or released in Postgres."""
+    rows = session.scalars(select(Instance.id).where(
+        Instance.id.in_(instance_ids), Instance.status.in_(CLOSED))).all()
+    session.commit()
+    return list(rows)
+
+
+def instance_status(session: Session, instance_id: int) -> str:
+    status = session.scalar(select(Instance.status).where(Instance.id == instance_id))
+    session.commit()
+    return status or "released"
+
+
+def set_pid(session: Session, instance_id: int, pid: int) -> None:
+    session.execute(update(Instance).where(Instance.id == instance_id).values(pid=pid))
+    session.commit()
+
+
+def add_timeline(session: Session, instance_id: int, phases: dict[str, Any]) -> None:
+    """Merges phase timestamps into an instance's timeline (one atomic jsonb update: the node
+    agent and the worker both write theirs); no commit."""
+    session.execute(update(Instance).where(Instance.id == instance_id).values(
+        timeline=Instance.timeline.op("||")(cast(phases, JSONB))))

@@ -1,1 +1,0 @@
-"""Postgres schema (SQLAlchemy 2 typed models) and session handling."""

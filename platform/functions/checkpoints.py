@@ -1,0 +1,122 @@
+"""Model registration: check a checkpoint URI, index it once, store the tensor index."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gpu_runtime.checkpoint import CheckpointError, CheckpointIndex, Source, index_checkpoint
+from hydraserve.errors import InvalidModel, InvalidRequest
+from hydraserve.functions.models import Model
+from hydraserve.settings import Settings
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": ("hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "vocab_size"),
+    "OPTForCausalLM": ("hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                       "vocab_size", "max_position_embeddings"),
+}
+SCHEMES = ("file", "http", "https")
+DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def check_model_uri(uri: str, settings: Settings) -> str:
+    """Rejects URIs we must not or cannot read, before touching the network or disk."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in SCHEMES:
+        raise InvalidRequest(
+            f"model URI {uri!r} has scheme {parsed.scheme!r}; allowed schemes: {list(SCHEMES)} "
+            "(e.g. file:///models/llama or http://store:9000/llama)", "model")
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path)).resolve()
+        roots = settings.allowed_model_roots
+        if not any(path == root or root in path.parents for root in roots):
+            raise InvalidRequest(
+                f"model path {str(path)!r} is outside the model store; file:// URIs must point "
+                f"into one of {[str(r) for r in roots]} (HYDRA_STORE_ROOT, HYDRA_MODEL_ROOTS)",
+                "model")
+    elif not parsed.netloc:
+        raise InvalidRequest(f"model URI {uri!r} has no host", "model")
+    else:
+        allowed = set(settings.model_hosts)
+        if settings.store_url:
+            allowed.add(urlparse(settings.store_url).hostname or "")
+        if parsed.hostname not in allowed:
+            # the API fetches what it is given: only model stores the operator named
+            raise InvalidRequest(
+                f"model host {parsed.hostname!r} is not an allowed model store; allowed: "
+                f"{sorted(allowed)} (HYDRA_MODEL_HOSTS, HYDRA_STORE_URL)", "model")
+    return uri.rstrip("/")
+
+
+def check_architecture(index: CheckpointIndex) -> None:
+    arch = index.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise InvalidModel(
+            f"architecture {arch!r} (config.json 'architectures') is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}", "model")
+    missing = [k for k in SUPPORTED_ARCHITECTURES[arch] if not isinstance(index.config.get(k), int)]
+    if missing:
+        raise InvalidModel(f"config.json of this {arch} lacks integer fields {missing}", "model")
+    if not index.tensors:
+        raise InvalidModel("the checkpoint's safetensors files hold no tensors", "model")
+    dtypes = {t.dtype for t in index.tensors}
+    if not dtypes <= set(DTYPE_NAMES):
+        raise InvalidModel(
+            f"tensor dtypes {sorted(dtypes)} are not servable; allowed: {sorted(DTYPE_NAMES)}",
+            "model")
+
+
+def fingerprint(index: CheckpointIndex) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(index.file_sha256):
+        digest.update(f"{name}:{index.file_sha256[name]};".encode())
+    return digest.hexdigest()
+
+
+def index_model(uri: str, timeout_s: float = 30.0) -> CheckpointIndex:
+    try:
+        index = index_checkpoint(uri, timeout_s=timeout_s)
+        if not Source(uri).exists("tokenizer.json"):
+            raise InvalidModel(
+                f"tokenizer.json is missing from {uri}; the runtime needs a fast tokenizer file",
+                "model")
+    except CheckpointError as exc:
+        raise InvalidModel(exc.message, exc.param or "model") from exc
+    check_architecture(index)
+    return index
+
+
+def ensure_model(session: Session, uri: str, settings: Settings) -> Model:
+    """Returns the Model row for ``uri`` as it is now, indexing it if these bytes are new."""
+    uri = check_model_uri(uri, settings)
+    index = index_model(uri, settings.registration_timeout_s)  # per request to the store
+    fp = fingerprint(index)
+    model = session.scalar(select(Model).where(Model.uri == uri, Model.fingerprint == fp))
+    if model is not None:
+        return model
+    main_dtype = max(DTYPE_NAMES, key=lambda d: sum(t.length for t in index.tensors if t.dtype == d))
+    model = Model(
+        uri=uri, fingerprint=fp, architecture=index.architecture, dtype=DTYPE_NAMES[main_dtype],
+        config=index.config, total_bytes=index.total_bytes,
+        num_parameters=sum(_numel(t.shape) for t in index.tensors),
+        tensors=index.to_json(), file_sizes=index.file_sizes, file_sha256=index.file_sha256)
+    try:
+        with session.begin_nested():  # a concurrent registration may insert the same bytes
+            session.add(model)
+    except IntegrityError:
+        model = session.scalar(select(Model).where(Model.uri == uri, Model.fingerprint == fp))
+        assert model is not None, f"model {uri} {fp} vanished after a unique violation"
+    return model
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

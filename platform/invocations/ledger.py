@@ -1,0 +1,172 @@
+"""The request ledger: what stage 0 of a serving group writes per request (claim, record,
+fail, cancel check, activity). Every write commits at once, since a worker may die.
+
+The per-request writes (``begin``, ``complete``, ``fail``, ``cancelled``, ``touch``) are single
+statements on a Core connection, meant to run in autocommit (see ``Ledger``): one round trip
+each on the warm path, whatever the batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    String,
+    bindparam,
+    case,
+    cast,
+    column,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from hydraserve.cluster.models import Instance, Plan
+from hydraserve.db import utcnow
+from hydraserve.invocations.models import FINISHED, Invocation
+
+MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
+T = TypeVar("T")
+
+
+class Ledger:
+    """A worker's kept autocommit connection for the per-request writes: no BEGIN, no pre-ping,
+    no pool checkout per call. A statement that fails because the connection broke (Postgres
+    restarted) is retried once on a new connection; claiming twice only spends an attempt."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._conn: Connection | None = None
+
+    def run(self, write: Callable[..., T], *args) -> T:
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            try:
+                return write(self._conn, *args)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or attempt == 2:
+                    raise
+                self.close()
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+INVOCATION_FIELDS = ("id", "status", "cold", "output", "error", "tokens_in", "tokens_out",
+                     "attempts", "instance_ids", "queued_at", "planned_at", "fetched_at",
+                     "loaded_at", "first_token_at", "finished_at")
+GAVE_UP = {"type": "service_unavailable", "param": None,
+           "message": f"gave up after {MAX_ATTEMPTS} attempts: the workers serving it stopped "
+                      "before it finished"}
+
+
+def _claim_statement():
+    spent = Invocation.attempts >= MAX_ATTEMPTS  # this delivery would be one too many
+    return (update(Invocation)
+            .where(Invocation.id.in_(bindparam("ids", expanding=True)),
+                   Invocation.status.not_in(FINISHED))
+            .values(attempts=Invocation.attempts + 1,
+                    status=case((spent, "failed"), else_="running"),
+                    finished_at=case((spent, bindparam("now")), else_=Invocation.finished_at),
+                    error=case((spent, cast(GAVE_UP, JSONB)), else_=Invocation.error),
+                    instance_ids=case((spent, Invocation.instance_ids),
+                                      else_=cast(bindparam("group", type_=JSONB), JSONB)),
+                    cold=Invocation.queued_at < bindparam("ready_at"))
+            .returning(Invocation.id, Invocation.status, Invocation.cold))
+
+
+def _record_statement():
+    done = func.jsonb_to_recordset(bindparam("rows", type_=JSONB)).table_valued(
+        column("id", String), column("output", JSONB), column("tokens_in", Integer),
+        column("tokens_out", Integer), column("first_token_at", DateTime(timezone=True)),
+        column("finished_at", DateTime(timezone=True))).render_derived("done", with_types=True)
+    return (update(Invocation)
+            .where(Invocation.id == done.c.id, Invocation.status.not_in(FINISHED))
+            .values(status="succeeded", output=done.c.output, tokens_in=done.c.tokens_in,
+                    tokens_out=done.c.tokens_out, first_token_at=done.c.first_token_at,
+                    finished_at=done.c.finished_at)
+            .returning(*(getattr(Invocation, f) for f in INVOCATION_FIELDS)))
+
+
+# Built once: building a statement with CASEs or a table function costs about 1 ms of CPU,
+# more than running it, and these two run for every request.
+CLAIM, RECORD = _claim_statement(), _record_statement()
+
+
+def begin(conn: Connection, inv_ids: list[str], group: tuple[int, ...],
+          ready_at: datetime) -> set[str]:
+    """Claims invocations for this group; returns the ids to run. Skipped: those already
+    finished (a redelivery) and those out of attempts (failed here, with why). One statement on
+    the warm path; the cold-start timestamps are written only for cold requests."""
+    rows = conn.execute(CLAIM, {"ids": inv_ids, "now": utcnow(), "group": list(group),
+                                "ready_at": ready_at}).all()
+    claimed = {r.id for r in rows if r.status == "running"}
+    cold = [r.id for r in rows if r.status == "running" and r.cold]
+    if cold:
+        planned_at, fetched_at = cold_start_times(conn, group)
+        conn.execute(update(Invocation).where(Invocation.id.in_(cold)).values(
+            planned_at=planned_at, fetched_at=fetched_at, loaded_at=ready_at))
+    return claimed
+
+
+def cold_start_times(conn: Connection, group: tuple[int, ...]) -> tuple[datetime | None,
+                                                                      datetime | None]:
+    """When the group's plan was made, and when its last stage's bytes had arrived."""
+    planned_at = conn.scalar(select(Plan.created_at).join(Instance, Instance.plan_id == Plan.id)
+                             .where(Instance.id == group[0]))
+    fetch_ends = [t for tl in conn.scalars(select(Instance.timeline).where(Instance.id.in_(group)))
+                  if (t := (tl or {}).get("fetch_end"))]
+    return planned_at, _at(max(fetch_ends, default=None))
+
+
+def _at(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=UTC) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    inv_id: str
+    output: dict
+    tokens_in: int
+    tokens_out: int
+    first_token_at: datetime | None
+
+
+def complete(conn: Connection, outcomes: list[Outcome]) -> dict[str, dict]:
+    """Records finished invocations in one statement, whatever their number (a cancel that came
+    first is kept). Returns the recorded rows by id, as the API shows them."""
+    now = utcnow().isoformat()
+    rows = [{"id": o.inv_id, "output": o.output, "tokens_in": o.tokens_in,
+             "tokens_out": o.tokens_out, "finished_at": now,
+             "first_token_at": o.first_token_at.isoformat() if o.first_token_at else None}
+            for o in outcomes]
+    return {r.id: r._asdict() for r in conn.execute(RECORD, {"rows": rows})}
+
+
+def fail(conn: Connection, inv_id: str, kind: str, message: str, param: str | None) -> None:
+    conn.execute(update(Invocation)
+                 .where(Invocation.id == inv_id, Invocation.status.not_in(FINISHED))
+                 .values(status="failed", finished_at=utcnow(),
+                         error={"type": kind, "message": message, "param": param}))
+
+
+def cancelled(conn: Connection, inv_ids: list[str]) -> set[str]:
+    if not inv_ids:
+        return set()
+    return set(conn.scalars(select(Invocation.id).where(Invocation.id.in_(inv_ids),
+                                                        Invocation.status == "cancelled")))
+
+
+def touch(conn: Connection, group: tuple[int, ...]) -> None:
+    conn.execute(update(Instance).where(Instance.id.in_(group)).values(last_active_at=utcnow()))

@@ -1,0 +1,39 @@
+"""Invocations: every accepted request ends here with a result or a recorded error."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from hydraserve.db import Base, utcnow
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")  # an invocation in one of these never changes
+
+
+class Invocation(Base):
+    __tablename__ = "invocations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    function_id: Mapped[int] = mapped_column(ForeignKey("functions.id"), index=True)
+    function_version_id: Mapped[int] = mapped_column(ForeignKey("function_versions.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    cold: Mapped[bool | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    tokens_in: Mapped[int | None]
+    tokens_out: Mapped[int | None]
+    instance_ids: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    planned_at: Mapped[datetime | None]
+    fetched_at: Mapped[datetime | None]
+    loaded_at: Mapped[datetime | None]
+    first_token_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

@@ -1,0 +1,130 @@
+"""The reply stream: each API process consumes one exclusive ``reply.<uuid>`` queue, workers
+publish token and outcome events there with the invocation id as correlation id, and a
+``Waiter`` follows one invocation, with Postgres as the fallback when events are missed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from pika.exceptions import AMQPError
+from sqlalchemy.orm import Session
+
+from hydraserve.broker import connect
+from hydraserve.invocations.models import FINISHED, Invocation
+from hydraserve.invocations.service import cancel
+
+log = logging.getLogger(__name__)
+DB_POLL_S = 1.0
+
+
+class ReplyListener:
+    """Consumes this process's reply queue in a thread and routes events by correlation id."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.queue_name = f"reply.{uuid.uuid4().hex[:16]}"
+        self._waiters: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reply-listener", daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> "ReplyListener":
+        self._thread.start()
+        self._ready.wait(timeout_s)
+        return self
+
+    def subscribe(self, correlation_id: str) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            self._waiters[correlation_id] = q
+        return q
+
+    def unsubscribe(self, correlation_id: str) -> None:
+        with self._lock:
+            self._waiters.pop(correlation_id, None)
+
+    def _run(self) -> None:
+        while True:  # reconnect forever: waiters fall back to Postgres meanwhile
+            try:
+                conn = connect(self.url)
+                ch = conn.channel()
+                ch.queue_declare(self.queue_name, exclusive=True, auto_delete=True)
+                ch.basic_consume(self.queue_name, self._on_message, auto_ack=True)
+                self._ready.set()
+                ch.start_consuming()
+            except AMQPError as exc:
+                log.warning("reply listener lost the broker (%s); reconnecting", exc)
+                threading.Event().wait(1.0)
+
+    def _on_message(self, _ch, _method, props, body: bytes) -> None:
+        with self._lock:
+            q = self._waiters.get(props.correlation_id or "")
+        if q is not None:
+            q.put(json.loads(body))
+
+
+@dataclass(slots=True)
+class Waiter:
+    """Follows one invocation: token events from the reply queue, Postgres as the fallback.
+    Uses a short-lived session per look, so it outlives the request's own session (SSE).
+    The worker's ``done`` event carries the row it has just committed; then ``load`` needs no
+    query."""
+
+    sessions: Callable[[], Session]
+    listener: ReplyListener
+    inv_id: str
+    events: queue.Queue
+    final: Invocation | None = None
+
+    def close(self) -> None:
+        self.listener.unsubscribe(self.inv_id)
+
+    def load(self) -> Invocation:
+        if self.final is not None:
+            return self.final
+        with self.sessions() as s:
+            inv = s.get(Invocation, self.inv_id)
+            s.expunge(inv)
+            return inv
+
+    def cancel(self) -> None:
+        with self.sessions() as s:
+            cancel(s, s.get(Invocation, self.inv_id))
+
+    def follow(self, deadline_s: float, tick_s: float = 1.0) -> Iterator[dict | None]:
+        """Yields token events as they come and ``None`` every ``tick_s`` of silence (SSE
+        keep-alive); ends after the ``done``/``error`` event, or when the row is finished, or at
+        the deadline."""
+        end = time.monotonic() + deadline_s
+        last_poll = time.monotonic()
+        while time.monotonic() < end:
+            try:
+                event = self.events.get(timeout=min(tick_s, max(end - time.monotonic(), 0.01)))
+            except queue.Empty:
+                event = None
+            if event is not None:
+                if "invocation" in event:
+                    self.final = detached(event.pop("invocation"))
+                yield event
+                if event["type"] in ("done", "error"):
+                    return
+                continue
+            if time.monotonic() - last_poll >= DB_POLL_S:
+                last_poll = time.monotonic()
+                if self.load().status in FINISHED:
+                    return
+            yield None
+
+
+def detached(row: dict) -> Invocation:
+    """An Invocation from a ``done`` event's row (ISO timestamps), bound to no session."""
+    times = {k: datetime.fromisoformat(v) for k, v in row.items() if k.endswith("_at") and v}
+    return Invocation(**(row | times))

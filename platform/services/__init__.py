@@ -1,1 +1,0 @@
-"""Use cases of the control plane: one function per command, no Flask in here."""

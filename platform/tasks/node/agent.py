@@ -1,0 +1,218 @@
+"""The node agent: registers the node, heartbeats, and runs the worker processes of the stages
+the scheduler places here. One per host: ``hydraserve node --node-id ID ...``.
+
+Worker processes are started fresh (never forked from a process that touched CUDA) and get
+SIGTERM when the agent dies (PR_SET_PDEATHSIG), so a killed node takes its workers with it and
+their unacked requests go back to the queue.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.service import DeviceSpec
+from hydraserve.db import make_engine, make_session_factory
+from hydraserve.settings import Settings
+from hydraserve.tasks.node.assignment import load_assignment
+
+log = logging.getLogger("hydraserve.node")
+HEARTBEAT_S = 2.0
+RECONCILE_S = 2.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class NodeAgent:
+    settings: Settings
+    node_id: str
+    devices: list[DeviceSpec]
+    link_mbps: float | None = None
+    threads_per_worker: int | None = None
+    loader: str = "prefetch"  # prefetch: node cache + worker pool; files: a fresh process each
+    cache_bytes: int = 256 << 20
+    num_prestarted: int = 1
+    children: dict[int, Any] = field(default_factory=dict)  # Popen or PooledChild
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _booted: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.sessions = make_session_factory(make_engine(self.settings.database_url))
+        self.log_dir = os.environ.get("HYDRA_LOG_DIR", "")
+        # the host name other nodes reach this one's stage channels at
+        self.host = os.environ.get("HYDRA_NODE_HOST", "127.0.0.1")
+        self.coldstart = None
+        if self.loader == "prefetch":
+            from hydraserve.tasks.node.coldstart import ColdStarter
+
+            self.coldstart = ColdStarter(f"{self.settings.queue_prefix}{self.node_id}",
+                                         self.cache_bytes, self.link_mbps, self.num_prestarted,
+                                         self.threads_per_worker)
+
+    # ---- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self.sessions() as s:
+            cluster.register(s, self.node_id, self.host, self.link_mbps, self.devices, self.info())
+        for target in (self._heartbeat, self._monitor, self._boot_pool):
+            threading.Thread(target=target, daemon=True, name=target.__name__).start()
+        log.info("node %s up with %d device(s)", self.node_id, len(self.devices))
+
+    def info(self) -> dict:
+        cs = self.coldstart
+        return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
+                "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
+                "idle_workers": cs.pool.num_booted if cs else 0}
+
+    def _boot_pool(self) -> None:
+        """Reports the node fully warm once its pre-started workers have booted."""
+        if self.coldstart is not None:
+            self.coldstart.pool.wait_booted()
+        self._booted.set()
+        with self.sessions() as s:
+            cluster.heartbeat(s, self.node_id, self.info())
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            procs = dict(self.children)
+        for proc in procs.values():
+            proc.terminate()
+        for instance_id, proc in procs.items():
+            self._reap(instance_id, proc, wait_s=20)
+        if self.coldstart is not None:
+            self.coldstart.close()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self.sessions() as s:
+                    cluster.heartbeat(s, self.node_id, self.info())
+            except SQLAlchemyError:  # a database hiccup must not kill the heartbeat thread
+                log.exception("heartbeat failed")
+
+    def _monitor(self) -> None:
+        """Records worker exits, and kills workers whose instance the scheduler has closed
+        (a node taken out and back in must not keep serving with uncounted workers)."""
+        last_reconcile = 0.0
+        while not self._stop.wait(0.3):
+            try:
+                with self._lock:
+                    exited = [(i, p) for i, p in self.children.items() if p.poll() is not None]
+                for instance_id, proc in exited:
+                    self._reap(instance_id, proc)
+                if time.monotonic() - last_reconcile >= RECONCILE_S:
+                    last_reconcile = time.monotonic()
+                    self._kill_closed()
+            except SQLAlchemyError:  # retried on the next pass; the exit is not forgotten
+                log.exception("worker bookkeeping failed")
+
+    def _kill_closed(self) -> None:
+        with self._lock:
+            ids = list(self.children)
+        if not ids:
+            return
+        with self.sessions() as s:
+            closed = cluster.closed_instances(s, ids)
+        for instance_id in closed:
+            with self._lock:
+                proc = self.children.get(instance_id)
+            if proc is not None:
+                log.warning("instance %s was closed by the scheduler: killing its worker",
+                            instance_id)
+                proc.kill()
+
+    def _reap(self, instance_id: int, proc: subprocess.Popen, wait_s: float = 0) -> None:
+        try:
+            code = proc.wait(timeout=wait_s) if wait_s else proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        with self.sessions() as s:  # recorded first: a failure here leaves it for the next pass
+            cluster.instance_exited(s, instance_id, code)
+        with self._lock:
+            self.children.pop(instance_id, None)
+        log.info("instance %s exited with %s", instance_id, code)
+
+    # ---- tasks ----------------------------------------------------------------------------
+
+    def start_stage(self, instance_id: int) -> None:
+        """Starts the worker process of one stage, once (a redelivered task is a no-op)."""
+        with self._lock:
+            if instance_id in self.children:
+                return
+        with self.sessions() as s:
+            if cluster.instance_status(s, instance_id) != "starting":
+                return
+            a = load_assignment(s, instance_id)
+        try:
+            proc = self.coldstart.launch(self.sessions, a) if self.coldstart else self._spawn(a)
+        except Exception as exc:  # noqa: BLE001 - any start failure is recorded for a re-plan
+            log.warning("instance %s could not start: %s", instance_id, exc)
+            with self.sessions() as s:
+                cluster.fail_instance(s, instance_id, f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            self.children[instance_id] = proc
+        with self.sessions() as s:
+            cluster.set_pid(s, instance_id, proc.pid)
+        log.info("instance %s: stage %d/%d started as pid %d", instance_id, a.stage_index, a.pp,
+                 proc.pid)
+
+    def _spawn(self, a) -> subprocess.Popen:
+        log_path = os.path.join(self.log_dir, f"instance-{a.instance_id}.log") if self.log_dir \
+            else os.devnull
+        with open(log_path, "ab") as out:  # the child keeps its own descriptor
+            return subprocess.Popen(self._argv(a), stdout=out, stderr=subprocess.STDOUT,
+                                    env=os.environ.copy(), stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
+
+    def _argv(self, a) -> list[str]:
+        threads = ["--threads", str(self.threads_per_worker)] if self.threads_per_worker else []
+        if a.stage_index == 0:
+            return [sys.executable, "-m", "hydraserve.tasks.node.request_loop", "--instance-id",
+                    str(a.instance_id), *threads]
+        return [sys.executable, "-m", "gpu_runtime.pipeline", "--model", a.model_dir(),
+                "--pp", str(a.pp), "--stage", str(a.stage_index),
+                "--addresses", ",".join(a.addresses), *threads]
+
+    def stop_stage(self, instance_id: int, kill: bool = False) -> None:
+        """Signals the worker; with no worker here (never started, or gone) the instance is
+        closed at once, so it does not stay ``stopping`` holding memory and billing."""
+        with self._lock:
+            proc = self.children.get(instance_id)
+        if proc is not None:
+            proc.kill() if kill else proc.terminate()
+            return
+        with self.sessions() as s:
+            cluster.instance_exited(s, instance_id, 0)
+
+
+_agent: NodeAgent | None = None
+
+
+def set_agent(agent: NodeAgent) -> None:
+    global _agent
+    _agent = agent
+
+
+def agent() -> NodeAgent:
+    assert _agent is not None, "node tasks run only inside a node agent (hydraserve node)"
+    return _agent
+

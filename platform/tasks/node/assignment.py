@@ -1,0 +1,77 @@
+"""What one serving worker runs, read from Postgres: its instance, plan, model and peers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gpu_runtime.checkpoint import CheckpointIndex, TensorEntry
+from hydraserve.cluster.models import Instance, Plan
+from hydraserve.functions.models import FunctionVersion, Model
+from hydraserve.tasks.node.model_cache import local_dir
+
+KV_FLOOR_BYTES = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    instance_id: int
+    plan_id: int
+    function_id: int
+    function_version_id: int
+    version: int
+    model_id: int
+    model_uri: str
+    fingerprint: str
+    weight_files: tuple[str, ...]
+    dtype: str
+    pp: int
+    stage_index: int
+    addresses: tuple[str, ...]  # every stage's channel endpoint, stage 0 first
+    group: tuple[int, ...]  # instance ids of the pipeline group, by stage
+    memory_bytes: int  # this stage's device memory share
+    model_bytes: int
+    plan_time: float
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """What the share leaves after this stage's weights, with a 1 MiB floor so that a tiny
+        model still holds a useful context (the floor is not billed)."""
+        return max(self.memory_bytes - self.model_bytes // self.pp, KV_FLOOR_BYTES)
+
+    def model_dir(self) -> str:
+        """A local directory with the checkpoint (downloaded once per node for http(s))."""
+        return local_dir(self.model_uri, self.fingerprint, list(self.weight_files))
+
+
+def load_assignment(session: Session, instance_id: int) -> Assignment:
+    inst = session.get(Instance, instance_id)
+    assert inst is not None and inst.plan_id is not None, f"instance {instance_id} has no plan"
+    plan = session.get(Plan, inst.plan_id)
+    group = list(session.scalars(select(Instance).where(Instance.plan_id == plan.id)
+                                 .order_by(Instance.stage_index)))
+    version = session.get(FunctionVersion, inst.function_version_id)
+    model = session.get(Model, version.model_id)
+    return Assignment(
+        instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
+        function_version_id=version.id, version=version.version, model_id=model.id,
+        model_uri=model.uri, fingerprint=model.fingerprint,
+        weight_files=tuple(sorted(model.file_sizes)), dtype=model.dtype, pp=plan.pp,
+        stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
+        group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
+        model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp())
+
+
+def model_index(session: Session, model_id: int) -> CheckpointIndex:
+    """The tensor index stored at registration, as the data plane's type."""
+    model = session.get(Model, model_id)
+    tensors = [TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["file"], t["offset"],
+                           t["length"], t.get("crc32")) for t in model.tensors]
+    return CheckpointIndex(model.uri, model.config, tensors, model.file_sizes, model.file_sha256)
+
+
+def cache_model(a: Assignment) -> str:
+    """The model's name in the node cache: its id (what the planner knows) and fingerprint."""
+    return f"m{a.model_id}-{a.fingerprint[:12]}"

@@ -1,0 +1,152 @@
+"""The node agent's cold-start path: fetch the stage into the node cache through the node's
+(emulated) link while a pre-started worker takes the stage and initialises; the worker loads
+each tensor zero-copy as its bytes arrive (gpu_runtime.coldstart, docs/loading.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import replace
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from gpu_runtime.coldstart import (
+    LaunchedStage,
+    PoolClosedError,
+    StagePlan,
+    WorkerPool,
+    WorkerPoolConfig,
+    launch_stage,
+    plan_group,
+)
+from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
+from gpu_runtime.store import LinkConfig
+from hydraserve.cluster import service as cluster
+from hydraserve.tasks.node.assignment import Assignment, cache_model, model_index
+from hydraserve.tasks.node.request_loop import RequestLoop
+
+log = logging.getLogger("hydraserve.node")
+CACHE_MODEL = re.compile(r"^m(\d+)-")  # cache names made by assignment.cache_model
+CACHE_STAGE = re.compile(r"^pp(\d+)-s(\d+)$")  # StagePlan.cache_stage
+READY_TIMEOUT_S = 900.0
+# A replacement pre-started worker boots (imports torch: seconds of CPU) this long after the
+# worker it replaces has its stage up, so that boot does not compete with the cold start's
+# first forward pass on the node's CPUs (4 nodes booting at once doubled a pp=4 start here).
+REFILL_AFTER_S = 3.0
+
+
+class PooledChild:
+    """A pool worker serving one stage, with the part of Popen's interface the agent uses."""
+
+    def __init__(self, launched: LaunchedStage) -> None:
+        self.launched = launched
+        self.process = launched.handle.process
+        self.pid = launched.handle.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):  # it exited since the check
+                os.kill(self.pid, sig)
+
+
+class ColdStarter:
+    """One node's prefetcher (shared-memory cache, link cap) and pool of generic workers."""
+
+    def __init__(self, cache_name: str, cache_bytes: int, link_mbps: float | None,
+                 num_prestarted: int, threads: int | None, device: str = "cpu") -> None:
+        link = LinkConfig(bandwidth_mb_s=link_mbps / 8 if link_mbps else None)
+        self.prefetcher = Prefetcher(PrefetchConfig(node_id=cache_name, pool_bytes=cache_bytes,
+                                                    link=link))
+        # refilled by _follow once a taken worker's stage is up, not at once (see REFILL_AFTER_S)
+        self.pool = WorkerPool(WorkerPoolConfig(node_id=cache_name, num_prestarted=num_prestarted,
+                                                device=device, num_threads=threads,
+                                                preload=(RequestLoop,), refill=False))
+        self.threads = threads
+
+    def launch(self, sessions: sessionmaker, a: Assignment) -> PooledChild:
+        with sessions() as s:
+            plan = stage_plan(s, a, self.threads)
+        launched = launch_stage(self.prefetcher, self.pool, plan)
+        threading.Thread(target=self._follow, args=(sessions, a.instance_id, launched),
+                         daemon=True, name=f"follow-{a.instance_id}").start()
+        return PooledChild(launched)
+
+    def _follow(self, sessions: sessionmaker, instance_id: int, launched: LaunchedStage) -> None:
+        """Records the node's side of the timeline once the stage is up, then unpins the
+        buffer (the worker holds its own mapping); a failed start is recorded with its cause."""
+        try:
+            launched.wait_ready(READY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any start failure is recorded, then the worker exits
+            log.warning("instance %s failed to start: %s", instance_id, exc)
+            with sessions() as s:
+                cluster.fail_instance(s, instance_id, f"{type(exc).__name__}: {exc}")
+            launched.handle.stop(5)
+            self._refill(0)
+            return
+        finally:
+            launched.job.release()
+        threading.Thread(target=self._refill, args=(REFILL_AFTER_S,), daemon=True,
+                         name=f"refill-{instance_id}").start()
+        t = launched.timeline()
+        phases = {"plan": t.plan, "fetch_start": t.fetch_start, "fetch_end": t.fetch_end,
+                  "fetch_bytes": t.fetch_bytes, "cache_hit": t.cache_hit,
+                  "prestarted": t.prestarted, "node": t.node}
+        with sessions() as s:
+            cluster.add_timeline(s, instance_id, phases)
+            s.commit()
+
+    def _refill(self, delay_s: float) -> None:
+        time.sleep(delay_s)
+        with contextlib.suppress(PoolClosedError):  # the node is shutting down
+            self.pool.replenish()
+
+    def cached(self) -> list[list[int]]:
+        """[model_id, pp, stage] of every complete stage in the node cache, for the heartbeat
+        (the planner restarts a pipeline where its stages already are)."""
+        out = []
+        for e in self.prefetcher.cache.entries():
+            model, stage = CACHE_MODEL.match(e["model"]), CACHE_STAGE.match(e["stage"])
+            if e["state"] == "complete" and model and stage:
+                out.append([int(model[1]), int(stage[1]), int(stage[2])])
+        return sorted(out)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.prefetcher.close()
+
+
+def stage_plan(session: Session, a: Assignment, threads: int | None) -> StagePlan:
+    """The data plane's plan for this instance's stage; stage 0 hands over to the platform's
+    request loop once loaded."""
+    plans = plan_group(cache_model(a), model_index(session, a.model_id),
+                       a.pp, kv_cache_bytes=a.kv_cache_bytes, num_threads=threads,
+                       addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time)
+    plan = plans[a.stage_index]
+    if a.stage_index == 0:
+        plan = replace(plan, server=RequestLoop(a.instance_id))
+    return plan

@@ -1,0 +1,293 @@
+"""Stage 0's request loop: consume the function version's request queue, batch continuously,
+stream tokens to the API's reply queue, record results in Postgres, then ack.
+
+A pool worker that loaded stage 0 from the node cache is handed a ``RequestLoop`` (the
+platform's ``gpu_runtime.coldstart.StageServer``); a ``--loader files`` node runs
+``python -m hydraserve.tasks.node.request_loop --instance-id N`` instead. A request is acked
+only after its outcome is committed, so a worker that dies leaves its requests on the queue for
+the next group (at-least-once; ``invocations.ledger.begin`` makes redelivery safe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pika
+from sqlalchemy.orm import sessionmaker
+
+from gpu_runtime.engine import EngineConfig, LLMEngine
+from gpu_runtime.errors import RuntimeInputError
+from gpu_runtime.sampling import SamplingParams
+from hydraserve.broker import Publisher, connect, request_queue
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.models import MAX_BATCH
+from hydraserve.db import make_engine, make_session_factory, utcnow
+from hydraserve.invocations import ledger
+from hydraserve.invocations.ledger import Ledger
+from hydraserve.invocations.schemas import DEFAULT_MAX_TOKENS
+from hydraserve.settings import Settings
+from hydraserve.tasks.node.assignment import Assignment, load_assignment
+
+log = logging.getLogger("hydraserve.serving")
+CANCEL_CHECK_S = 0.5
+TOUCH_S = 2.0
+INCOMPLETE = "\ufffd"  # what decoding shows for a UTF-8 sequence cut between tokens
+
+
+@dataclass(slots=True)
+class Active:
+    """An invocation in the engine."""
+
+    inv_id: str
+    delivery_tag: int
+    reply_to: str | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    sent_text: str = ""
+    first_token_at: datetime | None = None
+    want_logprobs: bool = False
+    stream: bool = True  # token events wanted; otherwise only the final one
+
+
+def sampling_params(req: dict) -> SamplingParams:
+    return SamplingParams(max_tokens=req.get("max_tokens", DEFAULT_MAX_TOKENS),
+                          temperature=req.get("temperature", 0.0), top_p=req.get("top_p", 1.0),
+                          top_k=req.get("top_k", 0), seed=req.get("seed"),
+                          stop=tuple(req.get("stop", ())))
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What stage 0 needs besides its engine, opened while the stage loads (``prepare``)."""
+
+    settings: Settings
+    sessions: sessionmaker
+    assignment: Assignment
+    ledger: Ledger
+
+
+def prepare(instance_id: int) -> Prepared:
+    """Opens Postgres and reads the assignment. (The broker connection is opened when serving
+    starts: an AMQP connection left without heartbeats through a long load would be closed by
+    the broker.)"""
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    with sessions() as s:
+        a = load_assignment(s, instance_id)
+    kept = Ledger(engine)
+    kept.run(lambda conn: None)  # open the kept connection now
+    return Prepared(settings, sessions, a, kept)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLoop:
+    """Stage 0's hand-off to the platform (implements ``gpu_runtime.coldstart.StageServer``):
+    travels in the stage plan to a pool worker, prepares while the weights arrive, then
+    serves the instance's request queue."""
+
+    instance_id: int
+
+    def prepare(self) -> Prepared:
+        return prepare(self.instance_id)
+
+    def serve(self, engine: LLMEngine, report: dict, prepared: Prepared) -> None:
+        phases = ("init_start", "init_end", "load_end", "ready")
+        serve(engine, prepared, {k: report[k] for k in phases if report.get(k)})
+
+
+class Server:
+    def __init__(self, p: Prepared, engine: LLMEngine, ready_at: datetime) -> None:
+        self.settings, self.a, self.engine = p.settings, p.assignment, engine
+        self.ready_at = ready_at  # requests queued before this found no instance: cold
+        self.ledger = p.ledger
+        self.publisher = Publisher(p.settings.broker_url, confirm=False)
+        self.active: dict[str, Active] = {}
+        self.inbox: list[tuple[int, str | None, dict]] = []
+        self.stopping = False
+        self._last_cancel_check = self._last_touch = time.monotonic()
+
+    # ---- intake -----------------------------------------------------------------------------
+
+    def on_message(self, ch, method, props, body: bytes) -> None:
+        self.inbox.append((method.delivery_tag, props.reply_to, json.loads(body)))
+
+    def _admit(self, ch) -> None:
+        """Claims everything that arrived in one transaction, then feeds the engine."""
+        inbox, self.inbox = self.inbox, []
+        claimed = self.ledger.run(ledger.begin, [msg["id"] for _, _, msg in inbox],
+                                  self.a.group, self.ready_at)
+        for tag, reply_to, msg in inbox:
+            inv_id, req = msg["id"], msg["request"]
+            if inv_id not in claimed:  # finished already (redelivery) or out of attempts
+                ch.basic_ack(tag)
+                self._event(reply_to, inv_id, {"type": "done"})
+                continue
+            active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")),
+                            stream=msg.get("stream", True))
+            try:
+                self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
+            except RuntimeInputError as exc:
+                self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
+                continue
+            self.active[inv_id] = active
+
+    def _prompt_ids(self, req: dict) -> list[int]:
+        tok = self.engine.tokenizer
+        if "prompt_ids" in req:
+            return list(req["prompt_ids"])
+        if tok is None:
+            raise RuntimeInputError("this model has no tokenizer.json; send prompt_ids", "prompt")
+        if "messages" in req:
+            return tok.encode_chat(req["messages"])
+        return tok.encode(req["prompt"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        conn = connect(self.settings.broker_url)
+        ch = conn.channel()
+        queue = request_queue(self.a.function_id, self.a.version, self.settings.queue_prefix)
+        ch.queue_declare(queue, durable=True)
+        ch.basic_qos(prefetch_count=MAX_BATCH)
+        tag = ch.basic_consume(queue, self.on_message)
+        while True:
+            busy = self.engine.has_unfinished()
+            conn.process_data_events(time_limit=0 if busy else 0.2)
+            if self.inbox:
+                self._admit(ch)
+            if self.engine.has_unfinished():
+                self._step(ch)
+            self._housekeeping(ch)
+            if self.stopping and tag:
+                ch.basic_cancel(tag)  # take no more; unacked prefetched messages go back
+                tag = None
+            if self.stopping and not self.active:
+                break
+        conn.close()
+        self.ledger.close()
+
+    def _step(self, ch) -> None:
+        finished = []
+        for out in self.engine.step():
+            active = self.active.get(out.request_id)
+            if active is None:
+                continue
+            if out.new_token_ids and active.first_token_at is None:
+                active.first_token_at = utcnow()
+            active.token_ids += out.new_token_ids
+            active.logprobs += out.new_logprobs
+            self._stream(active, out)
+            if out.finished:
+                finished.append((active, out))
+        if finished:
+            self._finish_ok(ch, finished)
+
+    def _stream(self, active: Active, out) -> None:
+        if not active.reply_to or not active.stream or not out.new_token_ids:
+            return
+        text = self._text(active, out).rstrip(INCOMPLETE)  # hold back a split UTF-8 sequence
+        delta, active.sent_text = text[len(active.sent_text):], text
+        self._event(active.reply_to, active.inv_id, {
+            "type": "token", "token_ids": out.new_token_ids, "text": delta,
+            **({"logprobs": out.new_logprobs} if active.want_logprobs else {})})
+
+    def _text(self, active: Active, out) -> str:
+        if out.text:
+            return out.text
+        tok = self.engine.tokenizer
+        return tok.decode(active.token_ids) if tok is not None else ""
+
+    def _finish_ok(self, ch, finished: list) -> None:
+        """Records a step's finished requests in one transaction, then acks and tells the API."""
+        outcomes = []
+        for active, out in finished:
+            output = {"text": self._text(active, out), "token_ids": active.token_ids,
+                      "finish_reason": out.finish_reason}
+            if active.want_logprobs:
+                output["logprobs"] = active.logprobs
+            outcomes.append(ledger.Outcome(active.inv_id, output, out.num_prompt_tokens,
+                                            out.num_output_tokens, active.first_token_at))
+        recorded = self.ledger.run(ledger.complete, outcomes)
+        for (active, _out), outcome in zip(finished, outcomes, strict=True):
+            ch.basic_ack(active.delivery_tag)
+            self.active.pop(active.inv_id, None)
+            row = recorded.get(active.inv_id)  # None: cancelled meanwhile; the API reads the row
+            self._event(active.reply_to, active.inv_id, {
+                "type": "done", **outcome.output,
+                **({"invocation": jsonable(row)} if row else {})})
+
+    def _finish_failed(self, ch, active: Active, kind: str, message: str, param: str | None) -> None:
+        self.ledger.run(ledger.fail, active.inv_id, kind, message, param)
+        ch.basic_ack(active.delivery_tag)
+        self.active.pop(active.inv_id, None)
+        self._event(active.reply_to, active.inv_id,
+                    {"type": "error", "error": {"type": kind, "message": message, "param": param}})
+
+    def _housekeeping(self, ch) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_check >= CANCEL_CHECK_S and self.active:
+            self._last_cancel_check = now
+            gone = self.ledger.run(ledger.cancelled, list(self.active))
+            for inv_id in gone:
+                self.engine.abort(inv_id)
+                active = self.active.pop(inv_id)
+                ch.basic_ack(active.delivery_tag)  # the row says cancelled: nothing to redo
+                self._event(active.reply_to, inv_id, {"type": "done", "cancelled": True})
+        if now - self._last_touch >= TOUCH_S and self.active:
+            self._last_touch = now
+            self.ledger.run(ledger.touch, self.a.group)
+
+    def _event(self, reply_to: str | None, inv_id: str, event: dict) -> None:
+        if reply_to:
+            try:
+                self.publisher.publish(reply_to, event, correlation_id=inv_id, durable=False)
+            except pika.exceptions.AMQPError:
+                log.warning("could not send %s event of %s", event["type"], inv_id)
+
+
+def jsonable(row: dict) -> dict:
+    """An invocation row for the ``done`` event: timestamps as ISO 8601 strings."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def serve(engine: LLMEngine, p: Prepared, timeline: dict) -> None:
+    """Marks the group ready with this stage's timeline and serves until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    with p.sessions() as s:
+        ready_at = cluster.mark_ready(s, p.assignment.group, timeline)
+    server = Server(p, engine, ready_at)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
+    a = p.assignment
+    log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A fresh process that loads stage 0 from the model's files (``--loader files`` nodes)."""
+    ap = argparse.ArgumentParser(description="Serve stage 0 of a pipeline group.")
+    ap.add_argument("--instance-id", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    timeline = {"init_start": time.time()}
+    p = prepare(args.instance_id)
+    a = p.assignment
+    engine = LLMEngine(EngineConfig(
+        model=a.model_dir(), pp=a.pp, num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
+        stage_addresses=a.addresses if a.pp > 1 else None))
+    timeline["load_end"] = timeline["ready"] = time.time()
+    try:
+        serve(engine, p, timeline)
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
