@@ -99,6 +99,16 @@ class Waiter:
         with self.sessions() as s:
             cancel(s, s.get(Invocation, self.inv_id))
 
+    def wait(self, deadline_s: float) -> Invocation:
+        """Follows until the outcome or the deadline, stops listening, and returns the row as
+        it is then (finished or not)."""
+        try:
+            for _event in self.follow(deadline_s):
+                pass
+        finally:
+            self.close()
+        return self.load()
+
     def follow(self, deadline_s: float, tick_s: float = 1.0) -> Iterator[dict | None]:
         """Yields token events as they come and ``None`` every ``tick_s`` of silence (SSE
         keep-alive); ends after the ``done``/``error`` event, or when the row is finished, or at

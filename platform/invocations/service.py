@@ -29,6 +29,11 @@ def new_id() -> str:
     return "inv_" + uuid.uuid4().hex
 
 
+def is_finished(inv: Invocation) -> bool:
+    """True once the invocation has its outcome (it never changes after that)."""
+    return inv.status in FINISHED
+
+
 def _accept_statement():
     """INSERT the row and NOTIFY the scheduler, one statement; built once (every request)."""
     columns = Invocation.__table__.c

@@ -12,7 +12,6 @@ from hydraserve.api.openapi import operation
 from hydraserve.errors import InvalidRequest, ServiceUnavailable
 from hydraserve.functions import service as functions
 from hydraserve.invocations import service as invocations
-from hydraserve.invocations.models import FINISHED
 from hydraserve.invocations.replies import Waiter
 from hydraserve.invocations.schemas import InvocationOut, InvokeRequest, invocation_out
 from hydraserve.validation import NAME_PARAM
@@ -74,13 +73,8 @@ def invoke(name: str, body: InvokeRequest):
     function, inv, waiter = start(name, body, "invoke", follow=True, stream=wants_stream())
     if wants_stream():
         return sse(function, waiter, deadline_s=max(deadline, 3600))
-    try:
-        for _event in waiter.follow(deadline):
-            pass
-    finally:
-        waiter.close()
-    inv = waiter.load()
-    if inv.status not in FINISHED:
+    inv = waiter.wait(deadline)
+    if not invocations.is_finished(inv):
         return accepted(function, inv)
     return finished(function, inv)
 
@@ -108,7 +102,7 @@ def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Respons
                     continue
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
             inv = waiter.load()
-            done = inv.status in FINISHED
+            done = invocations.is_finished(inv)
             final = invocation_out(inv, *function).model_dump(mode="json")
             yield f"event: invocation\ndata: {json.dumps(final)}\n\n"
         finally:

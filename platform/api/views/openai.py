@@ -17,7 +17,7 @@ from hydraserve.api.openapi import operation, validation_error
 from hydraserve.api.views.invocations import start
 from hydraserve.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hydraserve.functions import service as functions
-from hydraserve.invocations.models import FINISHED
+from hydraserve.invocations import service as invocations
 from hydraserve.invocations.replies import Waiter
 from hydraserve.invocations.schemas import (
     OPENAI_DEFAULT_MAX_TOKENS,
@@ -102,12 +102,7 @@ def usage(inv) -> dict:
 
 
 def complete(waiter: Waiter, shape: Shape):
-    try:
-        for _event in waiter.follow(DEADLINE_S):
-            pass
-    finally:
-        waiter.close()
-    inv = waiter.load()
+    inv = waiter.wait(DEADLINE_S)
     if inv.status == "failed":
         err = inv.error or {}
         status = 400 if err.get("type") == "invalid_request_error" else 503
@@ -134,7 +129,7 @@ def stream(waiter: Waiter, shape: Shape) -> Iterator[str]:
                 first, sent = False, sent + event["text"]
                 yield f"data: {json.dumps(chunk)}\n\n"
         inv = waiter.load()
-        done = inv.status in FINISHED
+        done = invocations.is_finished(inv)
         if inv.status != "succeeded":  # failed, cancelled, or out of time: say so, not "stop"
             error = inv.error or {"type": "service_unavailable", "param": None,
                                   "message": f"invocation {inv.id} ended {inv.status}"}
