@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from gpu_runtime.ports import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -202,10 +203,6 @@ def run_ours(cluster: Cluster, index, cfg: ColdBenchConfig, pp: int, threads: in
 
 # ---- the run -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_store(root: Path) -> tuple[subprocess.Popen, str]:

@@ -19,12 +19,12 @@ from bench.coldstart import (
     PROMPT,
     Cluster,
     ColdBenchConfig,
-    free_port,
     pool_sizes,
     run_baseline,
     run_ours,
     start_store,
 )
+from gpu_runtime.ports import free_port
 
 KEY = "bench-platform-admin-key-0123"
 LINK_MB_S = 100.0

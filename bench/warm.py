@@ -22,6 +22,8 @@ from pathlib import Path
 
 import requests
 
+from gpu_runtime.ports import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_json  # noqa: E402
@@ -92,12 +94,6 @@ def stop_cluster(handle) -> None:
     drop_database(url)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def invoke(session: requests.Session, base: str, max_tokens: int) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from gpu_runtime.ports import free_port
 from tests.conftest import ADMIN_KEY, REPO_ROOT, fresh_database_url
 
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:

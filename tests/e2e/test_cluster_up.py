@@ -7,8 +7,9 @@ import subprocess
 
 import requests
 
+from gpu_runtime.ports import free_port
 from tests.conftest import ADMIN_KEY
-from tests.e2e.conftest import BIN, free_port
+from tests.e2e.conftest import BIN
 
 
 def test_cluster_up_then_down(e2e_env, tmp_path):

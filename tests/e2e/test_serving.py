@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from gpu_runtime.ports import free_port
 from hydraserve.cli.db import drop_database, upgrade
 from tests.conftest import fresh_database_url
-from tests.e2e.conftest import free_port
 from tests.e2e.serving_cluster import Cluster, reference_tokens, start
 
 PROMPT = [1, 5, 9, 13, 200, 31]

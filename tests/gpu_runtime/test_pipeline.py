@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpu_runtime.engine import EngineConfig, LLMEngine
+from gpu_runtime.ports import free_port
 from gpu_runtime.sampling import SamplingParams
 from tests.gpu_runtime.conftest import eos_of, hf_greedy
 from tests.gpu_runtime.test_parity import NEW_TOKENS, PROMPTS, assert_parity
@@ -81,12 +82,6 @@ def test_pipeline_engine_with_joining_requests(model_dirs, hf_models):
         assert_parity(tuple(got[rid]), hf_greedy(hf, prompt, NEW_TOKENS))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_stages_started_by_hand_over_tcp(model_dirs, hf_models):
