@@ -62,13 +62,6 @@ class EngineConfig:
                                     f"{self.pp}; give one per stage", "stage_addresses")
 
 
-def _blocks_for_budget(config: EngineConfig, model_config: ModelConfig, specs: list[StageSpec],
-                       dtype: torch.dtype) -> int:
-    most_layers = max(len(s.layers) for s in specs)  # one block count on every stage
-    return blocks_for_budget(config.kv_cache_bytes, most_layers, config.block_size,
-                             model_config.num_kv_heads, model_config.head_dim, dtype)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         """Loads stage 0 from ``config.model`` (and starts the other stages when pp > 1)."""
@@ -78,11 +71,9 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, model_config)
         device = torch.device(config.device) if config.device else default_device()
         stage = load_stage(config.model, specs[0], model_config, files, dtype, device)
-        num_blocks = config.num_kv_blocks or _blocks_for_budget(config, model_config, specs,
-                                                                 dtype)
-        if num_blocks < 1:
-            raise RuntimeInputError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of "
-                                    f"{config.block_size} tokens; raise it", "kv_cache_bytes")
+        num_blocks = config.num_kv_blocks or blocks_for_budget(
+            config.kv_cache_bytes, [len(s.layers) for s in specs], config.block_size,
+            model_config.num_kv_heads, model_config.head_dim, dtype)
         kv = KVCache(KVCacheSpec(0, len(specs[0].layers), num_blocks, config.block_size,
                                  model_config.num_kv_heads, model_config.head_dim, dtype), device)
         self._setup(config, specs, kv, self._runner(config, stage, kv),

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from gpu_runtime.attention import Scratch
+from gpu_runtime.errors import DataPlaneError, RuntimeInputError
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,16 +34,29 @@ class KVCacheSpec:
 
     @property
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads,
+                               self.head_dim, self.dtype)
 
 
-def blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int,
-                      head_dim: int, dtype: torch.dtype) -> int:
-    """How many blocks fit in ``budget_bytes`` for a stage of ``num_layers`` layers."""
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+    """Bytes of one block (keys and values of ``block_size`` tokens) over ``num_layers``."""
     elem = torch.empty((), dtype=dtype).element_size()
-    per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * elem
-    return budget_bytes // per_block
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+
+
+def blocks_for_budget(budget_bytes: int, stage_layers: Sequence[int], block_size: int,
+                      num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      error: type[DataPlaneError] = RuntimeInputError) -> int:
+    """How many blocks fit in ``budget_bytes`` on the stage with the most layers: every stage of
+    a group shares one block numbering (stage 0's block table). Raises ``error`` when not one
+    block fits."""
+    n = budget_bytes // bytes_per_block(max(stage_layers), block_size, num_kv_heads, head_dim,
+                                        dtype)
+    if n < 1:
+        raise error(f"kv_cache_bytes={budget_bytes} holds no block of {block_size} tokens; "
+                    "raise it", "kv_cache_bytes")
+    return n
 
 
 def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:

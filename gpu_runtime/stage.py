@@ -18,9 +18,8 @@ from gpu_runtime.attention import AttentionMetadata
 from gpu_runtime.config import ModelConfig
 from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.kv_cache import KVCache
+from gpu_runtime.limits import MAX_PP
 from gpu_runtime.models import model_module
-
-MAX_PP = 4
 
 
 class TensorInfo(Protocol):  # what the split reads: checkpoint.TensorEntry satisfies it

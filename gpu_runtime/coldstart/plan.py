@@ -109,13 +109,8 @@ def kv_blocks(index: CheckpointIndex, specs: Sequence[StageSpec], kv_cache_bytes
     one block numbering, as the engine does)."""
     config = parse_config(index.config)
     torch_dtype: torch.dtype = DTYPES[dtype or config.torch_dtype]
-    most = max(len(s.layers) for s in specs)
-    n = blocks_for_budget(kv_cache_bytes, most, block_size, config.num_kv_heads, config.head_dim,
-                          torch_dtype)
-    if n < 1:
-        raise AssignmentError(f"kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} "
-                              "tokens; raise it", "kv_cache_bytes")
-    return n
+    return blocks_for_budget(kv_cache_bytes, [len(s.layers) for s in specs], block_size,
+                             config.num_kv_heads, config.head_dim, torch_dtype, AssignmentError)
 
 
 def plan_group(model: str, index: CheckpointIndex, pp: int, *, kv_cache_bytes: int = 256 << 20,

@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gpu_runtime.limits import MAX_PP
 from hydraserve.scheduler.network import Link, Reservation
-
-MAX_PP = 4
 
 
 @dataclass(frozen=True, slots=True)
