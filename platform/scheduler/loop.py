@@ -17,6 +17,7 @@ from kombu.exceptions import KombuError
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import MAX_BATCH, Instance
@@ -51,7 +52,8 @@ class Scheduler:
     def __init__(self, settings: Settings, cfg: PlannerConfig | None = None,
                  profile: Profile | None = None, sender: Sender | None = None,
                  tick_s: float = 0.5, heartbeat_timeout_s: float = 10.0,
-                 start_timeout_s: float = 600.0) -> None:
+                 start_timeout_s: float = 600.0,
+                 sessions: sessionmaker | None = None) -> None:
         self.settings = settings
         self.cfg, self.profile = cfg or PlannerConfig(), profile or Profile()
         if sender is None:
@@ -59,7 +61,7 @@ class Scheduler:
 
             sender = Sender(celery_app, settings.queue_prefix)
         self.sender = sender
-        self.sessions = make_session_factory(make_engine(settings.database_url))
+        self.sessions = sessions or make_session_factory(make_engine(settings.database_url))
         self.tick_s, self.heartbeat_timeout_s = tick_s, heartbeat_timeout_s
         self.start_timeout_s = start_timeout_s
 
@@ -95,9 +97,10 @@ class Scheduler:
     def tick(self) -> None:
         """One full pass; a broker or database outage skips it (state is in Postgres, the next
         tick redoes what is still needed)."""
-        self._pass(self._full_pass)
+        self._pass(self.full_pass)
 
-    def _full_pass(self, s) -> None:
+    def full_pass(self, s: Session) -> None:
+        """Every decision, in order, on one session (``tick`` runs it on a fresh one)."""
         actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
         invocations.expire_queued(s, self.settings.max_queue_s)
         self.stop_broken_groups(s)
@@ -117,7 +120,7 @@ class Scheduler:
         except (SQLAlchemyError, KombuError, OSError) as exc:
             log.warning("scheduler pass skipped: %s: %s", type(exc).__name__, exc)
 
-    def stop_broken_groups(self, s) -> None:
+    def stop_broken_groups(self, s: Session) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)
         for group in cluster.live_groups(s).values():
             if group[0].stage_index != 0:  # stage 0 has ended: the rest of the ring follows it
@@ -134,7 +137,7 @@ class Scheduler:
                             group[0].plan_id, len(group), group[0].num_stages)
                 actions.stop_group(s, self.sender, [i for i in group if i not in stuck], kill=True)
 
-    def scale_in(self, s) -> None:
+    def scale_in(self, s: Session) -> None:
         now = utcnow()
         by_version: dict[int, list[list[Instance]]] = {}
         for group in cluster.live_groups(s).values():
@@ -150,12 +153,12 @@ class Scheduler:
                          fv.keep_alive_s)
                 actions.stop_group(s, self.sender, group, kill=False)
 
-    def min_instances(self, s, fv: FunctionVersion) -> int:
+    def min_instances(self, s: Session, fv: FunctionVersion) -> int:
         fn = s.get(Function, fv.function_id)
         live_alias = fn.deleted_at is None and fn.alias_version == fv.version
         return fv.min_instances if live_alias else 0
 
-    def scale_out(self, s, function_ids: set[int] | None = None) -> None:
+    def scale_out(self, s: Session, function_ids: set[int] | None = None) -> None:
         """Plans groups for queued demand (of ``function_ids`` only, when given) and, on a full
         pass, for ``min_instances``."""
         wants = {d.function_version_id: d for d in invocations.queued_demand(s, function_ids)}
@@ -178,7 +181,7 @@ class Scheduler:
                 continue
             actions.launch(s, self.sender, fv, plan)
 
-    def prewarm_versions(self, s) -> list[int]:
+    def prewarm_versions(self, s: Session) -> list[int]:
         rows = s.execute(select(FunctionVersion.id).join(
             Function, (Function.id == FunctionVersion.function_id)
             & (Function.alias_version == FunctionVersion.version))
