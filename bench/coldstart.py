@@ -36,8 +36,8 @@ from gpu_runtime.ports import free_port
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, write_json  # noqa: E402
+from gpu_runtime.limits import MB
 
-MB = 1_000_000
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 4013, 338,
           263]  # 16 tokens
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bench.common import markdown_table
+from gpu_runtime.limits import MB
 
-MB = 1_000_000
 HEADLINE_LINK = 100.0
 COLORS = {"start+imports": "#9e9e9e", "init": "#8fbc8f", "fetch": "#4682b4",
           "load": "#daa520", "ready": "#c0c0c0", "prefill": "#cd5c5c"}

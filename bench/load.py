@@ -36,12 +36,12 @@ from bench.common import environment, markdown_table, write_json  # noqa: E402
 from gpu_runtime.checkpoint import TensorEntry, index_checkpoint  # noqa: E402
 from gpu_runtime.coldstart import plan_group  # noqa: E402
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model  # noqa: E402
+from gpu_runtime.limits import GB
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher  # noqa: E402
 from gpu_runtime.prefetch.pool import EXTENT_ALIGN, extent_bytes  # noqa: E402
 from gpu_runtime.store.ranges import TensorPlacement, plan_stage  # noqa: E402
 
 METHODS = ("memcpy", "ours", "safetensors", "transformers")
-GB = 1e9
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ARCHITECTURES = ("llama", "opt")
+from gpu_runtime.config import ARCHITECTURES as CONFIG_ARCHITECTURES
+from gpu_runtime.config import DTYPES
+
+ARCHITECTURES = tuple(CONFIG_ARCHITECTURES.values())  # the short names DemoModelSpec takes
+
 SIZES = ("tiny", "small", "1b")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 LLAMA_SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

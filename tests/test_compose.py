@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from hydraserve.cli import main as cli
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 OURS = {name: s for name, s in SERVICES.items() if s.get("image", "").startswith("hydraserve")}

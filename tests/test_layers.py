@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
+
 DOMAINS = ("functions", "invocations", "tenants", "cluster", "billing")
 SHARED = ("db", "errors", "settings", "broker", "validation", "models")
 WEB = ("flask", "werkzeug")

@@ -23,12 +23,11 @@ import time
 import zlib
 
 from gpu_runtime.checkpoint import TensorEntry
+from gpu_runtime.limits import GB
 from gpu_runtime.prefetch import futex
 from gpu_runtime.prefetch.cache import BufferCache
 from gpu_runtime.prefetch.pool import PoolConfig, ShmPool
 from gpu_runtime.store.ranges import plan_stage
-
-GB = 1e9
 
 
 def _rate(nbytes: int, seconds: float) -> float:

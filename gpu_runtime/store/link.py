@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-MB = 1_000_000
+from gpu_runtime.limits import MB
 
 
 class TokenBucket:

@@ -16,6 +16,7 @@ from gpu_runtime.store.server import running
 
 # init_std 0.2 keeps greedy argmax margins clear; with 0.02 logits are nearly flat and float
 # rounding could flip ties between implementations that are both right
+PROMPTS = [[1, 17, 42, 99, 250, 7, 8, 300, 12, 5, 77], [1, 400], [3, 9, 27, 81, 243, 500, 11]]
 STD = 0.2
 FOUR_LAYERS = ("num_hidden_layers", 4)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -16,8 +16,7 @@ from gpu_runtime.errors import (
 from gpu_runtime.generate import generate
 from gpu_runtime.sampling import SamplingParams
 from gpu_runtime.scheduler import SchedulerConfig
-
-PROMPTS = [[1, 17, 42, 99, 250, 7, 8, 300, 12, 5, 77], [1, 400], [3, 9, 27, 81, 243, 500, 11]]
+from tests.gpu_runtime.conftest import PROMPTS
 
 
 def engine_for(model_dir, **kw) -> LLMEngine:

@@ -9,9 +9,8 @@ import torch
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.generate import generate
 from gpu_runtime.sampling import SamplingParams
-from tests.gpu_runtime.conftest import eos_of, hf_greedy
+from tests.gpu_runtime.conftest import PROMPTS, eos_of, hf_greedy
 
-PROMPTS = [[1, 17, 42, 99, 250, 7, 8, 300, 12, 5, 77], [1, 400], [3, 9, 27, 81, 243, 500, 11]]
 NEW_TOKENS = 12
 ATOL = 1e-3
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpu_runtime.limits import GB
 from hydraserve.scheduler.network import Link, Reservation
 from hydraserve.scheduler.planner import (
     Device,
@@ -17,7 +18,6 @@ from hydraserve.scheduler.planner import (
     plan_cold_start,
 )
 
-GB = 10**9
 MBPS = 10**6
 CFG = PlannerConfig(init_overhead_s=1.0, hop_s=0.002, kv_reserve_fraction=0.25)
 
