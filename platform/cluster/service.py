@@ -134,11 +134,12 @@ def live_groups(session: Session,
 
 
 def mark_stopping(session: Session, group: list[Instance]) -> None:
-    """The group's starting and ready instances become ``stopping``; commits."""
+    """The group's starting and ready instances become ``stopping``; flushed (their rows stay
+    locked until the caller commits), not committed."""
     for inst in group:
         if inst.status in ("starting", "ready"):
             inst.status = "stopping"
-    session.commit()
+    session.flush()
 
 
 def mark_ready(session: Session, group: tuple[int, ...], timeline: dict) -> datetime:

@@ -89,6 +89,9 @@ def stop_group(session: Session, sender: Sender, group: list[Instance], kill: bo
     for inst in group:
         if kill or inst.stage_index == 0:
             sender.stop_stage(inst.node_id, inst.id, kill)
+    # committed only once every signal is sent: when the broker is away the group stays as it
+    # was (the caller's session rolls back) and the next pass decides again
+    session.commit()
 
 
 def mark_silent_nodes_down(session: Session, timeout_s: float) -> list[str]:

@@ -123,11 +123,11 @@ class Scheduler:
     def stop_broken_groups(self, s: Session) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)
         for group in cluster.live_groups(s).values():
+            live = [i for i in group if i.status != "stopping"]
+            if not live:  # signalled already; each stage closes when its process exits
+                continue
             if group[0].stage_index != 0:  # stage 0 has ended: the rest of the ring follows it
                 actions.stop_group(s, self.sender, group, kill=True)
-                continue
-            live = [i for i in group if i.status != "stopping"]
-            if not live:
                 continue
             stuck = [i for i in live if i.status == "starting" and i.created_at < stuck_before]
             for inst in stuck:
@@ -148,7 +148,9 @@ class Scheduler:
             idle = [g for g in ready if g[0].last_active_at is not None and
                     now - g[0].last_active_at > timedelta(seconds=fv.keep_alive_s)]
             keep = self.min_instances(s, fv)
-            for group in idle[: max(len(groups) - keep, 0)]:
+            # a group already stopping is on its way out: it does not count toward the keep
+            active = [g for g in groups if all(i.status != "stopping" for i in g)]
+            for group in idle[: max(len(active) - keep, 0)]:
                 log.info("plan %s idle for over %d s: scaling in", group[0].plan_id,
                          fv.keep_alive_s)
                 actions.stop_group(s, self.sender, group, kill=False)

@@ -1,0 +1,395 @@
+"""The cluster scheduler's decisions against real Postgres, one rolled-back transaction per test.
+
+Nodes are registered rows, functions are PUT through the API, invocations are inserted rows, and
+the ``Sender`` seam records the node tasks a pass would send (no Celery, no RabbitMQ). Time is
+moved by backdating timestamps. Covered: scale-out (plan, instances, usage, starts; no second
+group while one starts; more groups above MAX_BATCH per group; max_instances; nothing fits),
+scale-in past keep-alive, min_instances and prewarm, broken and stuck groups, orphaned requests,
+silent nodes and requests queued too long.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from kombu.exceptions import OperationalError
+from sqlalchemy import select, update
+
+from hydraserve.billing.models import UsageRecord
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.models import MAX_BATCH, Instance, Node, Plan
+from hydraserve.cluster.service import DeviceSpec
+from hydraserve.db import utcnow
+from hydraserve.functions.models import Function, FunctionVersion
+from hydraserve.invocations.models import Invocation
+from hydraserve.scheduler import actions
+from hydraserve.scheduler.loop import Scheduler
+
+ROOMY, TINY = 4 << 30, 1000  # device memory: fits the demo model several times / not at all
+
+
+class Recorder:
+    """A ``Sender`` that records the node tasks instead of sending them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+        self.broker_down = False  # every send raises, as Celery does without a broker
+
+    def start_stage(self, node_id: str, instance_id: int) -> None:
+        self.sent.append(("start", node_id, instance_id))
+
+    def stop_stage(self, node_id: str, instance_id: int, kill: bool = False) -> None:
+        if self.broker_down:
+            raise OperationalError("[Errno 111] Connection refused")
+        self.sent.append(("stop", node_id, instance_id, kill))
+
+    def take(self) -> list[tuple]:
+        out, self.sent = self.sent, []
+        return out
+
+
+@pytest.fixture
+def settings(settings):
+    return replace(settings, queue_prefix=f"d{uuid.uuid4().hex[:8]}.", max_queue_s=30)
+
+
+@pytest.fixture
+def sender() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def sched(settings, session_factory, sender) -> Scheduler:
+    return Scheduler(settings, sender=sender, sessions=session_factory,
+                     heartbeat_timeout_s=10, start_timeout_s=60)
+
+
+@pytest.fixture
+def s(db_session):
+    """The test's own session; ``read`` expires it so it sees what the scheduler committed."""
+    return db_session
+
+
+@pytest.fixture
+def function(acme, register, s):
+    """Registers a function over the API and returns its alias version."""
+
+    def make(name: str = "fn", **extra) -> FunctionVersion:
+        resp = register(acme, name, **extra)
+        assert resp.status_code == 201, resp.json
+        fn = s.scalars(select(Function).where(Function.name == name,
+                                              Function.deleted_at.is_(None))).one()
+        return s.scalars(select(FunctionVersion).where(
+            FunctionVersion.function_id == fn.id,
+            FunctionVersion.version == fn.alias_version)).one()
+
+    return make
+
+
+def add_nodes(s, *node_ids: str, memory: int = ROOMY) -> None:
+    for node_id in node_ids:
+        cluster.register(s, node_id, f"10.0.0.{len(node_id)}", None,
+                         [DeviceSpec(0, "cpu", memory)], {})
+
+
+def step(sched: Scheduler, name: str = "full_pass") -> None:
+    """Runs one decision of the scheduler on a fresh session (as ``tick`` does, minus the
+    catch-all, so errors surface)."""
+    with sched.sessions() as fresh:
+        getattr(sched, name)(fresh)
+
+
+def read(s, model, *where) -> list:
+    s.expire_all()
+    return list(s.scalars(select(model).where(*where).order_by(model.id)))
+
+
+def backdate(s, model, column: str, seconds: float, *where) -> None:
+    s.execute(update(model).where(*where).values({column: utcnow() - timedelta(seconds=seconds)}))
+    s.commit()
+    s.expire_all()
+
+
+def enqueue(s, fv: FunctionVersion, n: int, status: str = "queued",
+            instance_ids: list[int] | None = None) -> list[str]:
+    fn = s.get(Function, fv.function_id)
+    ids = [f"inv_{uuid.uuid4().hex}" for _ in range(n)]
+    s.add_all(Invocation(id=i, tenant_id=fn.tenant_id, function_id=fn.id,
+                         function_version_id=fv.id, status=status, request={"kind": "invoke"},
+                         instance_ids=instance_ids or [], queued_at=utcnow()) for i in ids)
+    s.commit()
+    return ids
+
+
+def group(sched: Scheduler, s, fv: FunctionVersion, demand: int = 1, ready: bool = True,
+          idle_s: float = 0) -> list[Instance]:
+    """Starts a group the way scale-out does (nothing sent is kept), optionally ready and idle."""
+    plan = actions.plan_for(s, fv, demand, 0.0, sched.cfg, sched.profile)
+    plan_id = actions.launch(s, sched.sender, fv, plan)
+    sched.sender.take()
+    insts = read(s, Instance, Instance.plan_id == plan_id)
+    if ready:
+        cluster.mark_ready(s, tuple(i.id for i in insts), {})
+    if idle_s:
+        backdate(s, Instance, "last_active_at", idle_s, Instance.plan_id == plan_id)
+    return read(s, Instance, Instance.plan_id == plan_id)
+
+
+def statuses(s, insts: list[Instance]) -> list[str]:
+    return [i.status for i in read(s, Instance, Instance.id.in_([i.id for i in insts]))]
+
+
+# ---- scale-out -----------------------------------------------------------------------------
+
+def test_queued_demand_plans_a_group_records_it_and_starts_every_stage(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    queued = enqueue(s, fv, 2)  # two requests over two nodes: a pipeline of two full shares
+    step(sched, "scale_out")
+    (plan,) = read(s, Plan)
+    insts = read(s, Instance)
+    assert (plan.function_version_id, plan.pp, plan.status) == (fv.id, 2, "started")
+    assert [(i.stage_index, i.num_stages, i.status, i.plan_id) for i in insts] == [
+        (0, 2, "starting", plan.id), (1, 2, "starting", plan.id)]
+    assert sorted(i.node_id for i in insts) == ["a", "b"]
+    assert sched.sender.take() == [("start", i.node_id, i.id) for i in insts]
+    usage = read(s, UsageRecord)
+    assert [(u.instance_id, u.function_id, u.device_kind, u.ended_at) for u in usage] == [
+        (i.id, fv.function_id, "cpu", None) for i in insts]
+    assert {i.status for i in read(s, Invocation, Invocation.id.in_(queued))} == {"queued"}
+
+
+def test_no_second_group_while_one_is_starting_whatever_the_demand(sched, s, function):
+    add_nodes(s, "a")
+    fv = function()
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    assert [t[0] for t in sched.sender.take()] == ["start"]
+    enqueue(s, fv, MAX_BATCH + 5)
+    step(sched, "scale_out")
+    step(sched)
+    assert sched.sender.take() == [] and len(read(s, Plan)) == 1
+
+
+def test_demand_above_max_batch_per_ready_group_adds_a_group(sched, s, function):
+    add_nodes(s, "a")
+    fv = function()
+    first = group(sched, s, fv)
+    enqueue(s, fv, MAX_BATCH)
+    step(sched, "scale_out")
+    assert sched.sender.take() == []  # MAX_BATCH per group is what one group takes at once
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    new = read(s, Instance, Instance.id != first[0].id)
+    assert [(i.node_id, i.status) for i in new] == [("a", "starting")]
+    assert sched.sender.take() == [("start", "a", new[0].id)]
+
+
+def test_max_instances_caps_the_groups(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function(max_instances=1)
+    group(sched, s, fv)
+    enqueue(s, fv, 4 * MAX_BATCH)
+    step(sched, "scale_out")
+    assert sched.sender.take() == [] and len(read(s, Plan)) == 1
+
+
+def test_when_no_node_fits_nothing_is_sent_and_requests_stay_queued(sched, s, function):
+    add_nodes(s, "small", memory=TINY)
+    fv = function()
+    queued = enqueue(s, fv, 3)
+    step(sched)
+    assert sched.sender.take() == []
+    assert read(s, Plan) == [] and read(s, Instance) == []
+    assert [i.status for i in read(s, Invocation, Invocation.id.in_(queued))] == ["queued"] * 3
+
+
+# ---- scale-in, keep-alive and min_instances ------------------------------------------------
+
+def test_idle_group_past_keep_alive_is_stopped_gracefully_through_stage_0(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function(keep_alive_s=60)
+    insts = group(sched, s, fv, demand=2, idle_s=120)
+    assert len(insts) == 2
+    step(sched, "scale_in")
+    assert sched.sender.take() == [("stop", insts[0].node_id, insts[0].id, False)]
+    assert statuses(s, insts) == ["stopping", "stopping"]
+
+
+def test_group_active_within_keep_alive_is_kept(sched, s, function):
+    add_nodes(s, "a")
+    fv = function(keep_alive_s=60)
+    insts = group(sched, s, fv, idle_s=30)
+    step(sched)
+    assert sched.sender.take() == [] and statuses(s, insts) == ["ready"]
+
+
+def test_min_instances_keeps_the_last_idle_group(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function(min_instances=1, keep_alive_s=0)
+    groups = [group(sched, s, fv, idle_s=100), group(sched, s, fv, idle_s=100)]
+    step(sched)
+    (stop,) = sched.sender.take()
+    assert stop[0] == "stop" and stop[3] is False
+    assert sorted(statuses(s, g)[0] for g in groups) == ["ready", "stopping"]
+
+
+def test_a_group_still_stopping_does_not_count_toward_min_instances(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function(min_instances=1, keep_alive_s=0)
+    groups = [group(sched, s, fv, idle_s=100), group(sched, s, fv, idle_s=100)]
+    step(sched, "scale_in")
+    assert len(sched.sender.take()) == 1
+    step(sched, "scale_in")  # the stopped group has not exited yet
+    assert sched.sender.take() == []
+    assert sorted(statuses(s, g)[0] for g in groups) == ["ready", "stopping"]
+
+
+def test_a_stop_that_cannot_be_sent_leaves_the_group_as_it_was_for_the_next_pass(
+        sched, s, function):
+    add_nodes(s, "a")
+    fv = function(keep_alive_s=0)
+    (inst,) = group(sched, s, fv, idle_s=100)
+    sched.sender.broker_down = True
+    with pytest.raises(OperationalError):
+        step(sched, "scale_in")
+    assert statuses(s, [inst]) == ["ready"]
+    sched.sender.broker_down = False
+    step(sched, "scale_in")
+    assert sched.sender.take() == [("stop", "a", inst.id, False)]
+    assert statuses(s, [inst]) == ["stopping"]
+
+
+def test_min_instances_prewarms_a_group_on_a_full_pass_only(sched, s, function):
+    add_nodes(s, "a")
+    fv = function(min_instances=1)
+    sched.react({fv.function_id})  # a reaction to requests plans for demand only
+    assert sched.sender.take() == []
+    step(sched)
+    (inst,) = read(s, Instance)
+    assert (inst.function_version_id, inst.status) == (fv.id, "starting")
+    assert sched.sender.take() == [("start", "a", inst.id)]
+    step(sched)
+    assert sched.sender.take() == []
+
+
+def test_old_version_and_deleted_function_get_no_min_instances(sched, s, function, client, acme):
+    add_nodes(s, "a", "b")
+    v1 = function(min_instances=1, keep_alive_s=0)
+    old = group(sched, s, v1, idle_s=100)
+    assert client.patch("/v1/functions/fn", json={"description": "v2"},
+                        headers=acme).status_code == 200
+    v2 = read(s, FunctionVersion, FunctionVersion.function_id == v1.function_id,
+              FunctionVersion.version == 2)[0]
+    assert (sched.min_instances(s, v1), sched.min_instances(s, v2)) == (0, 1)
+    step(sched)  # v1 idle goes, v2 is prewarmed
+    sent = sched.sender.take()
+    (new,) = read(s, Instance, Instance.function_version_id == v2.id)
+    assert sent == [("stop", old[0].node_id, old[0].id, False), ("start", new.node_id, new.id)]
+    assert client.delete("/v1/functions/fn", headers=acme).status_code == 200
+    assert sched.min_instances(s, read(s, FunctionVersion, FunctionVersion.id == v2.id)[0]) == 0
+    assert sched.prewarm_versions(s) == []
+
+
+# ---- broken and stuck groups ---------------------------------------------------------------
+
+def test_group_with_a_failed_stage_is_killed_on_every_live_stage(sched, s, function):
+    add_nodes(s, "a", "b", "c")
+    fv = function()
+    broken, healthy = group(sched, s, fv, demand=3), group(sched, s, fv)
+    assert len(broken) == 3
+    cluster.fail_instance(s, broken[1].id, "worker process exited with code 1")
+    step(sched, "stop_broken_groups")
+    assert sched.sender.take() == [("stop", i.node_id, i.id, True) for i in (broken[0], broken[2])]
+    assert statuses(s, broken) == ["stopping", "failed", "stopping"]
+    assert statuses(s, healthy) == ["ready"]
+    step(sched, "stop_broken_groups")
+    assert sched.sender.take() == []
+
+
+def test_group_whose_stage_0_ended_is_killed(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    insts = group(sched, s, fv, demand=2)
+    cluster.close_instance(s, insts[0].id, "released")
+    s.commit()
+    step(sched, "stop_broken_groups")
+    assert sched.sender.take() == [("stop", insts[1].node_id, insts[1].id, True)]
+    assert statuses(s, insts) == ["released", "stopping"]
+
+
+def test_a_killed_group_is_not_signalled_again_on_the_next_pass(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    insts = group(sched, s, fv, demand=2)
+    cluster.close_instance(s, insts[0].id, "released")
+    s.commit()
+    step(sched, "stop_broken_groups")
+    assert len(sched.sender.take()) == 1
+    step(sched, "stop_broken_groups")
+    assert sched.sender.take() == []
+
+
+def test_stage_starting_past_start_timeout_fails_and_its_group_is_killed(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    insts = group(sched, s, fv, demand=2, ready=False)
+    backdate(s, Instance, "created_at", 120, Instance.id == insts[1].id)
+    step(sched, "stop_broken_groups")
+    assert sched.sender.take() == [("stop", insts[0].node_id, insts[0].id, True)]
+    stuck = read(s, Instance, Instance.id == insts[1].id)[0]
+    assert (stuck.status, stuck.error) == ("failed", "not ready after 60 s")
+    assert statuses(s, insts) == ["stopping", "failed"]
+    (usage,) = read(s, UsageRecord, UsageRecord.instance_id == stuck.id)
+    assert usage.ended_at == stuck.released_at
+
+
+# ---- requests, nodes -----------------------------------------------------------------------
+
+def test_running_requests_of_a_dead_group_go_back_to_queued(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    dead, gone, alive = (group(sched, s, fv) for _ in range(3))
+    cluster.fail_instance(s, dead[0].id, "worker process exited with code 9")
+    cluster.close_instance(s, gone[0].id, "released")
+    s.commit()
+    orphans = enqueue(s, fv, 2, "running", [dead[0].id]) + enqueue(s, fv, 1, "running",
+                                                                   [gone[0].id])
+    kept = enqueue(s, fv, 2, "running", [alive[0].id])
+    step(sched)
+    assert sched.sender.take() == []  # a ready group is left for 3 queued requests
+    by_id = {i.id: i.status for i in read(s, Invocation)}
+    assert [by_id[i] for i in orphans] == ["queued"] * 3
+    assert [by_id[i] for i in kept] == ["running"] * 2
+
+
+def test_silent_node_goes_down_and_its_stages_fail(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    insts = group(sched, s, fv, demand=2)
+    on_a = next(i for i in insts if i.node_id == "a")
+    on_b = next(i for i in insts if i.node_id == "b")
+    backdate(s, Node, "last_heartbeat_at", 30, Node.id == "a")
+    step(sched)
+    assert [(n.id, n.status) for n in read(s, Node)] == [("a", "down"), ("b", "up")]
+    failed = read(s, Instance, Instance.id == on_a.id)[0]
+    assert (failed.status, failed.error) == ("failed", "node a stopped heartbeating")
+    # the group lost a stage: the one left on b is killed in the same pass
+    assert sched.sender.take() == [("stop", "b", on_b.id, True)]
+    assert read(s, Instance, Instance.id == on_b.id)[0].status == "stopping"
+
+
+def test_requests_queued_past_max_queue_s_fail_as_service_unavailable(sched, s, function):
+    add_nodes(s, "small", memory=TINY)
+    fv = function()
+    old, young = enqueue(s, fv, 2)
+    backdate(s, Invocation, "queued_at", 60, Invocation.id == old)
+    step(sched)
+    got = {i.id: i for i in read(s, Invocation)}
+    assert (got[old].status, got[old].error["type"]) == ("failed", "service_unavailable")
+    assert "not started within 30 s (HYDRA_MAX_QUEUE_S)" in got[old].error["message"]
+    assert got[old].finished_at is not None
+    assert (got[young].status, got[young].error) == ("queued", None)
