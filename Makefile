@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: up down test venv services lint
+.PHONY: up down test venv services lint typecheck
 
 up: venv services
 	$(VENV)/bin/hydraserve cluster up
@@ -12,8 +12,15 @@ up: venv services
 down:
 	@if [ -x $(VENV)/bin/hydraserve ]; then $(VENV)/bin/hydraserve cluster down; fi
 
-test: venv services
+test: venv services typecheck
 	scripts/run-tests.sh $(PYTEST_ARGS)
+
+# mypy over the control plane and the data plane. The control plane imports as `hydraserve`
+# from the folder platform/ (no __init__.py there, see DESIGN.md 2.1), so mypy is shown the
+# package through a link of that name.
+typecheck: venv
+	mkdir -p .mypy_path && ln -sfn ../platform .mypy_path/hydraserve
+	MYPYPATH=.mypy_path $(VENV)/bin/mypy -p hydraserve -p gpu_runtime
 
 venv: $(STAMP)
 

@@ -212,7 +212,7 @@ def _save_weights(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int 
             size = 0
         shards[-1][name] = t
         size += nbytes
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / fname), metadata=meta)

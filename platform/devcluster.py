@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -229,7 +230,7 @@ def register_demo_functions(base: str, key: str, uris: dict[str, str]) -> list[d
     headers = {"Authorization": f"Bearer {key}"}
     out = []
     for name, uri in uris.items():
-        body = {"model": uri, "slo": {"ttft_ms": 5000, "tpot_ms": 200}}
+        body: dict[str, Any] = {"model": uri, "slo": {"ttft_ms": 5000, "tpot_ms": 200}}
         resp = requests.get(f"{base}/v1/functions/{name}", headers=headers, timeout=30)
         if resp.status_code == 404:
             resp = requests.put(f"{base}/v1/functions/{name}", json=body, headers=headers,

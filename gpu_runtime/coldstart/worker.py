@@ -26,6 +26,7 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,7 @@ def _start_prepare(plan) -> Future | None:
     """Runs the stage server's ``prepare`` in a thread; its error surfaces at ``result()``."""
     if plan.server is None:
         return None
-    server, future = plan.server, Future()
+    server, future = plan.server, Future[Any]()
 
     def run() -> None:
         try:

@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None,
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
     app = Flask(__name__)
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["hydraserve"] = Extension(settings, session_factory)
     for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp):
         app.register_blueprint(bp)
@@ -84,8 +84,9 @@ def register_error_handlers(app: Flask) -> None:
         kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
         resp = jsonify({"error": {"type": kind, "message": exc.description, "param": None}})
         resp.status_code = exc.code or 400
-        if exc.code == 405 and exc.valid_methods:
-            resp.headers["Allow"] = ", ".join(exc.valid_methods)
+        allowed = getattr(exc, "valid_methods", None)  # MethodNotAllowed carries them
+        if exc.code == 405 and allowed:
+            resp.headers["Allow"] = ", ".join(allowed)
         return resp
 
     @app.errorhandler(Exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import requests
@@ -11,7 +12,7 @@ from hydraserve import devcluster
 from hydraserve.cli.db import create_database, upgrade
 from hydraserve.settings import Settings
 
-DEMO_PROMPT = {"prompt": "Hello, world! How are you today?", "max_tokens": 16}
+DEMO_PROMPT: dict[str, Any] = {"prompt": "Hello, world! How are you today?", "max_tokens": 16}
 
 
 @click.group()
@@ -31,8 +32,7 @@ def up(nodes: int, link_mbps: float, store_port: int) -> None:
     layout = devcluster.Layout(Path.cwd())
     layout.run.mkdir(exist_ok=True)
     spec = devcluster.ClusterSpec(num_nodes=nodes, link_mbps=link_mbps, store_port=store_port)
-    step("database", lambda: (create_database(settings.database_url),
-                              upgrade(settings.database_url)))
+    step("database", lambda: migrate(settings.database_url))
     uris = step("demo models", lambda: devcluster.ensure_demo_models(settings))
     key = devcluster.admin_key(layout)
     try:
@@ -83,6 +83,11 @@ def down() -> None:
     stopped = devcluster.stop_cluster(layout, devcluster.ClusterSpec(num_nodes=16),
                                       Settings.from_env().queue_prefix)
     click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def migrate(database_url: str) -> None:
+    create_database(database_url)
+    upgrade(database_url)
 
 
 def step(what: str, fn):

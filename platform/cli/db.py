@@ -36,17 +36,25 @@ def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
+def database_name(database_url: str) -> str:
+    name = make_url(database_url).database
+    if not name:
+        raise click.ClickException(f"database URL {database_url!r} names no database; end it "
+                                   "with /<name>")
+    return name
+
+
 def create_database(database_url: str) -> bool:
     """Creates the database named in ``database_url`` if absent; True when it was created."""
-    url = make_url(database_url)
+    url, name = make_url(database_url), database_name(database_url)
     admin = url.set(drivername="postgresql", database="postgres")
     conninfo = admin.render_as_string(hide_password=False)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                              (url.database,)).fetchone()
+                              (name,)).fetchone()
         if exists:
             return False
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return True
 
 
@@ -55,7 +63,7 @@ def drop_database(database_url: str) -> None:
     admin = url.set(drivername="postgresql", database="postgres")
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(url.database)))
+            sql.Identifier(database_name(database_url))))
 
 
 @click.group()
@@ -67,7 +75,7 @@ def db() -> None:
 def db_create() -> None:
     """Create the database of HYDRA_DATABASE_URL if it does not exist."""
     url = Settings.from_env().database_url
-    click.echo(("created " if create_database(url) else "exists: ") + make_url(url).database)
+    click.echo(("created " if create_database(url) else "exists: ") + database_name(url))
 
 
 @db.command("upgrade")

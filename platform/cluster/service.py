@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from hydraserve.billing.service import close_usage, open_usage
 from hydraserve.cluster.models import CLOSED, LIVE, Device, Instance, Node, Plan
-from hydraserve.db import notify, utcnow
+from hydraserve.db import must_get, notify, utcnow
 from hydraserve.functions.models import Function, FunctionVersion
 
 # A stage's activation channel listens on PORT_BASE + instance id mod PORT_SPAN, chosen when the
@@ -105,16 +105,14 @@ def record_group(session: Session, fv: FunctionVersion, pp: int, stages: Sequenc
                        for s in stages])
     session.add(row)
     session.flush()
-    fn = session.get(Function, fv.function_id)
-    assert fn is not None, f"function version {fv.id} has no function {fv.function_id}"
+    fn = must_get(session, Function, fv.function_id)
     instances = [Instance(function_version_id=fv.id, plan_id=row.id, node_id=s.node_id,
                           device_id=s.device_id, stage_index=s.stage, num_stages=pp,
                           memory_bytes=s.memory_bytes, status="starting") for s in stages]
     session.add_all(instances)
     session.flush()
     for inst in instances:
-        node, device = session.get(Node, inst.node_id), session.get(Device, inst.device_id)
-        assert node is not None and device is not None, f"instance {inst.id} placed nowhere"
+        node, device = must_get(session, Node, inst.node_id), must_get(session, Device, inst.device_id)
         inst.address = f"tcp://{node.address or '127.0.0.1'}:{PORT_BASE + inst.id % PORT_SPAN}"
         open_usage(session, inst, fn, device.kind)
     session.commit()

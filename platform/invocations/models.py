@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.dialects.postgresql import JSONB
@@ -11,7 +11,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from hydraserve.db import Base, utcnow
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATUSES: tuple[Status, ...] = get_args(Status)
 FINISHED = ("succeeded", "failed", "cancelled")  # an invocation in one of these never changes
 
 

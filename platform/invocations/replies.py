@@ -18,6 +18,7 @@ from pika.exceptions import AMQPError
 from sqlalchemy.orm import Session
 
 from hydraserve.broker import connect
+from hydraserve.db import must_get
 from hydraserve.invocations.models import FINISHED, Invocation
 from hydraserve.invocations.service import cancel
 
@@ -91,13 +92,13 @@ class Waiter:
         if self.final is not None:
             return self.final
         with self.sessions() as s:
-            inv = s.get(Invocation, self.inv_id)
+            inv = must_get(s, Invocation, self.inv_id)
             s.expunge(inv)
             return inv
 
     def cancel(self) -> None:
         with self.sessions() as s:
-            cancel(s, s.get(Invocation, self.inv_id))
+            cancel(s, must_get(s, Invocation, self.inv_id))
 
     def wait(self, deadline_s: float) -> Invocation:
         """Follows until the outcome or the deadline, stops listening, and returns the row as

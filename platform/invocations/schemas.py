@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hydraserve.errors import ErrorDetail
-from hydraserve.invocations.models import Invocation
+from hydraserve.invocations.models import Invocation, Status
 from hydraserve.validation import Strict, Text
 
 DEFAULT_MAX_TOKENS = 64  # an invocation that does not say
@@ -69,7 +69,7 @@ class InvocationOut(BaseModel):
     id: str
     function: str
     version: int
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Status
     cold: bool | None
     output: dict | None
     error: ErrorDetail | None
@@ -115,8 +115,9 @@ class ChatRequest(OpenAIBase):
 
 def invocation_out(inv: Invocation, function: str, version: int) -> InvocationOut:
     return InvocationOut(
-        id=inv.id, function=function, version=version, status=inv.status, cold=inv.cold,
-        output=inv.output, error=inv.error, tokens_in=inv.tokens_in, tokens_out=inv.tokens_out,
+        id=inv.id, function=function, version=version, status=cast(Status, inv.status),
+        cold=inv.cold, output=inv.output,
+        error=ErrorDetail.model_validate(inv.error) if inv.error else None, tokens_in=inv.tokens_in, tokens_out=inv.tokens_out,
         attempts=inv.attempts, instance_ids=inv.instance_ids or [], timings=timings(inv))
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from hydraserve.broker import Publisher, request_queue
 from hydraserve.cluster.models import CLOSED, Instance
-from hydraserve.db import EVENTS_CHANNEL, utcnow
+from hydraserve.db import EVENTS_CHANNEL, must_get, utcnow
 from hydraserve.errors import NotFound, ServiceUnavailable
 from hydraserve.functions.models import FunctionVersion
 from hydraserve.functions.service import Target
@@ -98,8 +98,7 @@ def cancel(session: Session, inv: Invocation) -> None:
 
 def function_of(session: Session, inv: Invocation) -> tuple[str, int]:
     """(function name, version number) an invocation ran against."""
-    version = session.get(FunctionVersion, inv.function_version_id)
-    assert version is not None, f"invocation {inv.id} has no version {inv.function_version_id}"
+    version = must_get(session, FunctionVersion, inv.function_version_id)
     return version.function.name, version.version
 
 

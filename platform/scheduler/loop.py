@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import MAX_BATCH, Instance
-from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, utcnow
+from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, must_get, utcnow
 from hydraserve.functions.models import Function, FunctionVersion
 from hydraserve.invocations import service as invocations
 from hydraserve.scheduler import actions
@@ -77,7 +77,7 @@ class Scheduler:
     def _lead(self) -> None:
         url = make_url(self.settings.database_url).set(drivername="postgresql")
         with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
-            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:  # type: ignore[index]
                 time.sleep(1.0)  # a standby: the leader holds the lock until its session ends
             log.info("scheduler is the leader")
             conn.execute(f"LISTEN {EVENTS_CHANNEL}")
@@ -143,7 +143,7 @@ class Scheduler:
         for group in cluster.live_groups(s).values():
             by_version.setdefault(group[0].function_version_id, []).append(group)
         for fv_id, groups in by_version.items():
-            fv = s.get(FunctionVersion, fv_id)
+            fv = must_get(s, FunctionVersion, fv_id)
             ready = [g for g in groups if all(i.status == "ready" for i in g)]
             idle = [g for g in ready if g[0].last_active_at is not None and
                     now - g[0].last_active_at > timedelta(seconds=fv.keep_alive_s)]
@@ -156,18 +156,19 @@ class Scheduler:
                 actions.stop_group(s, self.sender, group, kill=False)
 
     def min_instances(self, s: Session, fv: FunctionVersion) -> int:
-        fn = s.get(Function, fv.function_id)
+        fn = must_get(s, Function, fv.function_id)
         live_alias = fn.deleted_at is None and fn.alias_version == fv.version
         return fv.min_instances if live_alias else 0
 
     def scale_out(self, s: Session, function_ids: set[int] | None = None) -> None:
         """Plans groups for queued demand (of ``function_ids`` only, when given) and, on a full
         pass, for ``min_instances``."""
-        wants = {d.function_version_id: d for d in invocations.queued_demand(s, function_ids)}
-        for fv in self.prewarm_versions(s) if function_ids is None else ():
-            wants.setdefault(fv, None)
+        wants: dict[int, invocations.Demand | None] = {
+            d.function_version_id: d for d in invocations.queued_demand(s, function_ids)}
+        for version_id in self.prewarm_versions(s) if function_ids is None else ():
+            wants.setdefault(version_id, None)
         for fv_id, d in wants.items():
-            fv = s.get(FunctionVersion, fv_id)
+            fv = must_get(s, FunctionVersion, fv_id)
             groups = [g for g in cluster.live_groups(s, fv_id).values()
                       if all(i.status != "stopping" for i in g)]
             starting = any(any(i.status == "starting" for i in g) for g in groups)

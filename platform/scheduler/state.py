@@ -49,7 +49,7 @@ def active_fetches(session: Session, starting: list[Instance]) -> dict[str, list
     plans = {p.id: p for p in session.scalars(select(Plan).where(
         Plan.id.in_({i.plan_id for i in starting if i.plan_id})))}
     for inst in starting:
-        plan = plans.get(inst.plan_id)
+        plan = plans.get(inst.plan_id) if inst.plan_id is not None else None
         if plan is None:
             continue
         stage = plan.stages[inst.stage_index]

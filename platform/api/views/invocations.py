@@ -58,7 +58,8 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
         if listener:
             listener.unsubscribe(inv_id)
         raise
-    waiter = Waiter(rt.session_factory, listener, inv_id, events) if listener else None
+    waiter = (Waiter(rt.session_factory, listener, inv_id, events)
+              if listener is not None and events is not None else None)
     return (target.name, target.version), inv, waiter
 
 

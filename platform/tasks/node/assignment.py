@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from gpu_runtime.checkpoint import CheckpointIndex, TensorEntry
 from hydraserve.cluster.models import Instance, Plan
+from hydraserve.db import must_get
 from hydraserve.functions.models import FunctionVersion, Model
 from hydraserve.tasks.node.model_cache import local_dir
 
@@ -47,13 +48,13 @@ class Assignment:
 
 
 def load_assignment(session: Session, instance_id: int) -> Assignment:
-    inst = session.get(Instance, instance_id)
-    assert inst is not None and inst.plan_id is not None, f"instance {instance_id} has no plan"
-    plan = session.get(Plan, inst.plan_id)
+    inst = must_get(session, Instance, instance_id)
+    assert inst.plan_id is not None, f"instance {instance_id} has no plan"
+    plan = must_get(session, Plan, inst.plan_id)
     group = list(session.scalars(select(Instance).where(Instance.plan_id == plan.id)
                                  .order_by(Instance.stage_index)))
-    version = session.get(FunctionVersion, inst.function_version_id)
-    model = session.get(Model, version.model_id)
+    version = must_get(session, FunctionVersion, inst.function_version_id)
+    model = must_get(session, Model, version.model_id)
     return Assignment(
         instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
         function_version_id=version.id, version=version.version, model_id=model.id,
@@ -66,7 +67,7 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
 
 def model_index(session: Session, model_id: int) -> CheckpointIndex:
     """The tensor index stored at registration, as the data plane's type."""
-    model = session.get(Model, model_id)
+    model = must_get(session, Model, model_id)
     tensors = [TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["file"], t["offset"],
                            t["length"], t.get("crc32")) for t in model.tensors]
     return CheckpointIndex(model.uri, model.config, tensors, model.file_sizes, model.file_sha256)
