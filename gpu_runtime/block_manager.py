@@ -1,8 +1,8 @@
 """Fixed-size KV blocks: which physical blocks each sequence owns (its block table).
 
 Pure bookkeeping, no tensors: the engine asks it for room before every step, and every pipeline
-stage indexes its own KV tensors with the same block tables, so blocks are also the unit that KV
-migration moves between processes.
+stage indexes its own KV tensors with the same block tables, so blocks are also the unit KV
+export and import move between processes (migration during consolidation: not yet).
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ class LLMEngine:
                              seq.is_finished, seq.finish_reason, len(seq.prompt_ids),
                              len(seq.output_ids), seq.text)
 
-    # ---- KV export / import (migration between processes) ---------------------------------
+    # ---- KV export / import (for migration between processes; the platform does not migrate yet)
 
     def export_kv(self, request_id: str, layers: range | None = None) -> torch.Tensor:
         """A running sequence's KV for ``layers`` held by this process, as one tensor

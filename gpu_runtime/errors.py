@@ -25,7 +25,8 @@ class RuntimeInputError(DataPlaneError, ValueError):
 
 
 class PromptTooLongError(RuntimeInputError):
-    """Prompt (plus at least one generated token) does not fit in the model's context."""
+    """Prompt (plus at least one generated token) does not fit in the model's context or in
+    the KV cache."""
 
 
 class TokenIdError(RuntimeInputError):

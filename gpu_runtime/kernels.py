@@ -31,7 +31,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # one cost 3% of a decode step; at batch 8 it saves 5%).
 MAX_TOKENS = 32
 SILU_TOKENS = range(2, 9)
-# Threads decode attention may use (it splits a large batch in two, csrc/pair.c); None: as
+# Threads decode attention may use (it splits a large batch in two, PAIR_MIN_WORK in csrc/attention.c); None: as
 # many as torch's intra-op threads, so a worker given one core keeps to one.
 ATTENTION_THREADS: int | None = None
 

@@ -1,4 +1,5 @@
-"""The repository layout promises of DESIGN.md section 2."""
+"""The repository layout: platform/ imports as hydraserve without shadowing the standard
+library's platform module, and the wheel holds every package."""
 
 from __future__ import annotations
 

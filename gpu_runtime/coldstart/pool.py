@@ -183,8 +183,8 @@ class StageHandle:
         return msg[1]
 
     def wait_stopped(self, timeout_s: float | None = 600.0) -> None:
-        """Blocks until the worker ends by itself (its ``serve`` hook returned); a failure in
-        the hook comes back as ``WorkerFailedError`` with the worker's error."""
+        """Blocks until the worker ends by itself (its stage server's ``serve`` returned); a
+        failure there comes back as ``WorkerFailedError`` with the worker's error."""
         self.wait_ready(timeout_s)
         with self._lock:
             msg = self._worker.recv(timeout_s, f"serving stage {self.stage}")

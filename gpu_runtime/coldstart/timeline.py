@@ -1,5 +1,5 @@
-"""The cold-start timeline: per-stage phase timestamps, the one structure the platform stores
-and the console draws.
+"""The cold-start timeline: per-stage phase timestamps and the durations between them (the
+platform stores the phases of each stage in its instance's ``timeline`` column).
 
 Every timestamp is wall-clock seconds since the epoch (``time.time()``), so the node agent, the
 worker processes and stage 0 can each record their own phases and the pieces still line up.

@@ -177,7 +177,8 @@ class Prefetcher:
         self.cache.fail(entry, CODE_OF[type(error)], error.message, error)
 
     def holds(self, model: str, stage: str, entries: Sequence[TensorEntry]) -> bool:
-        """Whether the cache holds this stage complete (a fetch-free candidate for the planner)."""
+        """Whether the cache holds this stage complete. (The planner learns of cached stages
+        from the node's heartbeat, ``cache.entries()``, not from this.)"""
         key = f"{model}/{stage}/{plan_stage(entries, self.config.max_gap_bytes).digest()[:16]}"
         entry = self.cache.peek(key)
         return entry is not None and entry.state == COMPLETE

@@ -93,7 +93,8 @@ def index_model(uri: str, timeout_s: float = 30.0) -> CheckpointIndex:
 
 
 def ensure_model(session: Session, uri: str, settings: Settings) -> Model:
-    """Returns the Model row for ``uri`` as it is now, indexing it if these bytes are new."""
+    """Returns the Model row for ``uri`` as it is now, indexing it if these bytes are new; no
+    commit (the registration that needs it commits both)."""
     uri = check_model_uri(uri, settings)
     index = index_model(uri, settings.registration_timeout_s)  # per request to the store
     fp = fingerprint(index)

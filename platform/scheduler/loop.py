@@ -1,9 +1,10 @@
 """The scheduler process: one leader (Postgres advisory lock), woken by NOTIFY or a tick.
 
-Each tick applies, in order: silent nodes out; broken or stuck groups stopped; requests of dead
-groups back to ``queued``; idle groups past keep-alive stopped (down to ``min_instances``); new
-groups planned for queued demand or ``min_instances``. A cold start that cannot be placed stays
-queued and is planned again on the next tick.
+Each tick applies, in order: silent nodes out; requests queued past ``HYDRA_MAX_QUEUE_S``
+failed; broken or stuck groups stopped; requests of dead groups back to ``queued``; idle groups
+past keep-alive stopped (down to ``min_instances``); new groups planned for queued demand or
+``min_instances``. A cold start that cannot be placed stays queued and is planned again on the
+next tick, until ``HYDRA_MAX_QUEUE_S``.
 """
 
 from __future__ import annotations

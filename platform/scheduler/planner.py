@@ -1,7 +1,7 @@
 """The cold-start planner: pipeline size, per-stage memory share and node placement.
 
-A pure function of the cluster snapshot, the function's SLOs and the model's profile (DESIGN.md
-section 6). For pipeline size ``pp`` and ``n_full`` workers holding a full memory share:
+A pure function of the cluster snapshot, the function's SLOs and an estimate of the model's
+speed (``actions.Profile``; see docs/planner.md). For pipeline size ``pp`` and ``n_full`` workers holding a full memory share:
 
     inc       = (pp - n_full) + n_full / pp
     TPOT_pred = T * inc + hop * (pp - 1)
@@ -10,8 +10,12 @@ section 6). For pipeline size ``pp`` and ``n_full`` workers holding a full memor
 where ``BW`` is the smaller of the n_full-th best full-share node's and the pp-th best node's
 link share once the new fetch joins. The smallest feasible ``pp`` wins; among plans of one size the
 one with the fewest full shares (least memory-time). Cached models are placed where the bytes
-already are. A model that fits on no single device gets a pipeline of part shares only. With no feasible plan, pp = 1 on the best-bandwidth node that fits is returned with
-``slo_met=False``; with no node that fits at all, ``None`` (the caller waits and retries).
+already are. A model that fits on no single device gets a pipeline of part shares only. When no
+plan gives as many full shares as demand asks for, the first feasible one is used; when none
+with a full share meets the SLOs: a cached start that misses them, then a pipeline of part
+shares that meets them, then pp = 1 on the best-bandwidth node that fits and then the smallest
+part-share pipeline that fits (both ``slo_met=False``); with no node that fits at all, ``None``
+(the caller waits and retries).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from hydraserve.scheduler.network import Link, Reservation
 
 @dataclass(frozen=True, slots=True)
 class PlannerConfig:
-    """Constants measured on the cluster (docs/planner.md says how), kept in one place."""
+    """The planner's constants, kept in one place. They are fixed defaults for now; measuring
+    them on the cluster is not done yet (docs/planner.md)."""
 
     init_overhead_s: float = 1.0  # worker start not hidden behind the fetch
     hop_s: float = 0.002  # per-token cost of one pipeline hop
@@ -124,7 +129,7 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
     if cached is not None and cached.slo_met:
         return cached
     open_nodes = [n for n in nodes if n.link.admits_one_more()]
-    wanted = min(req.demand, cfg.max_pp)  # full shares become replicas after consolidation
+    wanted = min(req.demand, cfg.max_pp)  # full shares can become replicas (consolidation: not yet)
     partial: Plan | None = None  # feasible, but yields fewer instances than demand asks for
     for pp in range(1, cfg.max_pp + 1):
         for n_full in range(min(pp, req.demand), pp + 1):
@@ -138,7 +143,7 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
 
 def _part_shares_only(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
     """A model no single device holds can still be served by a pipeline of part shares; it
-    just never consolidates (there is no full-share worker to become a replica)."""
+    could never consolidate (it has no full-share worker to become a replica)."""
     for pp in range(2, cfg.max_pp + 1):
         plan = _try(req, nodes, cfg, pp, 0)
         if plan is not None:
@@ -179,7 +184,8 @@ def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
 
 
 def _order(chosen: list[NodeState], full_nodes: list[NodeState]) -> list[NodeState]:
-    # Stage 0 owns the batch and becomes the first standalone replica: give it a full share.
+    # Stage 0 owns the batch and is the one that could stand alone after consolidation (not
+    # yet built): give it a full share.
     return full_nodes + [n for n in chosen if n not in full_nodes]
 
 

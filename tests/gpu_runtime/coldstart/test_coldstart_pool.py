@@ -99,7 +99,7 @@ def test_pool_config_is_validated():
 
 def test_preload_and_prepare_hooks_run_before_and_during_the_load(
         pools, make_prefetcher, cs_index, tmp_path):
-    """What a caller's serve hook needs is imported at boot (``preload``) and set up in a
+    """What a caller's stage server needs is imported at boot (``preload``) and set up in a
     thread while the weights arrive (``prepare``), off the cold start's critical path."""
     import json
     import time
@@ -117,7 +117,7 @@ def test_preload_and_prepare_hooks_run_before_and_during_the_load(
     launched = launch_stage(make_prefetcher(link=LinkConfig(bandwidth_mb_s=8)), pool, plan)
     try:
         report = launched.wait_ready(120)
-        launched.handle.wait_stopped(60)  # the serve hook returns after one request
+        launched.handle.wait_stopped(60)  # the stage server returns after one request
         got = json.loads(out.read_text())
     finally:
         launched.stop(20)
