@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from gpu_runtime.errors import RuntimeInputError
+
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
@@ -36,14 +38,19 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Renders ``messages`` with the checkpoint's template (sandboxed jinja2)."""
         if not self.chat_template:
-            raise ValueError("this model has no chat_template in tokenizer_config.json; "
-                             "send a plain prompt instead")
+            raise RuntimeInputError("this model has no chat_template in tokenizer_config.json; "
+                                    "send a plain prompt instead of messages", "messages")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:  # the checkpoint's template refused these messages
+            raise RuntimeInputError(f"the model's chat template failed on these messages: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}", "messages") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # the template already places special tokens where the model expects them

@@ -17,6 +17,7 @@ CLOSED = ("released", "failed")  # ended for good
 # Requests stage 0 of a group runs at once (its broker prefetch); the scheduler adds a group
 # when more than this many per group wait.
 MAX_BATCH = 16
+ERROR_CHARS = 1000  # what an instance row keeps of an error (the column holds 1024)
 
 
 class Node(Base):

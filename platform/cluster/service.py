@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from hydraserve.billing.service import close_usage, open_usage
-from hydraserve.cluster.models import CLOSED, LIVE, Device, Instance, Node, Plan
+from hydraserve.cluster.models import CLOSED, ERROR_CHARS, LIVE, Device, Instance, Node, Plan
 from hydraserve.db import must_get, notify, utcnow
 from hydraserve.functions.models import Function, FunctionVersion
 
@@ -162,7 +162,7 @@ def close_instance(session: Session, instance_id: int, status: str, error: str |
     now = utcnow()
     inst.status, inst.released_at = status, now
     if error:
-        inst.error = error[:1000]
+        inst.error = error[:ERROR_CHARS]
     close_usage(session, instance_id, now)
     notify(session, f"closed:{instance_id}")
 

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from hydraserve.cluster.models import Instance, Plan
-from hydraserve.db import utcnow
+from hydraserve.db import NulSafeJSONB, utcnow
 from hydraserve.invocations.models import FINISHED, Invocation
 
 MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
@@ -87,7 +87,9 @@ def _claim_statement():
 
 
 def _record_statement():
-    done = func.jsonb_to_recordset(bindparam("rows", type_=JSONB)).table_valued(
+    # the rows go in as NulSafeJSONB: a generated NUL is stored escaped, and RETURNING reads it
+    # back through the column's type, unescaped
+    done = func.jsonb_to_recordset(bindparam("rows", type_=NulSafeJSONB)).table_valued(
         column("id", String), column("output", JSONB), column("tokens_in", Integer),
         column("tokens_out", Integer), column("first_token_at", DateTime(timezone=True)),
         column("finished_at", DateTime(timezone=True))).render_derived("done", with_types=True)

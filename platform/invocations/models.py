@@ -9,7 +9,7 @@ from sqlalchemy import ForeignKey, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hydraserve.db import Base, utcnow
+from hydraserve.db import Base, NulSafeJSONB, utcnow
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -25,8 +25,8 @@ class Invocation(Base):
     function_version_id: Mapped[int] = mapped_column(ForeignKey("function_versions.id"))
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     request: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    output: Mapped[dict[str, Any] | None] = mapped_column(NulSafeJSONB)  # NUL is kept
+    error: Mapped[dict[str, Any] | None] = mapped_column(NulSafeJSONB)
     cold: Mapped[bool | None]
     attempts: Mapped[int] = mapped_column(default=0)
     tokens_in: Mapped[int | None]

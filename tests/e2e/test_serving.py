@@ -130,6 +130,42 @@ def test_bad_invocations(cluster: Cluster, store_root, body, status, fragment):
     assert fragment in resp.json()["error"]["message"]
 
 
+def test_a_generated_nul_is_stored_and_answered_and_kills_nothing(cluster: Cluster, store_root):
+    # greedy "hi" on this model emits a token that decodes to U+0000, which Postgres jsonb
+    # refuses: the record used to crash the worker, three times, then fail the request
+    cluster.register("nul", store_root / "llama-tiny")
+    resp = cluster.invoke("nul", {"prompt": "hi", "max_tokens": 64})
+    assert resp.status_code == 200, resp.text
+    inv = resp.json()
+    assert (inv["status"], inv["attempts"]) == ("succeeded", 1)
+    assert "\x00" in inv["output"]["text"]
+    assert cluster.get(inv["id"])["output"]["text"] == inv["output"]["text"]  # read from the row
+    again = cluster.invoke("nul", {"prompt_ids": PROMPT, "max_tokens": 4}).json()
+    assert again["status"] == "succeeded" and again["instance_ids"] == inv["instance_ids"]
+
+
+def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster, store_root,
+                                                                  tmp_path):
+    import shutil
+
+    model = store_root / "llama-notemplate"
+    if not model.exists():
+        shutil.copytree(store_root / "llama-tiny", model)
+        cfg = json.loads((model / "tokenizer_config.json").read_text())
+        del cfg["chat_template"]
+        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    cluster.register("plain", model)
+    resp = cluster.invoke("plain", {"messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 4})
+    assert resp.status_code == 400, resp.text
+    assert "no chat_template" in resp.json()["error"]["message"]
+    (failed,) = cluster.query("SELECT attempts, instance_ids FROM invocations WHERE id = :id",
+                              id=resp.headers["X-Invocation-Id"])
+    assert failed.attempts == 1  # it failed where it was admitted, it did not kill the worker
+    ok = cluster.invoke("plain", {"prompt": "hi", "max_tokens": 4}).json()
+    assert ok["status"] == "succeeded" and ok["instance_ids"] == failed.instance_ids
+
+
 def test_unknown_function_and_invocation(cluster: Cluster):
     assert cluster.invoke("ghost", {"prompt": "x"}).status_code == 404
     resp = requests.get(f"{cluster.base}/v1/invocations/inv_nope",

@@ -38,3 +38,19 @@ def test_missing_template_is_a_clear_error(tmp_path, model_dirs):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no chat_template"):
         Tokenizer(d).apply_chat_template(MESSAGES)
+
+
+def test_a_template_that_fails_on_the_messages_is_an_input_error(tmp_path, model_dirs):
+    import json
+    import shutil
+
+    from gpu_runtime.errors import RuntimeInputError
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dirs["opt"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages[0].content.nope() }}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeInputError, match="chat template failed") as info:
+        Tokenizer(d).apply_chat_template(MESSAGES)
+    assert info.value.param == "messages"

@@ -94,6 +94,27 @@ def test_complete_records_a_batch_in_one_statement_and_keeps_a_cancel(connection
     assert ledger.complete(connection, outcomes[:1]) == {}  # a redelivered finish: no change
 
 
+def test_generated_nul_and_escape_characters_are_stored_and_read_back_losslessly(
+        connection, db_session, queued):
+    # Postgres jsonb refuses U+0000; a model that emits one must not fail the record
+    a, b = queued(2)
+    ledger.begin(connection, [a, b], (4,), utcnow() - timedelta(hours=1))
+    texts = {a: "ok\x00then \x00\x00", b: "\ue000 leads, \ue0000 and \x00"}
+    recorded = ledger.complete(connection, [
+        ledger.Outcome(i, {"text": t, "token_ids": [0, 5]}, 2, 2, utcnow()) for i, t in texts.items()])
+    assert {i: r["output"]["text"] for i, r in recorded.items()} == texts  # the done event's row
+    for inv_id, want in texts.items():
+        assert db_session.get(Invocation, inv_id).output["text"] == want  # the API's read
+    stored = connection.execute(text("SELECT output->>'text' FROM invocations WHERE id = :id"),
+                                {"id": a}).scalar()
+    assert "\x00" not in stored
+    ledger.fail(connection, b, "internal_error", "decoded \x00 here", None)  # errors too
+    connection.execute(text("UPDATE invocations SET status = 'running' WHERE id = :id"), {"id": a})
+    ledger.fail(connection, a, "internal_error", "decoded \x00 here", None)
+    db_session.expire_all()
+    assert db_session.get(Invocation, a).error["message"] == "decoded \x00 here"
+
+
 def test_fail_and_cancelled(connection, queued):
     a, b = queued(2)
     ledger.fail(connection, a, "invalid_request_error", "prompt too long: 9 > 8", "prompt")

@@ -15,10 +15,12 @@ import json
 import logging
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import pika
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gpu_runtime.engine import EngineConfig, LLMEngine
@@ -26,7 +28,7 @@ from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.sampling import SamplingParams
 from hydraserve.broker import Publisher, connect, request_queue
 from hydraserve.cluster import service as cluster
-from hydraserve.cluster.models import MAX_BATCH
+from hydraserve.cluster.models import ERROR_CHARS, MAX_BATCH
 from hydraserve.db import make_engine, make_session_factory, utcnow
 from hydraserve.invocations import ledger
 from hydraserve.invocations.ledger import Ledger
@@ -136,6 +138,11 @@ class Server:
             except RuntimeInputError as exc:
                 self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
                 continue
+            except Exception as exc:  # noqa: BLE001 - this input broke the tokenizer or engine: it fails alone
+                log.exception("invocation %s: its input failed in the worker", inv_id)
+                self._finish_failed(ch, active, "invalid_request_error",
+                                    f"the model could not take this input: {describe(exc)}", None)
+                continue
             self.active[inv_id] = active
 
     def _prompt_ids(self, req: dict) -> list[int]:
@@ -179,15 +186,30 @@ class Server:
             active = self.active.get(out.request_id)
             if active is None:
                 continue
-            if out.new_token_ids and active.first_token_at is None:
-                active.first_token_at = utcnow()
-            active.token_ids += out.new_token_ids
-            active.logprobs += out.new_logprobs
-            self._stream(active, out)
+            try:
+                self._take(active, out)
+            except Exception as exc:  # noqa: BLE001 - decoding one request's output: it fails alone
+                self._fail_running(ch, active, out, exc)
+                continue
             if out.finished:
                 finished.append((active, out))
         if finished:
             self._finish_ok(ch, finished)
+
+    def _take(self, active: Active, out) -> None:
+        if out.new_token_ids and active.first_token_at is None:
+            active.first_token_at = utcnow()
+        active.token_ids += out.new_token_ids
+        active.logprobs += out.new_logprobs
+        self._stream(active, out)
+
+    def _fail_running(self, ch, active: Active, out, exc: Exception) -> None:
+        log.exception("invocation %s: its output could not be processed", active.inv_id)
+        if not out.finished:
+            self.engine.abort(active.inv_id)
+        self._finish_failed(ch, active, "internal_error",
+                            f"the output of this request could not be decoded: {describe(exc)}",
+                            None)
 
     def _stream(self, active: Active, out) -> None:
         if not active.reply_to or not active.stream or not out.new_token_ids:
@@ -206,16 +228,22 @@ class Server:
 
     def _finish_ok(self, ch, finished: list) -> None:
         """Records a step's finished requests in one transaction, then acks and tells the API."""
-        outcomes = []
+        outcomes, done = [], []
         for active, out in finished:
-            output = {"text": self._text(active, out), "token_ids": active.token_ids,
+            try:
+                text = self._text(active, out)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                self._fail_running(ch, active, out, exc)
+                continue
+            done.append((active, out))
+            output = {"text": text, "token_ids": active.token_ids,
                       "finish_reason": out.finish_reason}
             if active.want_logprobs:
                 output["logprobs"] = active.logprobs
             outcomes.append(ledger.Outcome(active.inv_id, output, out.num_prompt_tokens,
                                             out.num_output_tokens, active.first_token_at))
         recorded = self.ledger.run(ledger.complete, outcomes)
-        for (active, _out), outcome in zip(finished, outcomes, strict=True):
+        for (active, _out), outcome in zip(done, outcomes, strict=True):
             ch.basic_ack(active.delivery_tag)
             self.active.pop(active.inv_id, None)
             row = recorded.get(active.inv_id)  # None: cancelled meanwhile; the API reads the row
@@ -252,6 +280,26 @@ class Server:
                 log.warning("could not send %s event of %s", event["type"], inv_id)
 
 
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message``, the message cut to ``limit`` characters (it may quote the input)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def record_crash(p: Prepared, exc: BaseException) -> None:
+    """Writes why stage 0's loop died into its instance row, with where it broke (the last
+    frames of the traceback; the worker's log has all of it), so a crash leaves its cause."""
+    log.error("instance %s: the request loop died", p.assignment.instance_id, exc_info=exc)
+    head = f"request loop died: {describe(exc)}"
+    frames = "".join(traceback.format_tb(exc.__traceback__, limit=-3))  # the last frames
+    error = f"{head}\n{frames[-(ERROR_CHARS - len(head) - 1):]}"
+    try:
+        with p.sessions() as s:
+            cluster.fail_instance(s, p.assignment.instance_id, error)
+    except SQLAlchemyError:  # the database may be what broke: the log keeps the cause
+        log.exception("instance %s: could not record the crash", p.assignment.instance_id)
+
+
 def jsonable(row: dict) -> dict:
     """An invocation row for the ``done`` event: timestamps as ISO 8601 strings."""
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
@@ -267,7 +315,11 @@ def serve(engine: LLMEngine, p: Prepared, timeline: dict) -> None:
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
     a = p.assignment
     log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)
-    server.run()
+    try:
+        server.run()
+    except Exception as exc:
+        record_crash(p, exc)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
