@@ -50,6 +50,7 @@ class Settings:
     queue_prefix: str = ""  # namespaces queues when several clusters share one RabbitMQ
     max_queue_s: int = 900  # a request not started by then fails, with the reason recorded
     model_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # http(s) model hosts allowed
+    max_body_bytes: int = 8 << 20  # a larger request body is answered 413
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -85,6 +86,7 @@ class Settings:
             "max_queue_s": _env_int("HYDRA_MAX_QUEUE_S", 900, 1, 7 * 86_400),
             "model_hosts": tuple(h for h in env.get(
                 "HYDRA_MODEL_HOSTS", "127.0.0.1,localhost").split(",") if h),
+            "max_body_bytes": _env_int("HYDRA_MAX_BODY_BYTES", 8 << 20, 1024, 1 << 30),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

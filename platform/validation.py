@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hydraserve.errors import InvalidRequest
 
@@ -24,15 +24,25 @@ def check_name(value: str, param: str, what: str) -> str:
     return value
 
 
-def _no_nul(value: str) -> str:
-    # Postgres text and jsonb cannot hold U+0000: refuse it here rather than fail on insert.
+def _storable(value: str) -> str:
+    # Postgres text and jsonb cannot hold U+0000, and UTF-8 cannot hold a lone surrogate (JSON's
+    # "\ud800" escape decodes to one): refuse both here rather than fail on insert.
     if "\x00" in value:
         raise ValueError("must not contain the NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode: a lone surrogate (\\u{ord(value[exc.start]):04x}) "
+                         f"at character {exc.start}") from None
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
+Text = Annotated[str, AfterValidator(_storable)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_storable)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are refused, and types are strict (``true`` is not 1,
+    ``"yes"`` is not a boolean)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)

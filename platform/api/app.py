@@ -6,7 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from flask import Flask, g, jsonify
+from flask import Flask, current_app, g, jsonify
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None,
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes  # larger bodies: 413
     app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["hydraserve"] = Extension(settings, session_factory)
     for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp):
@@ -82,7 +83,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
-        resp = jsonify({"error": {"type": kind, "message": exc.description, "param": None}})
+        message = exc.description
+        if exc.code == 413:
+            limit = current_app.config["MAX_CONTENT_LENGTH"]
+            message = (f"request body is larger than {limit} bytes (HYDRA_MAX_BODY_BYTES); "
+                       "send a smaller one")
+        resp = jsonify({"error": {"type": kind, "message": message, "param": None}})
         resp.status_code = exc.code or 400
         allowed = getattr(exc, "valid_methods", None)  # MethodNotAllowed carries them
         if exc.code == 405 and allowed:

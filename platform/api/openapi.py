@@ -79,6 +79,9 @@ def parse_body(schema: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply; no field of this API nests "
+                             "more than a few levels") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -87,16 +90,28 @@ def parse_body(schema: type[BaseModel]) -> BaseModel:
         raise validation_error(exc) from None
 
 
+def field_path(loc: tuple) -> str:
+    """``stop.0`` for a location; the tags pydantic adds for union members
+    (``function-after[...]``, ``list[...]``) are not fields and are left out."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or re.fullmatch(r"\w+", p))
+
+
 def validation_error(exc: ValidationError) -> InvalidRequest:
     errors = exc.errors(include_url=False)
     first = errors[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = field_path(first["loc"]) or None
     parts = []
     for err in errors[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        got = f" (got {err['input']!r})" if where != "body" and "input" in err else ""
+        where = field_path(err["loc"]) or "body"
+        got = f" (got {quote(err['input'])})" if where != "body" and "input" in err else ""
         parts.append(f"{where}: {err['msg']}{got}")
     return InvalidRequest("invalid request body: " + "; ".join(parts), param)
+
+
+def quote(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error never echoes a large input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def spec(title: str, version: str) -> dict:

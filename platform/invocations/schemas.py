@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hydraserve.errors import ErrorDetail
 from hydraserve.invocations.models import Invocation, Status
-from hydraserve.validation import Strict, Text
+from hydraserve.validation import NonEmptyText, Strict, Text
 
 DEFAULT_MAX_TOKENS = 64  # an invocation that does not say
 OPENAI_DEFAULT_MAX_TOKENS = 16  # an OpenAI-compatible request that does not say (OpenAI's own)
@@ -32,7 +32,7 @@ class Sampling(Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: list[Text] = Field(default_factory=list, max_length=4)
+    stop: list[NonEmptyText] = Field(default_factory=list, max_length=4)
     logprobs: bool = False
 
 
@@ -84,7 +84,7 @@ class OpenAIBase(BaseModel):
     """Fields shared by the OpenAI-compatible endpoints. Unknown fields are ignored, as OpenAI
     clients send many; the ones we read are validated."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Text = Field(min_length=1, max_length=63, description="the function's name")
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
@@ -92,7 +92,7 @@ class OpenAIBase(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: Text | list[Text] | None = None
+    stop: NonEmptyText | list[NonEmptyText] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
 
@@ -106,7 +106,7 @@ class OpenAIBase(BaseModel):
 
 
 class CompletionRequest(OpenAIBase):
-    prompt: str | list[int] = Field(description="text, or token ids")
+    prompt: Text | list[int] = Field(description="text, or token ids")
 
 
 class ChatRequest(OpenAIBase):
