@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from pika.exceptions import AMQPError
@@ -72,6 +72,50 @@ class ReplyListener:
             q.put(json.loads(body))
 
 
+class ReplayDiverged(Exception):
+    """A retried attempt generated something else than what the client was already sent."""
+
+
+@dataclass(slots=True)
+class StreamCursor:
+    """What one client has been sent of an invocation's output. A worker that dies mid-stream
+    leaves the request to a retry, which generates from token 0 again (same seed, so the same
+    continuation): each token event says where it starts (``index`` in tokens,
+    ``text_offset`` in characters), and only what lies past the cursor goes out. A replay that
+    differs from what was sent raises ``ReplayDiverged``."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def advance(self, event: dict) -> dict | None:
+        """The part of a token event the client has not seen, or None when it has seen all."""
+        if "index" not in event:  # a worker that does not say where its tokens start
+            self.token_ids += event["token_ids"]
+            self.text += event["text"]
+            return event
+        new_ids = self._past(self.token_ids, event["token_ids"], event["index"], "tokens")
+        new_text = self._past(self.text, event["text"], event["text_offset"], "text")
+        if not new_ids and not new_text:
+            return None
+        self.token_ids += new_ids
+        self.text += new_text
+        skipped = len(event["token_ids"]) - len(new_ids)
+        out = event | {"token_ids": new_ids, "text": new_text}
+        if "logprobs" in event:
+            out["logprobs"] = event["logprobs"][skipped:]
+        return out
+
+    @staticmethod
+    def _past(sent, part, start: int, what: str):
+        """``part`` (placed at ``start``) without what overlaps ``sent``, which must match."""
+        if start > len(sent):
+            raise ReplayDiverged(f"the {what} skip from {len(sent)} to {start}")
+        overlap = sent[start:start + len(part)]
+        if part[:len(overlap)] != overlap:
+            raise ReplayDiverged(f"a retry generated other {what} than were streamed at {start}")
+        return part[len(overlap):]
+
+
 @dataclass(slots=True)
 class Waiter:
     """Follows one invocation: token events from the reply queue, Postgres as the fallback.
@@ -84,6 +128,8 @@ class Waiter:
     inv_id: str
     events: queue.Queue
     final: Invocation | None = None
+    cursor: StreamCursor = field(default_factory=StreamCursor)
+    diverged: str | None = None  # why the stream was ended early, if it was
 
     def close(self) -> None:
         self.listener.unsubscribe(self.inv_id)
@@ -124,6 +170,14 @@ class Waiter:
             if event is not None:
                 if "invocation" in event:
                     self.final = detached(event.pop("invocation"))
+                if event["type"] == "token":
+                    try:
+                        event = self.cursor.advance(event)
+                    except ReplayDiverged as exc:
+                        yield self._diverged(str(exc))
+                        return
+                    if event is None:  # a retry replaying what was sent already
+                        continue
                 yield event
                 if event["type"] in ("done", "error"):
                     return
@@ -133,6 +187,13 @@ class Waiter:
                 if self.load().status in FINISHED:
                     return
             yield None
+
+
+    def _diverged(self, why: str) -> dict:
+        self.diverged = (f"the stream ends here: its worker stopped and {why}; GET "
+                         f"/v1/invocations/{self.inv_id} has the whole output once it is done")
+        return {"type": "error", "error": {"type": "service_unavailable", "param": None,
+                                           "message": self.diverged}}
 
 
 def detached(row: dict) -> Invocation:

@@ -3,6 +3,7 @@ queued demand, expiry of requests never started, and requeueing of those whose g
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from hydraserve.errors import NotFound, ServiceUnavailable
 from hydraserve.functions.models import FunctionVersion
 from hydraserve.functions.service import Target
 from hydraserve.invocations.models import FINISHED, Invocation
-from hydraserve.invocations.schemas import InvokeRequest
+from hydraserve.invocations.schemas import MAX_SEED, InvokeRequest
 from hydraserve.tenants.service import Principal
 
 ACCEPTED = ("id", "tenant_id", "function_id", "function_version_id", "status", "attempts",
@@ -55,9 +56,14 @@ def accept(session: Session, publisher: Publisher, who: Principal, target: Targe
     The row is written by one statement that also notifies the scheduler, run on the session's
     Core connection (no ORM execution context, ~50 us less per statement), and the returned
     Invocation is not attached to the session (this runs on every request)."""
+    request = {"kind": kind, **body.model_dump(exclude_none=True)}
+    if body.temperature > 0 and body.seed is None:
+        # a retry after a worker death must generate the same tokens, so that a stream resumes
+        # where it was instead of sending other text: sampled requests get a seed here
+        request["seed"] = secrets.randbelow(MAX_SEED + 1)
     inv = Invocation(id=inv_id, tenant_id=who.tenant_id, function_id=target.function_id,
                      function_version_id=target.version_id, status="queued", attempts=0,
-                     request={"kind": kind, **body.model_dump(exclude_none=True)},
+                     request=request,
                      instance_ids=[], queued_at=utcnow())
     session.connection().execute(ACCEPT, {c: getattr(inv, c) for c in ACCEPTED}
                                  | {"event": f"queued:{target.function_id}"})

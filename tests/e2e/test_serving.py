@@ -87,6 +87,28 @@ def test_sse_stream(cluster: Cluster, store_root):
     assert comments >= 1  # the accepted comment, then keep-alives during the cold start
 
 
+def sse_events(resp) -> list[dict]:
+    return [json.loads(line[6:]) for line in resp.iter_lines(decode_unicode=True)
+            if line.startswith("data: ")]
+
+
+def test_a_stop_string_is_never_partly_streamed(cluster: Cluster, store_root):
+    cluster.register("stops", store_root / "llama-tiny")
+    body = {"prompt": "Hello, world! How are you today?", "max_tokens": 24}
+    full = cluster.invoke("stops", body).json()["output"]["text"]
+    printable = [i for i in range(2, len(full) - 3) if full[i:i + 3].isprintable()]
+    assert printable, f"no printable stretch in {full!r}"
+    stop = full[printable[len(printable) // 2]:][:3]
+    resp = cluster.invoke("stops", body | {"stop": [stop]},
+                          headers={"Accept": "text/event-stream"}, stream=True)
+    events = sse_events(resp)
+    streamed = "".join(e["text"] for e in events if e.get("type") == "token")
+    final = events[-1]
+    assert final["status"] == "succeeded" and final["output"]["finish_reason"] == "stop"
+    assert final["output"]["text"] == full[:full.index(stop)]
+    assert streamed == final["output"]["text"]  # nothing of the stop string went out
+
+
 def test_client_disconnect_cancels_the_stream(cluster: Cluster, store_root):
     cluster.register("chatty", store_root / "llama-tiny")
     cluster.invoke("chatty", {"prompt_ids": PROMPT, "max_tokens": 1})  # warm it up

@@ -108,8 +108,8 @@ def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Respons
             yield f"event: invocation\ndata: {json.dumps(final)}\n\n"
         finally:
             waiter.close()
-            if not done:  # the client went away (or the deadline passed): stop the work
-                waiter.cancel()
+            if not done and not waiter.diverged:  # the client went away (or the deadline
+                waiter.cancel()  # passed): stop the work; a diverged retry goes on
 
     return Response(stream(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Invocation-Id": waiter.inv_id})

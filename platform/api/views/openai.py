@@ -128,6 +128,10 @@ def stream(waiter: Waiter, shape: Shape) -> Iterator[str]:
                 chunk = shape.body(shape.choice(event["text"], None, True, first), True)
                 first, sent = False, sent + event["text"]
                 yield f"data: {json.dumps(chunk)}\n\n"
+        if waiter.diverged:  # the retry's output is stored; this stream cannot continue it
+            error = {"type": "service_unavailable", "param": None, "message": waiter.diverged}
+            yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+            return
         inv = waiter.load()
         done = invocations.is_finished(inv)
         if inv.status != "succeeded":  # failed, cancelled, or out of time: say so, not "stop"
@@ -142,6 +146,6 @@ def stream(waiter: Waiter, shape: Shape) -> Iterator[str]:
         yield f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n"
     finally:
         waiter.close()
-        if not done:  # the client went away: stop generating
+        if not done and not waiter.diverged:  # the client went away: stop generating
             waiter.cancel()
 

@@ -55,6 +55,7 @@ class Active:
     first_token_at: datetime | None = None
     want_logprobs: bool = False
     stream: bool = True  # token events wanted; otherwise only the final one
+    stop: tuple[str, ...] = ()
 
 
 def sampling_params(req: dict) -> SamplingParams:
@@ -132,7 +133,7 @@ class Server:
                 self._event(reply_to, inv_id, {"type": "done"})
                 continue
             active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")),
-                            stream=msg.get("stream", True))
+                            stream=msg.get("stream", True), stop=tuple(req.get("stop", ())))
             try:
                 self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
             except RuntimeInputError as exc:
@@ -214,10 +215,19 @@ class Server:
     def _stream(self, active: Active, out) -> None:
         if not active.reply_to or not active.stream or not out.new_token_ids:
             return
-        text = self._text(active, out).rstrip(INCOMPLETE)  # hold back a split UTF-8 sequence
-        delta, active.sent_text = text[len(active.sent_text):], text
+        text = self._text(active, out)
+        if not out.finished:  # hold back a split UTF-8 sequence and a possible stop string
+            text = text.rstrip(INCOMPLETE)
+            text = text[:len(text) - held_back(text, active.stop)]
+        sent = active.sent_text
+        if len(text) < len(sent):
+            text = sent  # what was held back can only grow the text, never take it back
+        delta, active.sent_text = text[len(sent):], text
+        # where this event starts, so that a client fed by a retry skips what it has seen
+        index = len(active.token_ids) - len(out.new_token_ids)
         self._event(active.reply_to, active.inv_id, {
-            "type": "token", "token_ids": out.new_token_ids, "text": delta,
+            "type": "token", "token_ids": out.new_token_ids, "text": delta, "index": index,
+            "text_offset": len(sent),
             **({"logprobs": out.new_logprobs} if active.want_logprobs else {})})
 
     def _text(self, active: Active, out) -> str:
@@ -278,6 +288,13 @@ class Server:
                 self.publisher.publish(reply_to, event, correlation_id=inv_id, durable=False)
             except pika.exceptions.AMQPError:
                 log.warning("could not send %s event of %s", event["type"], inv_id)
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string: they are
+    not streamed until the next tokens tell (a stop string is never partly streamed)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)
 
 
 def describe(exc: BaseException, limit: int = 300) -> str:
