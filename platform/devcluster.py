@@ -4,6 +4,7 @@ their pids and logs under ``.run/``, a demo model under ``.demo/models``."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import signal
@@ -11,14 +12,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
+from sqlalchemy.engine import make_url
 
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
-from hydraserve.settings import Settings
+from hydraserve.settings import DEFAULT_DATABASE_URL, Settings
 
 GUNICORN_CONF = "python:hydraserve.api.gunicorn_conf"  # the API's settings (keep-alive, threads)
 DEMO_FUNCTIONS = {"demo-llama": DemoModelSpec(arch="llama", size="tiny"),
@@ -130,6 +133,49 @@ class ClusterSpec:
 
     def node_ids(self) -> list[str]:
         return [f"n{i + 1}" for i in range(self.num_nodes)]
+
+
+def checkout_settings(root: Path, env: dict[str, str] | None = None) -> Settings:
+    """Settings of this checkout's local cluster: unless HYDRA_DATABASE_URL or
+    HYDRA_QUEUE_PREFIX say otherwise, a database and a queue prefix of its own, named after the
+    checkout's path, so two checkouts on one machine never share functions, nodes or queues."""
+    values: Mapping[str, str] = os.environ if env is None else env
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    overrides: dict[str, object] = {}
+    if not values.get("HYDRA_DATABASE_URL"):
+        url = make_url(DEFAULT_DATABASE_URL)
+        overrides["database_url"] = url.set(database=f"{url.database}_{tag}").render_as_string(
+            hide_password=False)
+    if "HYDRA_QUEUE_PREFIX" not in values:
+        overrides["queue_prefix"] = f"c{tag}."
+    return Settings.from_env(**overrides)
+
+
+def write_env(layout: Layout, settings: Settings) -> Path:
+    """``.run/env``: what to export for the hydraserve CLI to reach this cluster's database
+    and queues (``set -a; . .run/env; set +a``)."""
+    path = layout.run / "env"
+    path.write_text(f"HYDRA_DATABASE_URL={settings.database_url}\n"
+                    f"HYDRA_QUEUE_PREFIX={settings.queue_prefix}\n")
+    return path
+
+
+def reset_state(settings: Settings) -> tuple[list[str], int]:
+    """What a dead cluster of this checkout left in its database: its nodes go down, their
+    instances fail, and unfinished invocations fail with the reason (nothing would serve them:
+    their workers are gone). Returns the nodes retired and the invocations failed."""
+    from hydraserve.cluster import service as cluster
+    from hydraserve.db import make_engine, make_session_factory
+    from hydraserve.invocations import service as invocations
+
+    engine = make_engine(settings.database_url)
+    why = "the local cluster was restarted (hydraserve cluster up) while this was unfinished"
+    try:
+        with make_session_factory(engine)() as s:
+            return (cluster.retire_all_nodes(s, "the local cluster was restarted"),
+                    invocations.fail_unfinished(s, why))
+    finally:
+        engine.dispose()
 
 
 def child_env(layout: Layout, settings: Settings, key: str) -> dict[str, str]:

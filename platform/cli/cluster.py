@@ -7,10 +7,10 @@ from typing import Any
 
 import click
 import requests
+from sqlalchemy.engine import make_url
 
 from hydraserve import devcluster
 from hydraserve.cli.db import create_database, upgrade
-from hydraserve.settings import Settings
 
 DEMO_PROMPT: dict[str, Any] = {"prompt": "Hello, world! How are you today?", "max_tokens": 16}
 
@@ -28,11 +28,18 @@ def cluster() -> None:
 def up(nodes: int, link_mbps: float, store_port: int) -> None:
     """Migrate, make demo models, start API, scheduler, store and node agents, register the
     demo functions, invoke one cold and then warm, and show the TTFT breakdown."""
-    settings = Settings.from_env()
     layout = devcluster.Layout(Path.cwd())
+    settings = devcluster.checkout_settings(layout.root)
     layout.run.mkdir(exist_ok=True)
     spec = devcluster.ClusterSpec(num_nodes=nodes, link_mbps=link_mbps, store_port=store_port)
-    step("database", lambda: migrate(settings.database_url))
+    step(f"database {make_url(settings.database_url).database}, queue prefix "
+         f"{settings.queue_prefix!r}", lambda: migrate(settings.database_url))
+    devcluster.stop_cluster(layout, spec, settings.queue_prefix)  # a cluster of this checkout
+    retired, failed = devcluster.reset_state(settings)
+    if retired or failed:
+        click.echo(f"    left by an earlier cluster of this checkout: nodes {retired} taken "
+                   f"down, {failed} unfinished invocation(s) failed")
+    env_file = devcluster.write_env(layout, settings)
     uris = step("demo models", lambda: devcluster.ensure_demo_models(settings))
     key = devcluster.admin_key(layout)
     try:
@@ -52,6 +59,8 @@ def up(nodes: int, link_mbps: float, store_port: int) -> None:
     show_invocations(base, headers)
     click.echo("")
     click.echo(f"API:        {base}   (logs: {layout.run}/)")
+    click.echo(f"database:   {make_url(settings.database_url).database}, queue prefix "
+               f"{settings.queue_prefix!r} (for the CLI: set -a; . {env_file}; set +a)")
     click.echo(f"admin key:  {key}")
     click.echo("try:")
     click.echo(f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
@@ -81,7 +90,7 @@ def down() -> None:
     """Stop every process that ``up`` started."""
     layout = devcluster.Layout(Path.cwd())
     stopped = devcluster.stop_cluster(layout, devcluster.ClusterSpec(num_nodes=16),
-                                      Settings.from_env().queue_prefix)
+                                      devcluster.checkout_settings(layout.root).queue_prefix)
     click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 

@@ -153,3 +153,15 @@ def requeue_orphans(session: Session) -> int:
         inv.status = "queued"
     session.commit()
     return len(orphans)
+
+
+def fail_unfinished(session: Session, reason: str) -> int:
+    """Every queued or running invocation fails with ``reason`` (a service_unavailable error);
+    commits and returns how many. For a local cluster that starts over a dead one's rows."""
+    rows = session.scalars(select(Invocation).where(Invocation.status.in_(("queued", "running")))
+                           .with_for_update(skip_locked=True)).all()
+    for inv in rows:
+        inv.status, inv.finished_at = "failed", utcnow()
+        inv.error = {"type": "service_unavailable", "param": None, "message": reason}
+    session.commit()
+    return len(rows)

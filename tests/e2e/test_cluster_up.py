@@ -33,6 +33,8 @@ def test_cluster_up_then_down(e2e_env, tmp_path):
         again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                                timeout=400)
         assert again.returncode == 0, again.stdout + again.stderr
+        # what the first run's processes left in the database is retired, not planned onto
+        assert "nodes ['n1', 'n2'] taken down" in again.stdout, again.stdout
     finally:
         down = subprocess.run([str(BIN / "hydraserve"), "cluster", "down"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60)
