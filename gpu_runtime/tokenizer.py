@@ -14,9 +14,21 @@ from gpu_runtime.errors import RuntimeInputError
 class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
-        self._tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
         cfg_path = model_dir / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self._setup(HFTokenizer.from_file(str(model_dir / "tokenizer.json")),
+                    json.loads(cfg_path.read_text()) if cfg_path.is_file() else {})
+
+    @classmethod
+    def from_json(cls, tokenizer_json: str, config: dict) -> Tokenizer:
+        """From the text of ``tokenizer.json`` and the parsed ``tokenizer_config.json`` (a
+        checkpoint read over the network, not from a directory)."""
+        tok = cls.__new__(cls)
+        tok._setup(HFTokenizer.from_str(tokenizer_json), config)
+        return tok
+
+    def _setup(self, tok: HFTokenizer, config: dict) -> None:
+        self._tok = tok
+        self.config = config
         self.chat_template: str | None = self.config.get("chat_template")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from hydraserve.broker import Publisher
 from hydraserve.db import make_engine, make_session_factory
 from hydraserve.errors import HydraError, RateLimited
+from hydraserve.invocations.admission import Tokenizers
 from hydraserve.invocations.replies import ReplyListener
 from hydraserve.settings import Settings
 from hydraserve.tenants.service import bootstrap_admin_key
@@ -27,6 +28,7 @@ class Extension:
 
     settings: Settings
     session_factory: sessionmaker
+    tokenizers: Tokenizers = field(default_factory=Tokenizers)  # for checks before queueing
     _publisher: Publisher | None = None
     _listener: ReplyListener | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 from hydraserve.db import utcnow
 from hydraserve.errors import Conflict, InvalidRequest, NotFound
 from hydraserve.functions.checkpoints import ensure_model
-from hydraserve.functions.models import Function, FunctionVersion
+from hydraserve.functions.models import Function, FunctionVersion, Model
 from hydraserve.functions.schemas import FunctionCreate, FunctionPatch
 from hydraserve.settings import Settings
 from hydraserve.tenants.service import Principal
@@ -39,12 +39,19 @@ class Target(NamedTuple):
     name: str
     version_id: int
     version: int
+    model_id: int
+    model_uri: str
+    vocab_size: int  # what the model's config.json says, for checks before queueing
+    context: int  # max_position_embeddings
 
 
 TARGET_LOOKUP = (  # built once: every invocation runs it
-    select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version)
+    select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version, Model.id,
+           Model.uri, Model.config["vocab_size"].as_integer(),
+           Model.config["max_position_embeddings"].as_integer())
     .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
           & (FunctionVersion.version == Function.alias_version))
+    .join(Model, Model.id == FunctionVersion.model_id)
     .where(Function.tenant_id == bindparam("tenant_id"), Function.name == bindparam("name"),
            Function.deleted_at.is_(None)))
 

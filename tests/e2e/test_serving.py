@@ -166,9 +166,17 @@ def test_a_generated_nul_is_stored_and_answered_and_kills_nothing(cluster: Clust
     assert again["status"] == "succeeded" and again["instance_ids"] == inv["instance_ids"]
 
 
-def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster, store_root,
-                                                                  tmp_path):
+def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster, store_root):
     import shutil
+
+    from sqlalchemy.orm import Session
+
+    from hydraserve.broker import Publisher
+    from hydraserve.functions.service import get_target
+    from hydraserve.invocations import service as invocations
+    from hydraserve.invocations.schemas import InvokeRequest
+    from hydraserve.tenants.service import authenticate
+    from tests.conftest import ADMIN_KEY
 
     model = store_root / "llama-notemplate"
     if not model.exists():
@@ -177,15 +185,25 @@ def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster
         del cfg["chat_template"]
         (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     cluster.register("plain", model)
-    resp = cluster.invoke("plain", {"messages": [{"role": "user", "content": "hi"}],
-                                    "max_tokens": 4})
-    assert resp.status_code == 400, resp.text
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    resp = cluster.invoke("plain", chat)
+    assert resp.status_code == 400, resp.text  # the API answers before queueing
     assert "no chat_template" in resp.json()["error"]["message"]
-    (failed,) = cluster.query("SELECT attempts, instance_ids FROM invocations WHERE id = :id",
-                              id=resp.headers["X-Invocation-Id"])
-    assert failed.attempts == 1  # it failed where it was admitted, it did not kill the worker
+    warm = cluster.invoke("plain", {"prompt": "hi", "max_tokens": 4}).json()
+    assert warm["status"] == "succeeded"
+    # one that reaches the worker anyway (queued past the API's check) fails there, alone
+    with Session(cluster.db) as s:
+        inv = invocations.accept(
+            s, Publisher(cluster.settings.broker_url), authenticate(s, ADMIN_KEY),
+            get_target(s, authenticate(s, ADMIN_KEY), "plain"), InvokeRequest(**chat), "invoke",
+            invocations.new_id(), None, cluster.settings.queue_prefix)
+    row = cluster.wait_for(lambda: next(iter(cluster.query(
+        "SELECT status, attempts, error, instance_ids FROM invocations WHERE id = :id "
+        "AND status = 'failed'", id=inv.id)), None), 60, "the poisoned request to fail")
+    assert row.attempts == 1 and "no chat_template" in row.error["message"]
+    assert row.instance_ids == warm["instance_ids"]
     ok = cluster.invoke("plain", {"prompt": "hi", "max_tokens": 4}).json()
-    assert ok["status"] == "succeeded" and ok["instance_ids"] == failed.instance_ids
+    assert ok["status"] == "succeeded" and ok["instance_ids"] == warm["instance_ids"]
 
 
 def test_unknown_function_and_invocation(cluster: Cluster):

@@ -11,6 +11,7 @@ from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
 from hydraserve.errors import InvalidRequest, ServiceUnavailable
 from hydraserve.functions import service as functions
+from hydraserve.invocations import admission
 from hydraserve.invocations import service as invocations
 from hydraserve.invocations.replies import Waiter
 from hydraserve.invocations.schemas import InvocationOut, InvokeRequest, invocation_out
@@ -47,6 +48,7 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
     ``stream``, else only the outcome)."""
     target = functions.get_target(db(), g.principal, name)
     rt = extension()
+    admission.check_input(target, body, rt.tokenizers)  # a 400 now, not after a cold start
     inv_id = invocations.new_id()
     listener = rt.listener() if follow else None
     events = listener.subscribe(inv_id) if listener else None
