@@ -17,10 +17,11 @@ from pydantic.json_schema import models_json_schema
 from hydraserve.errors import ErrorBody, InvalidRequest, UnsupportedMediaType
 
 REF = "#/components/schemas/{model}"
-# what any operation may answer besides its success (no quota answers 429 yet)
+# what any operation may answer besides its success
 ERROR_STATUSES = {"400": "bad request", "401": "missing or invalid API key",
                   "403": "not allowed for this key", "404": "not found",
-                  "409": "conflict", "415": "body is not JSON", "422": "model cannot be served",
+                  "409": "conflict", "413": "body too large", "415": "body is not JSON",
+                  "422": "model cannot be served", "429": "over a limit (Retry-After)",
                   "500": "internal error (logged)",
                   "503": "a dependency (broker, database) is unavailable"}
 

@@ -8,6 +8,7 @@ from hydraserve.db import make_engine, make_session_factory
 from hydraserve.errors import HydraError
 from hydraserve.settings import Settings
 from hydraserve.tenants import service as tenants
+from hydraserve.tenants.limits import FIELDS as LIMIT_FIELDS
 
 
 def session():
@@ -34,3 +35,23 @@ def create_tenant(name: str, role: str, existing_ok: bool) -> None:
             tenant = tenants.get_tenant(s, name)
         _row, key = tenants.issue_key(s, tenant, "cli", role)
     click.echo(key)
+
+
+@admin.command("set-limits")
+@click.argument("name")
+@click.option("--max-concurrency", type=click.IntRange(1), help="invocations queued or running")
+@click.option("--max-queued", type=click.IntRange(1), help="invocations waiting to start")
+@click.option("--requests-per-minute", type=click.IntRange(1))
+@click.option("--tokens-per-minute", type=click.IntRange(1), help="prompt and output tokens")
+def set_limits(name: str, **limits: int | None) -> None:
+    """Set limits of tenant NAME (those not given keep their value) and print them all."""
+    chosen = {k: v for k, v in limits.items() if v is not None}
+    if not chosen:
+        raise click.UsageError("give at least one limit, e.g. --max-concurrency 16")
+    with session() as s:
+        try:
+            tenant = tenants.set_limits(s, name, chosen)
+        except HydraError as exc:
+            raise click.ClickException(exc.message) from None
+        for field in LIMIT_FIELDS:
+            click.echo(f"{field}: {getattr(tenant, field)}")

@@ -79,6 +79,7 @@ class FunctionVersion(Base):
     keep_alive_s: Mapped[int]
     min_instances: Mapped[int]
     max_instances: Mapped[int]
+    max_concurrency: Mapped[int | None]  # invocations of this version queued or running
     description: Mapped[str] = mapped_column(String(512), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

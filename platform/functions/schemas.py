@@ -31,6 +31,10 @@ class FunctionCreate(Strict):
     keep_alive_s: int = Field(default=300, ge=0, le=86_400)
     min_instances: int = Field(default=0, ge=0, le=16)
     max_instances: int = Field(default=4, ge=1, le=64)
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="invocations of this function queued or running at once; none: the "
+                    "tenant's limit alone")
     description: Text = Field(default="", max_length=512)
 
     @model_validator(mode="after")
@@ -49,6 +53,7 @@ class FunctionPatch(Strict):
     keep_alive_s: int | None = Field(default=None, ge=0, le=86_400)
     min_instances: int | None = Field(default=None, ge=0, le=16)
     max_instances: int | None = Field(default=None, ge=1, le=64)
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
     description: Text | None = Field(default=None, max_length=512)
     alias: int | None = Field(default=None, ge=1, description="point the alias at this version")
 
@@ -79,6 +84,7 @@ class VersionOut(BaseModel):
     keep_alive_s: int
     min_instances: int
     max_instances: int
+    max_concurrency: int | None
     description: str
     created_at: datetime
 
@@ -116,6 +122,7 @@ def version_out(v: FunctionVersion) -> VersionOut:
     return VersionOut(version=v.version, model=model_out(v.model),
                       slo=Slo(ttft_ms=v.ttft_ms, tpot_ms=v.tpot_ms), keep_alive_s=v.keep_alive_s,
                       min_instances=v.min_instances, max_instances=v.max_instances,
+                      max_concurrency=v.max_concurrency,
                       description=v.description, created_at=v.created_at)
 
 

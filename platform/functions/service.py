@@ -17,7 +17,8 @@ from hydraserve.settings import Settings
 from hydraserve.tenants.service import Principal
 from hydraserve.validation import check_name
 
-VERSION_FIELDS = ("keep_alive_s", "min_instances", "max_instances", "description")
+VERSION_FIELDS = ("keep_alive_s", "min_instances", "max_instances", "max_concurrency",
+                  "description")
 
 
 def get_function(session: Session, who: Principal, name: str) -> Function:
@@ -43,12 +44,13 @@ class Target(NamedTuple):
     model_uri: str
     vocab_size: int  # what the model's config.json says, for checks before queueing
     context: int  # max_position_embeddings
+    max_concurrency: int | None  # the version's own cap on invocations in flight
 
 
 TARGET_LOOKUP = (  # built once: every invocation runs it
     select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version, Model.id,
            Model.uri, Model.config["vocab_size"].as_integer(),
-           Model.config["max_position_embeddings"].as_integer())
+           Model.config["max_position_embeddings"].as_integer(), FunctionVersion.max_concurrency)
     .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
           & (FunctionVersion.version == Function.alias_version))
     .join(Model, Model.id == FunctionVersion.model_id)

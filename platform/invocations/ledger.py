@@ -7,6 +7,7 @@ each on the warm path, whatever the batch size."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from hydraserve.cluster.models import Instance, Plan
 from hydraserve.db import NulSafeJSONB, utcnow
 from hydraserve.invocations.models import FINISHED, Invocation
+from hydraserve.tenants.limits import count_tokens
 
 MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
 T = TypeVar("T")
@@ -63,7 +65,7 @@ class Ledger:
             self._conn = None
 
 
-INVOCATION_FIELDS = ("id", "status", "cold", "output", "error", "tokens_in", "tokens_out",
+INVOCATION_FIELDS = ("id", "tenant_id", "status", "cold", "output", "error", "tokens_in", "tokens_out",
                      "attempts", "instance_ids", "queued_at", "planned_at", "fetched_at",
                      "loaded_at", "first_token_at", "finished_at")
 GAVE_UP = {"type": "service_unavailable", "param": None,
@@ -147,13 +149,19 @@ class Outcome:
 
 def complete(conn: Connection, outcomes: list[Outcome]) -> dict[str, dict]:
     """Records finished invocations in one statement, whatever their number (a cancel that came
-    first is kept). Returns the recorded rows by id, as the API shows them."""
+    first is kept), and their tokens in each tenant's per-minute usage. Returns the recorded
+    rows by id, as the API shows them."""
     now = utcnow().isoformat()
     rows = [{"id": o.inv_id, "output": o.output, "tokens_in": o.tokens_in,
              "tokens_out": o.tokens_out, "finished_at": now,
              "first_token_at": o.first_token_at.isoformat() if o.first_token_at else None}
             for o in outcomes]
-    return {r.id: r._asdict() for r in conn.execute(RECORD, {"rows": rows})}
+    recorded = {r.id: r._asdict() for r in conn.execute(RECORD, {"rows": rows})}
+    tokens: dict[int, int] = defaultdict(int)
+    for r in recorded.values():
+        tokens[r["tenant_id"]] += (r["tokens_in"] or 0) + (r["tokens_out"] or 0)
+    count_tokens(conn, tokens)
+    return recorded
 
 
 def fail(conn: Connection, inv_id: str, kind: str, message: str, param: str | None) -> None:

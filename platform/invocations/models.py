@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, Index, String, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -18,6 +18,11 @@ FINISHED = ("succeeded", "failed", "cancelled")  # an invocation in one of these
 
 class Invocation(Base):
     __tablename__ = "invocations"
+    __table_args__ = (
+        # admission counts a tenant's unfinished invocations (tenants/limits.py)
+        Index("ix_invocations_tenant_unfinished", "tenant_id", "status",
+              postgresql_where=text("status IN ('queued', 'running')")),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session
 from hydraserve.broker import Publisher, request_queue
 from hydraserve.cluster.models import CLOSED, Instance
 from hydraserve.db import EVENTS_CHANNEL, must_get, utcnow
-from hydraserve.errors import NotFound, ServiceUnavailable
+from hydraserve.errors import NotFound, RateLimited, ServiceUnavailable
 from hydraserve.functions.models import FunctionVersion
 from hydraserve.functions.service import Target
 from hydraserve.invocations.models import FINISHED, Invocation
 from hydraserve.invocations.schemas import MAX_SEED, InvokeRequest
+from hydraserve.tenants import limits
 from hydraserve.tenants.service import Principal
 
 ACCEPTED = ("id", "tenant_id", "function_id", "function_version_id", "status", "attempts",
@@ -65,6 +66,12 @@ def accept(session: Session, publisher: Publisher, who: Principal, target: Targe
                      function_version_id=target.version_id, status="queued", attempts=0,
                      request=request,
                      instance_ids=[], queued_at=utcnow())
+    try:
+        limits.admit(session.connection(), who.tenant_id, who.limits, target.version_id,
+                     target.max_concurrency)
+    except RateLimited:
+        session.rollback()  # releases the tenant's admission lock at once
+        raise
     session.connection().execute(ACCEPT, {c: getattr(inv, c) for c in ACCEPTED}
                                  | {"event": f"queued:{target.function_id}"})
     session.commit()

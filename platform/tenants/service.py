@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session
 
 from hydraserve.db import utcnow
 from hydraserve.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from hydraserve.tenants.limits import FIELDS as LIMIT_FIELDS
+from hydraserve.tenants.limits import Limits
 from hydraserve.tenants.models import ROLES, ApiKey, Tenant
 from hydraserve.validation import check_name
 
@@ -29,6 +31,7 @@ class Principal:
     tenant_name: str
     role: str
     key_id: int
+    limits: Limits = Limits()
 
     @property
     def is_admin(self) -> bool:
@@ -79,6 +82,20 @@ def issue_key(session: Session, tenant: Tenant, name: str = "", role: str = "ten
     return row, key
 
 
+def set_limits(session: Session, name: str, limits: dict[str, int]) -> Tenant:
+    """Sets some of a tenant's limits (``tenants.limits.FIELDS``) and commits; the next
+    invocation is admitted against them."""
+    unknown = set(limits) - set(LIMIT_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown limits {sorted(unknown)}; known: {list(LIMIT_FIELDS)}",
+                             "limits")
+    tenant = get_tenant(session, name)
+    for field, value in limits.items():
+        setattr(tenant, field, value)
+    session.commit()
+    return tenant
+
+
 def revoke_key(session: Session, key_id: int) -> ApiKey:
     row = session.get(ApiKey, key_id) if 0 < key_id <= MAX_ID else None
     if row is None:
@@ -88,7 +105,8 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
     return row
 
 
-KEY_LOOKUP = (select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_id")).join(Tenant)
+KEY_LOOKUP = (select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_id"),
+                     *(getattr(Tenant, f) for f in LIMIT_FIELDS)).join(Tenant)
               .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)))
 
 
@@ -98,7 +116,8 @@ def authenticate(session: Session, key: str) -> Principal:
     row = session.connection().execute(KEY_LOOKUP, {"key_hash": hash_key(key)}).first()
     if row is None:
         raise AuthenticationFailed("invalid API key; check the key or ask an admin for a new one")
-    return Principal(*row)
+    tenant_id, tenant_name, role, key_id, *limits = row
+    return Principal(tenant_id, tenant_name, role, key_id, Limits(*limits))
 
 
 def bootstrap_admin_key(session: Session, key: str) -> None:

@@ -14,6 +14,7 @@ from hydraserve.tenants.schemas import (
     TenantCreate,
     TenantList,
     TenantOut,
+    TenantPatch,
     key_out,
     tenant_out,
 )
@@ -34,6 +35,19 @@ def create_tenant(body: TenantCreate):
 def list_tenants():
     rows = service.list_tenants(db())
     return TenantList(data=[tenant_out(t) for t in rows]).model_dump(mode="json")
+
+
+@operation(bp, "/v1/admin/tenants/<tenant>", "GET", summary="Read a tenant and its limits",
+           auth="admin", response=TenantOut, path_params=TENANT)
+def get_tenant(tenant: str):
+    return tenant_out(service.get_tenant(db(), tenant)).model_dump(mode="json")
+
+
+@operation(bp, "/v1/admin/tenants/<tenant>", "PATCH", summary="Set a tenant's limits",
+           auth="admin", body=TenantPatch, response=TenantOut, path_params=TENANT)
+def patch_tenant(tenant: str, body: TenantPatch):
+    limits = body.limits.model_dump(exclude_none=True)
+    return tenant_out(service.set_limits(db(), tenant, limits)).model_dump(mode="json")
 
 
 @operation(bp, "/v1/admin/tenants/<tenant>/keys", "POST", summary="Issue an API key",
