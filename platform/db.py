@@ -35,7 +35,10 @@ def utcnow() -> datetime:
 
 
 def make_engine(url: str) -> Engine:
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # hide_parameters: a database error's text (logged, raised) never carries the statement's
+    # parameters, which hold prompts, outputs and key hashes
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         hide_parameters=True)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:

@@ -51,6 +51,7 @@ class Settings:
     max_queue_s: int = 900  # a request not started by then fails, with the reason recorded
     model_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # http(s) model hosts allowed
     max_body_bytes: int = 8 << 20  # a larger request body is answered 413
+    auth_failures_per_minute: int = 20  # per client address and API process, then 429
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -87,6 +88,8 @@ class Settings:
             "model_hosts": tuple(h for h in env.get(
                 "HYDRA_MODEL_HOSTS", "127.0.0.1,localhost").split(",") if h),
             "max_body_bytes": _env_int("HYDRA_MAX_BODY_BYTES", 8 << 20, 1024, 1 << 30),
+            "auth_failures_per_minute": _env_int("HYDRA_AUTH_FAILURES_PER_MINUTE", 20, 1,
+                                                 1_000_000),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

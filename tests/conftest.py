@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
@@ -38,7 +37,9 @@ def database_url():
 
 @pytest.fixture(scope="session")
 def engine(database_url):
-    eng = create_engine(database_url)
+    from hydraserve.db import make_engine
+
+    eng = make_engine(database_url)  # as the platform's processes make theirs
     yield eng
     eng.dispose()
 

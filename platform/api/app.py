@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from dataclasses import dataclass, field
 
 from flask import Flask, current_app, g, jsonify
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
@@ -16,6 +18,7 @@ from hydraserve.errors import HydraError, RateLimited
 from hydraserve.invocations.admission import Tokenizers
 from hydraserve.invocations.replies import ReplyListener
 from hydraserve.settings import Settings
+from hydraserve.tenants.guard import AuthFailures
 from hydraserve.tenants.service import bootstrap_admin_key
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,13 @@ class Extension:
     settings: Settings
     session_factory: sessionmaker
     tokenizers: Tokenizers = field(default_factory=Tokenizers)  # for checks before queueing
+    auth_failures: AuthFailures = field(init=False)
     _publisher: Publisher | None = None
     _listener: ReplyListener | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.auth_failures = AuthFailures(self.settings.auth_failures_per_minute)
 
     def publisher(self) -> Publisher:
         with self._lock:
@@ -99,8 +106,20 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.exception("unhandled error")
+        log_unexpected(exc)
         resp = jsonify({"error": {"type": "internal_error", "param": None,
                                   "message": "internal error; it has been logged"}})
         resp.status_code = 500
         return resp
+
+
+def log_unexpected(exc: Exception) -> None:
+    """Logs an unhandled error. A database error is logged by class, SQLSTATE, statement and
+    traceback, without its message: Postgres quotes the offending value there (a prompt, say),
+    and prompts and keys are never written to logs."""
+    if not isinstance(exc, DBAPIError):
+        log.exception("unhandled error")
+        return
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled error: database %s (SQLSTATE %s) in %s\n%s",
+              type(exc.orig).__name__, getattr(exc.orig, "sqlstate", None), exc.statement, frames)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import request
 
-from hydraserve.api.context import db
+from hydraserve.api.context import db, extension
 from hydraserve.errors import AuthenticationFailed, PermissionDenied
 from hydraserve.tenants.service import Principal, authenticate
 
@@ -22,7 +22,15 @@ def bearer_key() -> str:
 
 
 def require(role: str) -> Principal:
-    who = authenticate(db(), bearer_key())
+    """The caller, authenticated; an address with too many recent failures is refused first."""
+    failures = extension().auth_failures
+    address = request.remote_addr or "unknown"
+    failures.check(address)
+    try:
+        who = authenticate(db(), bearer_key())
+    except AuthenticationFailed:
+        failures.failed(address)
+        raise
     if role == "admin" and not who.is_admin:
         raise PermissionDenied("this endpoint needs an admin key; this key is a tenant key")
     return who

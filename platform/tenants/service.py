@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -106,6 +107,7 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
 
 
 KEY_LOOKUP = (select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_id"),
+                     ApiKey.key_hash,
                      *(getattr(Tenant, f) for f in LIMIT_FIELDS)).join(Tenant)
               .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)))
 
@@ -113,10 +115,13 @@ KEY_LOOKUP = (select(Tenant.id, Tenant.name, ApiKey.role, ApiKey.id.label("key_i
 def authenticate(session: Session, key: str) -> Principal:
     """The key's principal (every request pays for this: a statement built once, plain
     columns, run on the session's Core connection, no ORM execution context)."""
-    row = session.connection().execute(KEY_LOOKUP, {"key_hash": hash_key(key)}).first()
-    if row is None:
+    digest = hash_key(key)
+    row = session.connection().execute(KEY_LOOKUP, {"key_hash": digest}).first()
+    # the lookup is by the key's sha256, so its timing says nothing of the key; the comparison
+    # of what came back is constant-time all the same
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
         raise AuthenticationFailed("invalid API key; check the key or ask an admin for a new one")
-    tenant_id, tenant_name, role, key_id, *limits = row
+    tenant_id, tenant_name, role, key_id, _hash, *limits = row
     return Principal(tenant_id, tenant_name, role, key_id, Limits(*limits))
 
 

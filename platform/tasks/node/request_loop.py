@@ -140,7 +140,9 @@ class Server:
                 self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
                 continue
             except Exception as exc:  # noqa: BLE001 - this input broke the tokenizer or engine: it fails alone
-                log.exception("invocation %s: its input failed in the worker", inv_id)
+                # the type only: the message may quote the prompt, which is never logged
+                log.warning("invocation %s: its input failed in the worker (%s)", inv_id,
+                            type(exc).__name__)
                 self._finish_failed(ch, active, "invalid_request_error",
                                     f"the model could not take this input: {describe(exc)}", None)
                 continue
@@ -205,7 +207,8 @@ class Server:
         self._stream(active, out)
 
     def _fail_running(self, ch, active: Active, out, exc: Exception) -> None:
-        log.exception("invocation %s: its output could not be processed", active.inv_id)
+        log.warning("invocation %s: its output could not be processed (%s)", active.inv_id,
+                    type(exc).__name__)
         if not out.finished:
             self.engine.abort(active.inv_id)
         self._finish_failed(ch, active, "internal_error",
