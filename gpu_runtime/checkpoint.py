@@ -12,9 +12,10 @@ import hashlib
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 import requests
 
@@ -72,10 +73,17 @@ class CheckpointIndex:
         return [asdict(t) | {"shape": list(t.shape)} for t in self.tensors]
 
 
-class Source:
-    """Byte-range access to the files of one checkpoint."""
+MAX_REDIRECTS = 5
 
-    def __init__(self, uri: str, timeout_s: float = 30.0) -> None:
+
+class Source:
+    """Byte-range access to the files of one checkpoint. A redirect is followed only to a URL
+    that ``redirect_ok`` accepts (none without it), so a store cannot send the reader on to a
+    service the caller did not mean it to reach."""
+
+    def __init__(self, uri: str, timeout_s: float = 30.0,
+                 redirect_ok: Callable[[str], bool] | None = None) -> None:
+        self.redirect_ok = redirect_ok
         self.uri = uri.rstrip("/")
         parsed = urlparse(uri)
         self.scheme = parsed.scheme
@@ -128,10 +136,26 @@ class Source:
         return int(total)
 
     def _get(self, name: str, headers: dict, allow_missing: bool = False):
-        try:
-            resp = self.session.get(self.url(name), headers=headers, timeout=self.timeout_s)
-        except requests.RequestException as exc:
-            raise CheckpointError(f"cannot reach {self.url(name)}: {exc}", "model") from exc
+        url = self.url(name)
+        for _hop in range(MAX_REDIRECTS + 1):
+            try:
+                resp = self.session.get(url, headers=headers, timeout=self.timeout_s,
+                                        allow_redirects=False)
+            except requests.RequestException as exc:
+                # the kind of failure only: its text can say what some other service answered
+                raise CheckpointError(f"cannot reach {self.url(name)} "
+                                      f"({type(exc).__name__})", "model") from exc
+            if not resp.is_redirect:
+                break
+            target = urljoin(url, resp.headers.get("Location", ""))
+            if self.redirect_ok is None or not self.redirect_ok(target):
+                raise CheckpointError(f"GET {self.url(name)} redirects to a URL that is not "
+                                      "an allowed model store; serve the files from the store "
+                                      "itself", "model")
+            url = target
+        else:
+            raise CheckpointError(f"GET {self.url(name)} redirects more than {MAX_REDIRECTS} "
+                                  "times", "model")
         if resp.status_code == 404 and allow_missing:
             return None
         if resp.status_code not in (200, 206):
@@ -217,10 +241,11 @@ def read_config(source: Source) -> dict:
     return config
 
 
-def index_checkpoint(uri: str, checksums: bool = True, timeout_s: float = 30.0) -> CheckpointIndex:
+def index_checkpoint(uri: str, checksums: bool = True, timeout_s: float = 30.0,
+                     redirect_ok: Callable[[str], bool] | None = None) -> CheckpointIndex:
     """Reads config and every safetensors header; with ``checksums`` also hashes the bytes
     (sha256 per file, crc32 per tensor) so the prefetcher can verify what it downloads."""
-    source = Source(uri, timeout_s)
+    source = Source(uri, timeout_s, redirect_ok)
     config = read_config(source)
     files = weight_files(source)
     tensors: list[TensorEntry] = []

@@ -198,6 +198,8 @@ def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpe
         raise ClusterError(f"port {settings.api_port} is taken by another program; "
                            "set HYDRA_API_PORT to a free port")
     env = child_env(layout, settings, key)
+    # the cluster's own model store, on whichever port it runs, is one the API may read
+    env["HYDRA_MODEL_HOSTS"] = ",".join((*settings.model_hosts, f"127.0.0.1:{spec.store_port}"))
     bin_dir = Path(sys.executable).parent
     cli = str(bin_dir / "hydraserve")
     start(layout, "api", [str(bin_dir / "gunicorn"), "-c", GUNICORN_CONF, "--bind",

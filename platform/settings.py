@@ -49,7 +49,9 @@ class Settings:
     sync_deadline_s: int = 30  # a sync invocation answers 202 + id after this long
     queue_prefix: str = ""  # namespaces queues when several clusters share one RabbitMQ
     max_queue_s: int = 900  # a request not started by then fails, with the reason recorded
-    model_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # http(s) model hosts allowed
+    # http(s) model stores registration may read, host[:port] (no port: 80/443; host:* any);
+    # the default is the local model store of `make up`
+    model_hosts: tuple[str, ...] = ("127.0.0.1:8300", "localhost:8300")
     max_body_bytes: int = 8 << 20  # a larger request body is answered 413
     auth_failures_per_minute: int = 20  # per client address and API process, then 429
 
@@ -86,7 +88,7 @@ class Settings:
             "queue_prefix": env.get("HYDRA_QUEUE_PREFIX", ""),
             "max_queue_s": _env_int("HYDRA_MAX_QUEUE_S", 900, 1, 7 * 86_400),
             "model_hosts": tuple(h for h in env.get(
-                "HYDRA_MODEL_HOSTS", "127.0.0.1,localhost").split(",") if h),
+                "HYDRA_MODEL_HOSTS", "127.0.0.1:8300,localhost:8300").split(",") if h),
             "max_body_bytes": _env_int("HYDRA_MAX_BODY_BYTES", 8 << 20, 1024, 1 << 30),
             "auth_failures_per_minute": _env_int("HYDRA_AUTH_FAILURES_PER_MINUTE", 20, 1,
                                                  1_000_000),

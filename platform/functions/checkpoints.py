@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from gpu_runtime.checkpoint import CheckpointError, CheckpointIndex, Source, index_checkpoint
 from hydraserve.errors import InvalidModel, InvalidRequest
+from hydraserve.functions import stores
 from hydraserve.functions.models import Model
 from hydraserve.settings import Settings
 
@@ -42,15 +43,8 @@ def check_model_uri(uri: str, settings: Settings) -> str:
                 "model")
     elif not parsed.netloc:
         raise InvalidRequest(f"model URI {uri!r} has no host", "model")
-    else:
-        allowed = set(settings.model_hosts)
-        if settings.store_url:
-            allowed.add(urlparse(settings.store_url).hostname or "")
-        if parsed.hostname not in allowed:
-            # the API fetches what it is given: only model stores the operator named
-            raise InvalidRequest(
-                f"model host {parsed.hostname!r} is not an allowed model store; allowed: "
-                f"{sorted(allowed)} (HYDRA_MODEL_HOSTS, HYDRA_STORE_URL)", "model")
+    else:  # the API fetches what it is given: only model stores the operator named
+        stores.check_store_url(uri, settings)
     return uri.rstrip("/")
 
 
@@ -79,10 +73,14 @@ def fingerprint(index: CheckpointIndex) -> str:
     return digest.hexdigest()
 
 
-def index_model(uri: str, timeout_s: float = 30.0) -> CheckpointIndex:
+def index_model(uri: str, settings: Settings) -> CheckpointIndex:
+    def redirect_ok(url: str) -> bool:
+        return stores.is_allowed(url, settings)
+
     try:
-        index = index_checkpoint(uri, timeout_s=timeout_s)
-        if not Source(uri).exists("tokenizer.json"):
+        index = index_checkpoint(uri, timeout_s=settings.registration_timeout_s,
+                                 redirect_ok=redirect_ok)
+        if not Source(uri, redirect_ok=redirect_ok).exists("tokenizer.json"):
             raise InvalidModel(
                 f"tokenizer.json is missing from {uri}; the runtime needs a fast tokenizer file",
                 "model")
@@ -96,7 +94,7 @@ def ensure_model(session: Session, uri: str, settings: Settings) -> Model:
     """Returns the Model row for ``uri`` as it is now, indexing it if these bytes are new; no
     commit (the registration that needs it commits both)."""
     uri = check_model_uri(uri, settings)
-    index = index_model(uri, settings.registration_timeout_s)  # per request to the store
+    index = index_model(uri, settings)
     fp = fingerprint(index)
     model = session.scalar(select(Model).where(Model.uri == uri, Model.fingerprint == fp))
     if model is not None:
