@@ -97,10 +97,12 @@ class StreamCursor:
         new_text = self._past(self.text, event["text"], event["text_offset"], "text")
         if not new_ids and not new_text:
             return None
+        # what goes out starts where the client is: its positions say so too
+        out = event | {"token_ids": new_ids, "text": new_text, "index": len(self.token_ids),
+                       "text_offset": len(self.text)}
         self.token_ids += new_ids
         self.text += new_text
         skipped = len(event["token_ids"]) - len(new_ids)
-        out = event | {"token_ids": new_ids, "text": new_text}
         if "logprobs" in event:
             out["logprobs"] = event["logprobs"][skipped:]
         return out

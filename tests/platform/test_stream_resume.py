@@ -23,6 +23,7 @@ def test_a_replay_sends_only_what_lies_past_the_cursor():
     assert c.advance(tok(0, [1, 2], 0, "ab")) is None  # the retry, from token 0
     out = c.advance(tok(2, [3, 4], 2, "cd", logprobs=[-0.1, -0.2]))  # overlaps by one token
     assert (out["token_ids"], out["text"], out["logprobs"]) == ([4], "d", [-0.2])
+    assert (out["index"], out["text_offset"]) == (3, 3)  # where the client is, not the retry
     assert (c.token_ids, c.text) == ([1, 2, 3, 4], "abcd")
 
 
