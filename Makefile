@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: up down test venv services lint typecheck
+.PHONY: up down test venv services lint typecheck chaos
 
 up: venv services
 	$(VENV)/bin/hydraserve cluster up
@@ -14,6 +14,10 @@ down:
 
 test: venv services typecheck
 	scripts/run-tests.sh $(PYTEST_ARGS)
+
+# The whole chaos suite (tests/chaos): every fault, longer load; `make test` runs its short form.
+chaos: venv services
+	HYDRA_CHAOS=full HYDRA_CHAOS_RESULTS=bench/results/chaos.json scripts/run-tests.sh tests/chaos $(PYTEST_ARGS)
 
 # mypy over the control plane and the data plane. The control plane imports as `hydraserve`
 # from the folder platform/ (no __init__.py there, see DESIGN.md 2.1), so mypy is shown the

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kombu.exceptions import KombuError
 from sqlalchemy.orm import Session
 
+from gpu_runtime.limits import MAX_PP
 from hydraserve.broker import node_queue
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import Instance
@@ -51,12 +52,19 @@ class Sender:
                            queue=node_queue(node_id, self.prefix))
 
 
+def num_layers(config: dict) -> int:
+    """Decoder layers of a checkpoint, from its config.json as stored at registration (both
+    supported architectures name them num_hidden_layers)."""
+    return int(config.get("num_hidden_layers") or MAX_PP)
+
+
 def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float,
              cfg: PlannerConfig, profile: Profile) -> Plan | None:
     m = fv.model.total_bytes
     req = Request(model_id=fv.model_id, model_bytes=m, ttft_slo_s=fv.ttft_ms / 1000,
                   tpot_slo_s=fv.tpot_ms / 1000, tpot_s=profile.tpot_s(m),
-                  prefill_s=profile.prefill_s(m), waited_s=waited_s, demand=max(queued, 1))
+                  prefill_s=profile.prefill_s(m), waited_s=waited_s, demand=max(queued, 1),
+                  num_layers=num_layers(fv.model.config))
     return plan_cold_start(req, state.nodes_snapshot(session), cfg)
 
 

@@ -37,6 +37,10 @@ MIN_GAP_S = 0.05
 # and a warm one needs nothing from the scheduler. After a quiet spell the first request of a
 # burst is still looked at within MIN_GAP_S (a cold start is not delayed).
 REACT_EVERY_S = 0.25
+# Node agents heartbeat every 2 s (tasks/node/agent.py HEARTBEAT_S): a node silent for this
+# long is taken out, its instances failed and their requests planned elsewhere. (5 s took
+# healthy nodes out here: on a busy 2-core machine a heartbeat can be late by seconds.)
+HEARTBEAT_TIMEOUT_S = 10.0
 
 
 def wait_events(conn: psycopg.Connection, timeout_s: float, gap_s: float = MIN_GAP_S) -> list[str]:
@@ -52,7 +56,7 @@ def wait_events(conn: psycopg.Connection, timeout_s: float, gap_s: float = MIN_G
 class Scheduler:
     def __init__(self, settings: Settings, cfg: PlannerConfig | None = None,
                  profile: Profile | None = None, sender: Sender | None = None,
-                 tick_s: float = 0.5, heartbeat_timeout_s: float = 10.0,
+                 tick_s: float = 0.5, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
                  start_timeout_s: float = 600.0,
                  sessions: sessionmaker | None = None) -> None:
         self.settings = settings

@@ -77,8 +77,11 @@ class Request:
     prefill_s: float  # profiled standalone prefill time (P)
     waited_s: float = 0.0  # how long the oldest waiting request has waited (w)
     demand: int = 1  # instances the queue asks for
+    num_layers: int = MAX_PP  # a pipeline has at most one stage per decoder layer
 
     def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers {self.num_layers} must be positive")
         if self.model_bytes <= 0 or self.demand < 1:
             raise ValueError(f"model_bytes {self.model_bytes} and demand {self.demand} must be positive")
 
@@ -119,6 +122,12 @@ def pick_device(node: NodeState, need: int) -> Device | None:
     return min(fits, key=lambda d: (d.num_workers > 0, d.free_bytes - need), default=None)
 
 
+def largest_pp(req: Request, cfg: PlannerConfig) -> int:
+    """The largest pipeline to consider: the configured cap, and no more stages than layers
+    (a pp=3 plan of a 2-layer model fails on every node that gets it)."""
+    return min(cfg.max_pp, req.num_layers)
+
+
 def inflation(pp: int, n_full: int) -> float:
     return (pp - n_full) + n_full / pp
 
@@ -129,9 +138,9 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
     if cached is not None and cached.slo_met:
         return cached
     open_nodes = [n for n in nodes if n.link.admits_one_more()]
-    wanted = min(req.demand, cfg.max_pp)  # full shares can become replicas (consolidation: not yet)
+    wanted = min(req.demand, largest_pp(req, cfg))  # full shares can become replicas (consolidation: not yet)
     partial: Plan | None = None  # feasible, but yields fewer instances than demand asks for
-    for pp in range(1, cfg.max_pp + 1):
+    for pp in range(1, largest_pp(req, cfg) + 1):
         for n_full in range(min(pp, req.demand), pp + 1):
             plan = _try(req, open_nodes, cfg, pp, n_full)
             if plan is not None and n_full >= wanted:
@@ -144,7 +153,7 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
 def _part_shares_only(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
     """A model no single device holds can still be served by a pipeline of part shares; it
     could never consolidate (it has no full-share worker to become a replica)."""
-    for pp in range(2, cfg.max_pp + 1):
+    for pp in range(2, largest_pp(req, cfg) + 1):
         plan = _try(req, nodes, cfg, pp, 0)
         if plan is not None:
             return plan
@@ -202,7 +211,7 @@ def _plan_from_cache(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -
     """A start with no fetch: the whole model cached on one node (pp = 1), else a pipeline whose
     every stage is cached on a distinct node (stage 0 with a full share where it fits). The
     smallest such pipeline that meets the SLOs, else the smallest one at all."""
-    found = [plan for pp in range(1, cfg.max_pp + 1)
+    found = [plan for pp in range(1, largest_pp(req, cfg) + 1)
              if (plan := _cached_pipeline(req, nodes, cfg, pp)) is not None]
     return next((p for p in found if p.slo_met), found[0] if found else None)
 
@@ -236,6 +245,6 @@ def _fallback(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan 
     """No plan meets the SLOs: pp=1 on the best-bandwidth node that fits, else the smallest
     pipeline of part shares that fits (``slo_met=False``); None only when nothing fits."""
     plan = _try(req, nodes, cfg, 1, 1, enforce_slo=False)
-    for pp in range(2, cfg.max_pp + 1):
+    for pp in range(2, largest_pp(req, cfg) + 1):
         plan = plan or _try(req, nodes, cfg, pp, 0, enforce_slo=False)
     return plan

@@ -296,9 +296,10 @@ def test_old_version_and_deleted_function_get_no_min_instances(sched, s, functio
 
 # ---- broken and stuck groups ---------------------------------------------------------------
 
-def test_group_with_a_failed_stage_is_killed_on_every_live_stage(sched, s, function):
+def test_group_with_a_failed_stage_is_killed_on_every_live_stage(sched, s, function,
+                                                                 store_root):
     add_nodes(s, "a", "b", "c")
-    fv = function()
+    fv = function(model=(store_root / "llama-small").as_uri())  # 4 layers: room for pp=3
     broken, healthy = group(sched, s, fv, demand=3), group(sched, s, fv)
     assert len(broken) == 3
     cluster.fail_instance(s, broken[1].id, "worker process exited with code 1")

@@ -41,6 +41,14 @@ def test_inflation_formula():
     assert inflation(2, 0) == 2
 
 
+def test_no_more_stages_than_layers():
+    # the SLO that wants pp=4 above, for a model of 2 decoder layers: pp is capped at 2
+    plan = plan_cold_start(request(ttft_slo_s=7.5, num_layers=2), [node(n) for n in "abcd"], CFG)
+    assert plan.pp <= 2
+    one = plan_cold_start(request(ttft_slo_s=1.0, num_layers=1), [node(n) for n in "abcd"], CFG)
+    assert one.pp == 1 and not one.slo_met  # the closest plan, never an impossible pipeline
+
+
 def test_loose_slo_gets_pp1():
     plan = plan_cold_start(request(ttft_slo_s=60), [node("a"), node("b")], CFG)
     assert plan.pp == 1 and plan.slo_met
