@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import cast, select, update
+from sqlalchemy import cast, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
@@ -140,6 +140,15 @@ def live_groups(session: Session,
     for inst in session.scalars(q):
         out[inst.plan_id or -inst.id].append(inst)
     return out
+
+
+def failed_starts(session: Session, function_version_id: int, within_s: float) -> int:
+    """Instances of the version that failed before they were ever ready, in the last
+    ``within_s`` seconds (a start the nodes keep refusing)."""
+    since = utcnow() - timedelta(seconds=within_s)
+    return session.scalar(select(func.count()).select_from(Instance).where(
+        Instance.function_version_id == function_version_id, Instance.status == "failed",
+        Instance.ready_at.is_(None), Instance.released_at >= since)) or 0
 
 
 def mark_stopping(session: Session, group: list[Instance]) -> None:

@@ -41,6 +41,9 @@ REACT_EVERY_S = 0.25
 # long is taken out, its instances failed and their requests planned elsewhere. (5 s took
 # healthy nodes out here: on a busy 2-core machine a heartbeat can be late by seconds.)
 HEARTBEAT_TIMEOUT_S = 10.0
+# A version whose starts failed this many times within START_BACKOFF_S is not planned again
+# until they age out: a start every node refuses must not be re-planned every pass.
+MAX_FAILED_STARTS, START_BACKOFF_S = 3, 30.0
 
 
 def wait_events(conn: psycopg.Connection, timeout_s: float, gap_s: float = MIN_GAP_S) -> list[str]:
@@ -181,6 +184,11 @@ class Scheduler:
             need = (not groups and queued > 0) or len(groups) < self.min_instances(s, fv) or (
                 not starting and queued > MAX_BATCH * len(groups))
             if not need or len(groups) >= fv.max_instances:
+                continue
+            if cluster.failed_starts(s, fv_id, START_BACKOFF_S) >= MAX_FAILED_STARTS:
+                log.warning("function version %s: %d starts failed within %.0f s; not planning "
+                            "it again until they age out", fv_id, MAX_FAILED_STARTS,
+                            START_BACKOFF_S)
                 continue
             waited = (utcnow() - d.oldest_queued_at).total_seconds() if d else 0.0
             plan = actions.plan_for(s, fv, queued, waited, self.cfg, self.profile)

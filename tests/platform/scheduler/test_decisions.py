@@ -188,6 +188,22 @@ def test_demand_above_max_batch_per_ready_group_adds_a_group(sched, s, function)
     assert sched.sender.take() == [("start", "a", new[0].id)]
 
 
+def test_a_start_that_keeps_failing_is_not_planned_again_at_once(sched, s, function):
+    add_nodes(s, "a")
+    fv = function()
+    enqueue(s, fv, 1)
+    for _ in range(3):  # every start is refused by its node before it is ready
+        step(sched, "scale_out")
+        for inst in read(s, Instance, Instance.status == "starting"):
+            cluster.fail_instance(s, inst.id, "RuntimeInputError: pipeline size is out of range")
+    sched.sender.take()
+    step(sched, "scale_out")
+    assert sched.sender.take() == []  # backing off: the failures are recent
+    backdate(s, Instance, "released_at", 60, Instance.function_version_id == fv.id)
+    step(sched, "scale_out")
+    assert [m[0] for m in sched.sender.take()] == ["start"]  # aged out: planned again
+
+
 def test_max_instances_caps_the_groups(sched, s, function):
     add_nodes(s, "a", "b")
     fv = function(max_instances=1)
