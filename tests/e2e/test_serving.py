@@ -276,7 +276,7 @@ def test_scale_to_zero_after_keep_alive(cluster: Cluster, store_root):
         "SELECT v.model_id, i.node_id FROM instances i JOIN function_versions v "
         "ON v.id = i.function_version_id WHERE i.id = :i", i=ids[0])
     cluster.wait_for(lambda: [model_id, 1, 0] in cluster.query(
-        "SELECT info FROM nodes WHERE id = :n", n=node_id)[0][0]["cached_stages"], 30,
+        "SELECT info FROM nodes WHERE id = :n", n=node_id)[0][0]["cached_stages"], 60,
         "the heartbeat to report the cached model")
     again = cluster.invoke("brief", {"prompt_ids": PROMPT, "max_tokens": 2}).json()
     assert again["cold"] is True and again["instance_ids"] != ids
