@@ -68,7 +68,12 @@ def test_no_server_errors_invoking_a_real_function(app, client, settings, llama_
         assert response.status_code in (202, 400, 415), (case.body, response.text)
 
     check()
-    assert 202 in statuses and 400 in statuses, statuses  # both valid and invalid bodies ran
+    assert 400 in statuses, statuses  # invalid bodies ran
+    # and a valid one is accepted (generated bodies are seldom valid for this model now that
+    # their token ids are checked against its 512-token vocabulary before queueing)
+    ok = client.post("/v1/functions/fn/invocations", json={"prompt_ids": [1, 2]},
+                     headers=headers | {"Prefer": "respond-async"})
+    assert ok.status_code == 202, ok.json
     conn = pika.BlockingConnection(pika.URLParameters(pika_url(settings.broker_url)))
     from hydraserve.functions.models import Function
 
