@@ -85,3 +85,18 @@ def settings(database_url, store_root):
     from hydraserve.settings import Settings
 
     return Settings(database_url=database_url, store_root=str(store_root), admin_key=ADMIN_KEY)
+
+
+@pytest.fixture(scope="session")
+def no_template_model(store_root) -> Path:
+    """The tiny Llama without a chat template (``messages`` cannot be rendered for it)."""
+    import json
+    import shutil
+
+    model = store_root / "llama-no-template"
+    if not model.exists():
+        shutil.copytree(store_root / "llama-tiny", model)
+        cfg = json.loads((model / "tokenizer_config.json").read_text())
+        del cfg["chat_template"]
+        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return model

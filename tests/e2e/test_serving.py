@@ -166,9 +166,8 @@ def test_a_generated_nul_is_stored_and_answered_and_kills_nothing(cluster: Clust
     assert again["status"] == "succeeded" and again["instance_ids"] == inv["instance_ids"]
 
 
-def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster, store_root):
-    import shutil
-
+def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster,
+                                                                  no_template_model):
     from sqlalchemy.orm import Session
 
     from hydraserve.broker import Publisher
@@ -178,13 +177,7 @@ def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster
     from hydraserve.tenants.service import authenticate
     from tests.conftest import ADMIN_KEY
 
-    model = store_root / "llama-notemplate"
-    if not model.exists():
-        shutil.copytree(store_root / "llama-tiny", model)
-        cfg = json.loads((model / "tokenizer_config.json").read_text())
-        del cfg["chat_template"]
-        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
-    cluster.register("plain", model)
+    cluster.register("plain", no_template_model)
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     resp = cluster.invoke("plain", chat)
     assert resp.status_code == 400, resp.text  # the API answers before queueing

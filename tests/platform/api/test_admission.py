@@ -3,8 +3,6 @@ paid for it), on every route and for streams too."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import uuid
 from dataclasses import replace
 
@@ -25,17 +23,6 @@ def settings(settings):
 def fn(acme, register):
     assert register(acme, "fn").status_code == 201
     return acme
-
-
-@pytest.fixture(scope="session")
-def no_template_uri(store_root) -> str:
-    model = store_root / "llama-no-template"
-    if not model.exists():
-        shutil.copytree(store_root / "llama-tiny", model)
-        cfg = json.loads((model / "tokenizer_config.json").read_text())
-        del cfg["chat_template"]
-        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return model.as_uri()
 
 
 def count(db_session) -> int:
@@ -67,8 +54,8 @@ def test_a_stream_gets_the_400_instead_of_a_200_stream(client, fn, db_session):
     assert count(db_session) == 0
 
 
-def test_messages_need_a_chat_template(client, acme, register, db_session, no_template_uri):
-    assert register(acme, "plain", model=no_template_uri).status_code == 201
+def test_messages_need_a_chat_template(client, acme, register, db_session, no_template_model):
+    assert register(acme, "plain", model=no_template_model.as_uri()).status_code == 201
     for path, body in [("/v1/functions/plain/invocations",
                         {"messages": [{"role": "user", "content": "hi"}]}),
                        ("/v1/chat/completions",
