@@ -90,23 +90,22 @@ def admit(conn: Connection, tenant_id: int, limits: Limits, version_id: int,
     (in the caller's transaction, which must commit or roll back soon: it holds the lock)."""
     u = usage(conn, tenant_id, version_id)
     per_minute_wait = max(1, math.ceil(60 - u.seconds_into_minute))
-    checks = [
-        (u.in_flight >= limits.max_concurrency, "max_concurrency", limits.max_concurrency,
-         "invocations queued or running at once", 1),
-        (u.queued >= limits.max_queued, "max_queued", limits.max_queued,
+    checks = [  # (over it, scope, limit, its value, what it counts, seconds to retry after)
+        (u.in_flight >= limits.max_concurrency, "tenant", "max_concurrency",
+         limits.max_concurrency, "invocations queued or running at once", 1),
+        (u.queued >= limits.max_queued, "tenant", "max_queued", limits.max_queued,
          "invocations waiting to start", 1),
-        (u.requests_per_minute >= limits.requests_per_minute, "requests_per_minute",
+        (u.requests_per_minute >= limits.requests_per_minute, "tenant", "requests_per_minute",
          limits.requests_per_minute, "invocations accepted per minute", per_minute_wait),
-        (u.tokens_per_minute >= limits.tokens_per_minute, "tokens_per_minute",
+        (u.tokens_per_minute >= limits.tokens_per_minute, "tenant", "tokens_per_minute",
          limits.tokens_per_minute, "tokens (prompt and output) per minute", per_minute_wait),
     ]
     if version_max_concurrency is not None:
-        checks.append((u.version_in_flight >= version_max_concurrency, "max_concurrency",
-                       version_max_concurrency, "invocations of this function queued or running "
-                       "at once", 1))
-    for over, name, value, what, retry in checks:
+        checks.append((u.version_in_flight >= version_max_concurrency, "function",
+                       "max_concurrency", version_max_concurrency,
+                       "invocations of this function queued or running at once", 1))
+    for over, scope, name, value, what, retry in checks:
         if over:
-            scope = "function" if what.startswith("invocations of this function") else "tenant"
             raise RateLimited(f"over the {scope}'s {name} limit of {value} ({what}); retry "
                               f"after {retry} s, or ask an admin to raise it", retry, name)
     conn.execute(COUNT_REQUEST, {"tenant_id": tenant_id})
