@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpu_runtime.ports import free_port
-from hydraserve.cli.db import drop_database, upgrade
 from tests.chaos.load import Client, Load, Tally
-from tests.conftest import ADMIN_KEY, fresh_database_url
-from tests.e2e.serving_cluster import Cluster, start
+from tests.conftest import ADMIN_KEY
+from tests.e2e.serving_cluster import Cluster, running_cluster
 
 FULL = os.environ.get("HYDRA_CHAOS") == "full"
 WARMUP_S, AFTER_S = 3.0, 15.0 if not FULL else 20.0
@@ -34,16 +32,9 @@ RESULTS: list[dict] = []
 def cluster(store_root, tmp_path_factory):
     from hydraserve import devcluster
 
-    url = fresh_database_url("chaos")
-    upgrade(url)
-    layout = devcluster.Layout(tmp_path_factory.mktemp("chaos"))
-    c = start(layout, url, store_root, free_port(), free_port())
-    yield c
-    devcluster.stop_cluster(layout, c.spec, c.settings.queue_prefix)
-    for name in ("scheduler-standby",):
-        devcluster.stop(layout, name)
-    c.db.dispose()
-    drop_database(url)
+    with running_cluster(store_root, tmp_path_factory, "chaos") as c:
+        yield c
+        devcluster.stop(c.layout, "scheduler-standby")  # started by the scheduler case
     if RESULTS and os.environ.get("HYDRA_CHAOS_RESULTS"):
         Path(os.environ["HYDRA_CHAOS_RESULTS"]).write_text(json.dumps(RESULTS, indent=2))
 

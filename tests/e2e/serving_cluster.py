@@ -3,14 +3,18 @@ real process, on a throwaway database and queue namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import requests
 from sqlalchemy import create_engine, text
 
 from gpu_runtime.engine import EngineConfig, LLMEngine
+from gpu_runtime.ports import free_port
 from gpu_runtime.sampling import SamplingParams
 from hydraserve import devcluster
 from hydraserve.settings import Settings
@@ -80,3 +84,23 @@ def reference_tokens(model_dir, prompt_ids: list[int], max_tokens: int) -> list[
             for out in engine.step():
                 tokens += out.new_token_ids
     return tokens
+
+
+@contextlib.contextmanager
+def running_cluster(store_root, tmp_path_factory, tag: str) -> Iterator[Cluster]:
+    """A migrated throwaway database and a whole local cluster on it, stopped and dropped
+    after (and no node cache pool left behind)."""
+    from hydraserve.cli.db import drop_database, upgrade
+    from tests.conftest import fresh_database_url
+
+    url = fresh_database_url(tag)
+    upgrade(url)
+    layout = devcluster.Layout(tmp_path_factory.mktemp(tag))
+    c = start(layout, url, store_root, free_port(), free_port())
+    try:
+        yield c
+    finally:
+        devcluster.stop_cluster(layout, c.spec, c.settings.queue_prefix)
+        c.db.dispose()
+        drop_database(url)
+    assert not list(Path("/dev/shm").glob(f"hydraserve-{c.settings.queue_prefix}*"))

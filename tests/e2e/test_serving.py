@@ -8,32 +8,19 @@ import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
-from gpu_runtime.ports import free_port
-from hydraserve.cli.db import drop_database, upgrade
-from tests.conftest import fresh_database_url
-from tests.e2e.serving_cluster import Cluster, reference_tokens, start
+from tests.e2e.serving_cluster import Cluster, reference_tokens, running_cluster
 
 PROMPT = [1, 5, 9, 13, 200, 31]
 
 
 @pytest.fixture(scope="module")
 def cluster(store_root, tmp_path_factory):
-    from hydraserve import devcluster
-
-    url = fresh_database_url("srv")
-    upgrade(url)
-    layout = devcluster.Layout(tmp_path_factory.mktemp("cluster"))
-    c = start(layout, url, store_root, free_port(), free_port())
-    yield c
-    devcluster.stop_cluster(layout, c.spec, c.settings.queue_prefix)
-    assert not list(Path("/dev/shm").glob(f"hydraserve-{c.settings.queue_prefix}*"))
-    c.db.dispose()
-    drop_database(url)
+    with running_cluster(store_root, tmp_path_factory, "srv") as c:
+        yield c
 
 
 def test_cold_then_warm(cluster: Cluster, store_root):
