@@ -193,14 +193,18 @@ def fail_instance(session: Session, instance_id: int, error: str) -> None:
     session.commit()
 
 
-def instance_exited(session: Session, instance_id: int, returncode: int) -> None:
+def instance_exited(session: Session, instance_id: int, returncode: int) -> str | None:
+    """Closes the instance of a worker that exited: released when it was being stopped, else
+    failed. Commits; returns the failure's recorded cause (None when released)."""
     inst = session.get(Instance, instance_id)
     if inst is None:
-        return
+        return None
     clean = inst.status == "stopping"
     close_instance(session, instance_id, "released" if clean else "failed",
                    None if clean else f"worker process exited with code {returncode}")
+    cause = None if clean else inst.error or f"worker process exited with code {returncode}"
     session.commit()
+    return cause
 
 
 def closed_instances(session: Session, instance_ids: list[int]) -> list[int]:

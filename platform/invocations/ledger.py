@@ -85,7 +85,8 @@ def _claim_statement():
                     instance_ids=case((spent, Invocation.instance_ids),
                                       else_=cast(bindparam("group", type_=JSONB), JSONB)),
                     cold=Invocation.queued_at < bindparam("ready_at"))
-            .returning(Invocation.id, Invocation.status, Invocation.cold))
+            .returning(Invocation.id, Invocation.status, Invocation.cold,
+                       Invocation.worker_deaths))
 
 
 def _record_statement():
@@ -109,13 +110,14 @@ CLAIM, RECORD = _claim_statement(), _record_statement()
 
 
 def begin(conn: Connection, inv_ids: list[str], group: tuple[int, ...],
-          ready_at: datetime) -> set[str]:
-    """Claims invocations for this group; returns the ids to run. Skipped: those already
+          ready_at: datetime) -> dict[str, int]:
+    """Claims invocations for this group; returns the ids to run, each with the number of
+    worker deaths it is a suspect of (invocations/quarantine.py). Skipped: those already
     finished (a redelivery) and those out of attempts (failed here, with why). One statement on
     the warm path; the cold-start timestamps are written only for cold requests."""
     rows = conn.execute(CLAIM, {"ids": inv_ids, "now": utcnow(), "group": list(group),
                                 "ready_at": ready_at}).all()
-    claimed = {r.id for r in rows if r.status == "running"}
+    claimed = {r.id: r.worker_deaths for r in rows if r.status == "running"}
     cold = [r.id for r in rows if r.status == "running" and r.cold]
     if cold:
         planned_at, fetched_at = cold_start_times(conn, group)

@@ -34,6 +34,8 @@ class Invocation(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(NulSafeJSONB)
     cold: Mapped[bool | None]
     attempts: Mapped[int] = mapped_column(default=0)
+    # deaths of a worker while it was prefilling this request (invocations/quarantine.py)
+    worker_deaths: Mapped[int] = mapped_column(default=0, server_default="0")
     tokens_in: Mapped[int | None]
     tokens_out: Mapped[int | None]
     instance_ids: Mapped[list[int]] = mapped_column(JSONB, default=list)

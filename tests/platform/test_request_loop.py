@@ -14,9 +14,9 @@ from hydraserve.functions.models import Function, FunctionVersion
 from hydraserve.tasks.node.request_loop import describe, record_crash
 
 
-def an_instance(db_session, acme, register) -> Instance:
-    assert register(acme, "fn").status_code == 201
-    fn = db_session.scalars(select(Function).where(Function.name == "fn")).one()
+def an_instance(db_session, acme, register, name: str = "fn") -> Instance:
+    assert register(acme, name).status_code == 201
+    fn = db_session.scalars(select(Function).where(Function.name == name)).one()
     fv = db_session.scalars(select(FunctionVersion).where(
         FunctionVersion.function_id == fn.id)).one()
     cluster.register(db_session, "n1", "127.0.0.1", None, [DeviceSpec(0, "cpu", 1 << 30)], {})

@@ -24,7 +24,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.service import DeviceSpec
 from hydraserve.db import make_engine, make_session_factory
+from hydraserve.invocations import quarantine
 from hydraserve.settings import Settings
+from hydraserve.tasks.node import prefill_marker
 from hydraserve.tasks.node.assignment import load_assignment
 
 log = logging.getLogger("hydraserve.node")
@@ -48,6 +50,8 @@ class NodeAgent:
     cache_bytes: int = 256 << 20
     num_prestarted: int = 1
     children: dict[int, Any] = field(default_factory=dict)  # Popen or PooledChild
+    # workers this agent signalled itself: their deaths are no request's doing
+    signalled: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _booted: threading.Event = field(default_factory=threading.Event)
@@ -92,7 +96,8 @@ class NodeAgent:
         self._stop.set()
         with self._lock:
             procs = dict(self.children)
-        for proc in procs.values():
+        for instance_id, proc in procs.items():
+            self.signalled.add(instance_id)
             proc.terminate()
         for instance_id, proc in procs.items():
             self._reap(instance_id, proc, wait_s=20)
@@ -136,6 +141,7 @@ class NodeAgent:
             if proc is not None:
                 log.warning("instance %s was closed by the scheduler: killing its worker",
                             instance_id)
+                self.signalled.add(instance_id)
                 proc.kill()
 
     def _reap(self, instance_id: int, proc: subprocess.Popen, wait_s: float = 0) -> None:
@@ -145,10 +151,25 @@ class NodeAgent:
             proc.kill()
             code = proc.wait()
         with self.sessions() as s:  # recorded first: a failure here leaves it for the next pass
-            cluster.instance_exited(s, instance_id, code)
+            cause = cluster.instance_exited(s, instance_id, code)
+        self._suspect(instance_id, cause)
         with self._lock:
             self.children.pop(instance_id, None)
+            self.signalled.discard(instance_id)
         log.info("instance %s exited with %s", instance_id, code)
+
+    def _suspect(self, instance_id: int, cause: str | None) -> None:
+        """A stage-0 worker that died on its own: the requests it was prefilling are the
+        suspects (invocations/quarantine.py). Its marker file is removed in any case."""
+        suspects = prefill_marker.take(
+            prefill_marker.marker_path(self.settings.queue_prefix, instance_id))
+        if not suspects or cause is None or instance_id in self.signalled:
+            return
+        with self.sessions() as s:
+            held = quarantine.worker_died(s, suspects, instance_id, cause)
+        log.warning("instance %s died while prefilling %d request(s); quarantined: %s",
+                    instance_id, len(suspects), ", ".join(held) or "none (each is prefilled "
+                    "alone from now on)")
 
     # ---- tasks ----------------------------------------------------------------------------
 
@@ -198,6 +219,7 @@ class NodeAgent:
         with self._lock:
             proc = self.children.get(instance_id)
         if proc is not None:
+            self.signalled.add(instance_id)
             proc.kill() if kill else proc.terminate()
             return
         with self.sessions() as s:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import time
 import traceback
@@ -23,6 +24,7 @@ import pika
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from gpu_runtime.channel import ChannelError
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.sampling import SamplingParams
@@ -35,11 +37,14 @@ from hydraserve.invocations.ledger import Ledger
 from hydraserve.invocations.schemas import DEFAULT_MAX_TOKENS
 from hydraserve.settings import Settings
 from hydraserve.tasks.node.assignment import Assignment, load_assignment
+from hydraserve.tasks.node.prefill_marker import PrefillMarker, marker_path
 
 log = logging.getLogger("hydraserve.serving")
 CANCEL_CHECK_S = 0.5
 TOUCH_S = 2.0
 INCOMPLETE = "\ufffd"  # what decoding shows for a UTF-8 sequence cut between tokens
+# the loop's own connections (broker, database, another stage) failed: no request's doing
+NOT_A_REQUESTS_DOING = (pika.exceptions.AMQPError, SQLAlchemyError, ChannelError, OSError)
 
 
 @dataclass(slots=True)
@@ -113,6 +118,12 @@ class Server:
         self.publisher = Publisher(p.settings.broker_url, confirm=False)
         self.active: dict[str, Active] = {}
         self.inbox: list[tuple[int, str | None, dict]] = []
+        # suspects of an earlier worker death, each prefilled alone (invocations/quarantine.py)
+        self.held: list[tuple[int, str | None, dict]] = []
+        self.isolating: str | None = None  # the suspect being prefilled now
+        self.marker = PrefillMarker(marker_path(p.settings.queue_prefix, p.assignment.instance_id))
+        self.fault_prompt = fault_prompt()
+        self.poison: set[str] = set()  # requests that carry the fault-injection prompt
         self.stopping = False
         self._last_cancel_check = self._last_touch = time.monotonic()
 
@@ -122,31 +133,62 @@ class Server:
         self.inbox.append((method.delivery_tag, props.reply_to, json.loads(body)))
 
     def _admit(self, ch) -> None:
-        """Claims everything that arrived in one transaction, then feeds the engine."""
+        """Claims everything that arrived in one transaction, then feeds the engine; suspects
+        of a worker death wait to be prefilled alone (``_isolate``)."""
         inbox, self.inbox = self.inbox, []
         claimed = self.ledger.run(ledger.begin, [msg["id"] for _, _, msg in inbox],
                                   self.a.group, self.ready_at)
         for tag, reply_to, msg in inbox:
-            inv_id, req = msg["id"], msg["request"]
+            inv_id = msg["id"]
             if inv_id not in claimed:  # finished already (redelivery) or out of attempts
                 ch.basic_ack(tag)
                 self._event(reply_to, inv_id, {"type": "done"})
-                continue
-            active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")),
-                            stream=msg.get("stream", True), stop=tuple(req.get("stop", ())))
-            try:
-                self.engine.add_request(inv_id, self._prompt_ids(req), sampling_params(req))
-            except RuntimeInputError as exc:
-                self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
-                continue
-            except Exception as exc:  # noqa: BLE001 - this input broke the tokenizer or engine: it fails alone
-                # the type only: the message may quote the prompt, which is never logged
-                log.warning("invocation %s: its input failed in the worker (%s)", inv_id,
-                            type(exc).__name__)
-                self._finish_failed(ch, active, "invalid_request_error",
-                                    f"the model could not take this input: {describe(exc)}", None)
-                continue
-            self.active[inv_id] = active
+            elif claimed[inv_id]:
+                self.held.append((tag, reply_to, msg))
+            else:
+                self._start(ch, tag, reply_to, msg)
+
+    def _isolate(self, ch) -> bool:
+        """Starts a held suspect once nothing else is prefilling; True while one is being
+        prefilled (new requests wait meanwhile, so that it is prefilled alone)."""
+        if self.isolating is not None:
+            active = self.active.get(self.isolating)
+            if active is not None and not active.token_ids:
+                return True
+            self.isolating = None
+        if self.held and not self._prefilling():
+            tag, reply_to, msg = self.held.pop(0)
+            if self._start(ch, tag, reply_to, msg):
+                self.isolating = msg["id"]
+                return True
+        return False
+
+    def _prefilling(self) -> tuple[str, ...]:
+        """The requests in the engine without a first token yet."""
+        return tuple(i for i, a in self.active.items() if not a.token_ids)
+
+    def _start(self, ch, tag: int, reply_to: str | None, msg: dict) -> bool:
+        """Feeds one claimed request to the engine; False if its input failed (recorded)."""
+        inv_id, req = msg["id"], msg["request"]
+        active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")),
+                        stream=msg.get("stream", True), stop=tuple(req.get("stop", ())))
+        try:
+            prompt_ids = self._prompt_ids(req)
+            self.engine.add_request(inv_id, prompt_ids, sampling_params(req))
+        except RuntimeInputError as exc:
+            self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
+            return False
+        except Exception as exc:  # noqa: BLE001 - this input broke the tokenizer or engine: it fails alone
+            # the type only: the message may quote the prompt, which is never logged
+            log.warning("invocation %s: its input failed in the worker (%s)", inv_id,
+                        type(exc).__name__)
+            self._finish_failed(ch, active, "invalid_request_error",
+                                f"the model could not take this input: {describe(exc)}", None)
+            return False
+        self.active[inv_id] = active
+        if self.fault_prompt and prompt_ids == self.fault_prompt:
+            self.poison.add(inv_id)
+        return True
 
     def _prompt_ids(self, req: dict) -> list[int]:
         tok = self.engine.tokenizer
@@ -170,16 +212,22 @@ class Server:
         while True:
             busy = self.engine.has_unfinished()
             conn.process_data_events(time_limit=0 if busy else 0.2)
-            if self.inbox:
+            if not self._isolate(ch) and self.inbox:
                 self._admit(ch)
+                self._isolate(ch)  # a suspect just claimed starts now if nothing else prefills
             if self.engine.has_unfinished():
+                prefilling = self._prefilling()
+                self.marker.mark(prefilling)  # read by the node agent if this dies
+                if self.poison.intersection(prefilling):
+                    os.abort()  # fault injection: a crash in the middle of a prefill
                 self._step(ch)
             self._housekeeping(ch)
             if self.stopping and tag:
                 ch.basic_cancel(tag)  # take no more; unacked prefetched messages go back
                 tag = None
-            if self.stopping and not self.active:
+            if self.stopping and not self.active:  # held suspects go back unacked
                 break
+        self.marker.clear()
         conn.close()
         self.ledger.close()
 
@@ -293,6 +341,14 @@ class Server:
                 log.warning("could not send %s event of %s", event["type"], inv_id)
 
 
+def fault_prompt() -> list[int] | None:
+    """Fault injection for tests (off unless set): with ``HYDRA_FAULT_ABORT_PROMPT`` set to
+    comma-separated token ids, a request with exactly that ``prompt_ids`` makes the worker abort
+    while prefilling it, as a crash in native code would."""
+    value = os.environ.get("HYDRA_FAULT_ABORT_PROMPT", "")
+    return [int(t) for t in value.split(",")] if value else None
+
+
 def held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many characters at the end of ``text`` could be the start of a stop string: they are
     not streamed until the next tokens tell (a stop string is never partly streamed)."""
@@ -338,6 +394,8 @@ def serve(engine: LLMEngine, p: Prepared, timeline: dict) -> None:
     try:
         server.run()
     except Exception as exc:
+        if isinstance(exc, NOT_A_REQUESTS_DOING):
+            server.marker.clear()  # the requests being prefilled are not suspects of this
         record_crash(p, exc)
         raise
 
