@@ -7,8 +7,11 @@ import os
 import platform
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+KEY = "bench-admin-key-0123456789"  # the admin key of the clusters the benchmarks start
 
 
 def environment() -> dict:
@@ -58,3 +61,33 @@ def write_json(path: str | Path | None, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def start_cluster(root: Path, model_dir: Path, num_nodes: int = 1, device_mem: str = "1GiB"):
+    """A real local cluster (gunicorn API, scheduler, store, ``num_nodes`` node agents) on a
+    database and queue prefix of its own, serving models from ``model_dir``'s folder; returns
+    (API base URL, handle for ``stop_cluster``)."""
+    from gpu_runtime.ports import free_port
+    from hydraserve import devcluster
+    from hydraserve.cli.db import create_database, upgrade
+    from hydraserve.settings import Settings
+
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/hydraserve_bench_{uuid.uuid4().hex[:8]}"
+    create_database(url)
+    upgrade(url)
+    settings = Settings(database_url=url, store_root=str(model_dir.parent), admin_key=KEY,
+                        api_port=free_port(), queue_prefix=f"b{uuid.uuid4().hex[:6]}.")
+    spec = devcluster.ClusterSpec(num_nodes=num_nodes, link_mbps=None, device_mem=device_mem,
+                                  worker_threads=1, store_port=free_port())
+    layout = devcluster.Layout(root)
+    base = devcluster.start_cluster(layout, settings, KEY, spec)
+    return base, (layout, spec, url, settings.queue_prefix)
+
+
+def stop_cluster(handle) -> None:
+    from hydraserve import devcluster
+    from hydraserve.cli.db import drop_database
+
+    layout, spec, url, prefix = handle
+    devcluster.stop_cluster(layout, spec, prefix)
+    drop_database(url)

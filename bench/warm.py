@@ -16,22 +16,18 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
-from gpu_runtime.ports import free_port
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table, write_json  # noqa: E402
+from bench.common import KEY, environment, markdown_table, start_cluster, stop_cluster, write_json  # noqa: E402
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model  # noqa: E402
 from gpu_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from gpu_runtime.sampling import SamplingParams  # noqa: E402
 
-KEY = "bench-admin-key-0123456789"
 PROMPT = [1, 17, 33, 49, 65, 81, 97, 113]
 
 
@@ -66,34 +62,6 @@ def engine_rps(model_dir: Path, concurrency: int, total: int, max_tokens: int) -
                 sent += 1
             done += sum(out.finished for out in engine.step())
         return total / (time.perf_counter() - start)
-
-
-def start_cluster(root: Path, model_dir: Path):
-    from hydraserve import devcluster
-    from hydraserve.cli.db import create_database, upgrade
-    from hydraserve.settings import Settings
-
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/hydraserve_bench_{uuid.uuid4().hex[:8]}"
-    create_database(url)
-    upgrade(url)
-    settings = Settings(database_url=url, store_root=str(model_dir.parent), admin_key=KEY,
-                        api_port=free_port(), queue_prefix=f"b{uuid.uuid4().hex[:6]}.")
-    spec = devcluster.ClusterSpec(num_nodes=1, link_mbps=None, device_mem="1GiB",
-                                  worker_threads=1, store_port=free_port())
-    layout = devcluster.Layout(root)
-    base = devcluster.start_cluster(layout, settings, KEY, spec)
-    return base, (layout, spec, url, settings.queue_prefix)
-
-
-def stop_cluster(handle) -> None:
-    from hydraserve import devcluster
-    from hydraserve.cli.db import drop_database
-
-    layout, spec, url, prefix = handle
-    devcluster.stop_cluster(layout, spec, prefix)
-    drop_database(url)
-
-
 
 
 def invoke(session: requests.Session, base: str, max_tokens: int) -> dict:

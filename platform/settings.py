@@ -54,6 +54,11 @@ class Settings:
     model_hosts: tuple[str, ...] = ("127.0.0.1:8300", "localhost:8300")
     max_body_bytes: int = 8 << 20  # a larger request body is answered 413
     auth_failures_per_minute: int = 20  # per client address and API process, then 429
+    # an API process's request threads (gunicorn_conf.py), shared fairly between tenants
+    api_threads: int = 16
+    # invocations queued or running across the cluster beyond which tenants get fair shares
+    # (tenants/fairness.py); 0 turns the cluster-wide share off
+    cluster_max_in_flight: int = 512
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -92,6 +97,8 @@ class Settings:
             "max_body_bytes": _env_int("HYDRA_MAX_BODY_BYTES", 8 << 20, 1024, 1 << 30),
             "auth_failures_per_minute": _env_int("HYDRA_AUTH_FAILURES_PER_MINUTE", 20, 1,
                                                  1_000_000),
+            "api_threads": _env_int("HYDRA_API_THREADS", 16, 1, 1024),
+            "cluster_max_in_flight": _env_int("HYDRA_CLUSTER_MAX_IN_FLIGHT", 512, 0, 10_000_000),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

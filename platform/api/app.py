@@ -18,6 +18,7 @@ from hydraserve.errors import HydraError, RateLimited
 from hydraserve.invocations.admission import Tokenizers
 from hydraserve.invocations.replies import ReplyListener
 from hydraserve.settings import Settings
+from hydraserve.tenants.fairness import RequestSlots
 from hydraserve.tenants.guard import AuthFailures
 from hydraserve.tenants.service import bootstrap_admin_key
 
@@ -33,12 +34,14 @@ class Extension:
     session_factory: sessionmaker
     tokenizers: Tokenizers = field(default_factory=Tokenizers)  # for checks before queueing
     auth_failures: AuthFailures = field(init=False)
+    slots: RequestSlots = field(init=False)  # request threads, shared fairly between tenants
     _publisher: Publisher | None = None
     _listener: ReplyListener | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.auth_failures = AuthFailures(self.settings.auth_failures_per_minute)
+        self.slots = RequestSlots(self.settings.api_threads)
 
     def publisher(self) -> Publisher:
         with self._lock:

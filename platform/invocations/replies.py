@@ -132,9 +132,13 @@ class Waiter:
     final: Invocation | None = None
     cursor: StreamCursor = field(default_factory=StreamCursor)
     diverged: str | None = None  # why the stream was ended early, if it was
+    on_close: Callable[[], None] | None = None  # called once, by the first close()
 
     def close(self) -> None:
         self.listener.unsubscribe(self.inv_id)
+        done, self.on_close = self.on_close, None
+        if done is not None:
+            done()
 
     def load(self) -> Invocation:
         if self.final is not None:

@@ -49,7 +49,8 @@ ACCEPT = _accept_statement()
 
 def accept(session: Session, publisher: Publisher, who: Principal, target: Target,
            body: InvokeRequest, kind: str, inv_id: str, reply_to: str | None,
-           prefix: str = "", stream: bool = False) -> Invocation:
+           prefix: str = "", stream: bool = False,
+           cluster_max_in_flight: int = 0) -> Invocation:
     """Stores the invocation, then publishes it; if the broker refuses, the row records why.
     Subscribe to ``inv_id``'s replies before calling this, so no event is missed. With
     ``stream`` the worker sends every token; without, only the final ``done``/``error``.
@@ -68,7 +69,7 @@ def accept(session: Session, publisher: Publisher, who: Principal, target: Targe
                      instance_ids=[], queued_at=utcnow())
     try:
         limits.admit(session.connection(), who.tenant_id, who.limits, target.version_id,
-                     target.max_concurrency)
+                     target.max_concurrency, cluster_max_in_flight)
     except RateLimited:
         session.rollback()  # releases the tenant's admission lock at once
         raise

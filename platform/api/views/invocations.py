@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, request
 
 from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
-from hydraserve.errors import InvalidRequest, ServiceUnavailable
+from hydraserve.errors import InvalidRequest
 from hydraserve.functions import service as functions
 from hydraserve.invocations import admission
 from hydraserve.invocations import service as invocations
@@ -45,18 +45,33 @@ def sync_deadline_s() -> float:
 
 def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool = False):
     """Accepts an invocation; with ``follow``, subscribes to its events first (every token with
-    ``stream``, else only the outcome)."""
+    ``stream``, else only the outcome), holding one of this process's request slots until the
+    waiter closes (a 429 when the tenant is over its fair share of them)."""
+    rt, who = extension(), g.principal
+    if not follow:
+        return _accept(rt, name, body, kind, None)
+    rt.slots.acquire(who.tenant_id)
+    try:
+        function, inv, waiter = _accept(rt, name, body, kind, rt.listener(), stream)
+    except BaseException:
+        rt.slots.release(who.tenant_id)
+        raise
+    assert waiter is not None  # followed: there is a listener
+    waiter.on_close = lambda: rt.slots.release(who.tenant_id)
+    return function, inv, waiter
+
+
+def _accept(rt, name: str, body: InvokeRequest, kind: str, listener, stream: bool = False):
     target = functions.get_target(db(), g.principal, name)
-    rt = extension()
     admission.check_input(target, body, rt.tokenizers)  # a 400 now, not after a cold start
     inv_id = invocations.new_id()
-    listener = rt.listener() if follow else None
     events = listener.subscribe(inv_id) if listener else None
     try:
         inv = invocations.accept(db(), rt.publisher(), g.principal, target, body, kind, inv_id,
                                  listener.queue_name if listener else None,
-                                 rt.settings.queue_prefix, stream=follow and stream)
-    except ServiceUnavailable:
+                                 rt.settings.queue_prefix, stream=listener is not None and stream,
+                                 cluster_max_in_flight=rt.settings.cluster_max_in_flight)
+    except BaseException:
         if listener:
             listener.unsubscribe(inv_id)
         raise

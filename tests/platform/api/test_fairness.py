@@ -1,0 +1,133 @@
+"""Fair sharing (tenants/fairness.py): the rule, an API process's request slots between
+tenants, a tenant's concurrency between its functions, and the cluster's between tenants;
+each refusal a 429 naming ``fair_share``, and nothing held after an answer."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from hydraserve.errors import RateLimited
+from hydraserve.tenants.fairness import RequestSlots, over_share
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+@pytest.fixture
+def settings(settings):
+    return replace(settings, queue_prefix=f"f{uuid.uuid4().hex[:8]}.", sync_deadline_s=0)
+
+
+def invoke(client, headers, name: str = "fn", extra: dict | None = None):
+    return client.post(f"/v1/functions/{name}/invocations", json={"prompt_ids": [1, 2]},
+                       headers=headers | (extra if extra is not None else ASYNC))
+
+
+@pytest.mark.parametrize(("held", "in_use", "capacity", "holders", "expected"), [
+    (0, 0, 16, 1, None),      # plenty free
+    (11, 11, 16, 1, None),    # 5 free > a quarter: anyone may take one more
+    (12, 12, 16, 1, 12),      # a tenant alone stops at three quarters
+    (0, 12, 16, 2, None),     # a newcomer gets in from the quarter kept free
+    (6, 13, 16, 2, 6),        # two holders: 12 // 2 each
+    (5, 13, 16, 2, None),
+    (3, 16, 16, 4, 3),        # full, four holders: 3 each
+    (1, 1, 2, 1, None),       # a pool under 4 keeps nothing back
+    (0, 15, 16, 30, None),    # more holders than slots: each may have one
+    (1, 15, 16, 30, 1),
+])
+def test_the_rule(held, in_use, capacity, holders, expected):
+    assert over_share(held, in_use, capacity, holders) == expected
+
+
+def test_request_slots_keep_a_quarter_for_the_next_tenant():
+    slots = RequestSlots(16)
+    for _ in range(12):
+        slots.acquire(1)
+    with pytest.raises(RateLimited) as exc:
+        slots.acquire(1)
+    assert exc.value.param == "fair_share" and exc.value.retry_after_s == 1
+    assert "12 of 16 held; 12 each while 1 tenant(s)" in exc.value.message
+    for _ in range(4):  # the other tenant gets the kept quarter, up to its part (12 // 2)
+        slots.acquire(2)
+    assert slots.held(2) == 4
+    slots.release(1)
+    assert slots.held(1) == 11
+
+
+def test_a_followed_invocation_holds_a_slot_only_until_it_answers(app, client, acme, register):
+    assert register(acme, "fn").status_code == 201
+    slots = app.extensions["hydraserve"].slots
+    resp = invoke(client, acme, extra={})  # sync, answered 202 at once (sync_deadline_s=0)
+    assert resp.status_code == 202
+    assert sum(slots._held.values()) == 0
+    bad = client.post("/v1/functions/fn/invocations", json={"prompt_ids": [999_999]},
+                      headers=acme)  # refused after the slot was taken: given back
+    assert bad.status_code == 400 and sum(slots._held.values()) == 0
+
+
+def test_a_tenant_over_its_part_of_the_slots_is_refused_and_another_is_not(
+        app, client, acme, register, make_tenant, db_session):
+    from hydraserve.tenants.models import Tenant
+
+    assert register(acme, "fn").status_code == 201
+    other = make_tenant("other")
+    assert register(other, "fn").status_code == 201
+    slots = app.extensions["hydraserve"].slots
+    acme_id = db_session.query(Tenant.id).filter_by(name="acme").scalar()
+    for _ in range(12):  # as twelve of acme's sync invocations waiting on their answers
+        slots.acquire(acme_id)
+    refused = invoke(client, acme, extra={})
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json["error"]["param"] == "fair_share"
+    assert "request slots" in refused.json["error"]["message"]
+    assert invoke(client, acme).status_code == 202  # async holds no slot: still accepted
+    assert invoke(client, other, extra={}).status_code == 202
+
+
+def test_a_function_is_held_to_its_share_of_the_tenants_concurrency(client, admin, acme,
+                                                                  register):
+    for name in ("a", "b"):
+        assert register(acme, name).status_code == 201
+    client.patch("/v1/admin/tenants/acme", json={"limits": {"max_concurrency": 8}},
+                 headers=admin)
+    assert [invoke(client, acme, "a").status_code for _ in range(6)] == [202] * 6
+    resp = invoke(client, acme, "a")  # 2 free of 8: short; a alone has 6 of it
+    assert resp.status_code == 429 and resp.json["error"]["param"] == "fair_share"
+    assert "function's fair share of the tenant's max_concurrency of 8" in \
+        resp.json["error"]["message"]
+    assert [invoke(client, acme, "b").status_code for _ in range(2)] == [202, 202]
+    assert invoke(client, acme, "b").json["error"]["param"] == "max_concurrency"  # 8 in all
+
+
+def test_a_tenant_with_one_function_may_use_all_of_its_concurrency(client, admin, acme,
+                                                                  register):
+    assert register(acme, "fn").status_code == 201
+    client.patch("/v1/admin/tenants/acme", json={"limits": {"max_concurrency": 8}},
+                 headers=admin)
+    assert [invoke(client, acme).status_code for _ in range(8)] == [202] * 8
+    assert invoke(client, acme).json["error"]["param"] == "max_concurrency"
+
+
+@pytest.fixture
+def small_cluster(settings):
+    return replace(settings, cluster_max_in_flight=8)
+
+
+def test_tenants_are_held_to_their_share_of_the_clusters_in_flight(small_cluster,
+                                                                   session_factory, acme,
+                                                                   make_tenant, llama_uri):
+    from hydraserve.api.app import create_app
+
+    client = create_app(small_cluster, session_factory).test_client()
+    other = make_tenant("other")
+    for who in (acme, other):
+        assert client.put("/v1/functions/fn", headers=who, json={
+            "model": llama_uri, "slo": {"ttft_ms": 5000, "tpot_ms": 200}}
+        ).status_code == 201
+    assert [invoke(client, acme).status_code for _ in range(6)] == [202] * 6
+    resp = invoke(client, acme)
+    assert resp.status_code == 429 and resp.json["error"]["param"] == "fair_share"
+    assert "HYDRA_CLUSTER_MAX_IN_FLIGHT=8" in resp.json["error"]["message"]
+    assert [invoke(client, other).status_code for _ in range(2)] == [202, 202]
