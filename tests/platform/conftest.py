@@ -55,3 +55,16 @@ def register(client, llama_uri):
         return client.put(f"/v1/functions/{name}", json=body, headers=headers)
 
     return reg
+
+
+@pytest.fixture
+def queued(client, acme, register):
+    """Accepts ``n`` async invocations of one function; returns their ids."""
+    register(acme, "fn")
+
+    def make(n: int) -> list[str]:
+        return [client.post("/v1/functions/fn/invocations", json={"prompt_ids": [1, 2]},
+                            headers=acme | {"Prefer": "respond-async"}).json["id"]
+                for _ in range(n)]
+
+    return make

@@ -24,19 +24,6 @@ def settings(settings):
     return replace(settings, queue_prefix=f"l{uuid.uuid4().hex[:8]}.", sync_deadline_s=0)
 
 
-@pytest.fixture
-def queued(client, acme, register, settings):
-    """Accepts ``n`` async invocations of one function; returns their ids."""
-    register(acme, "fn")
-
-    def make(n: int) -> list[str]:
-        return [client.post("/v1/functions/fn/invocations", json={"prompt_ids": [1, 2]},
-                            headers=acme | {"Prefer": "respond-async"}).json["id"]
-                for _ in range(n)]
-
-    return make
-
-
 def row(connection, inv_id: str) -> Invocation:
     return connection.execute(Invocation.__table__.select().where(Invocation.id == inv_id)).one()
 

@@ -23,18 +23,6 @@ def settings(settings):
     return replace(settings, queue_prefix=f"q{uuid.uuid4().hex[:8]}.", sync_deadline_s=0)
 
 
-@pytest.fixture
-def queued(client, acme, register):
-    register(acme, "fn")
-
-    def make(n: int) -> list[str]:
-        return [client.post("/v1/functions/fn/invocations", json={"prompt_ids": [1, 2]},
-                            headers=acme | {"Prefer": "respond-async"}).json["id"]
-                for _ in range(n)]
-
-    return make
-
-
 def rows(db_session, ids: list[str]) -> list[Invocation]:
     db_session.expire_all()
     return [db_session.get(Invocation, i) for i in ids]
@@ -94,12 +82,19 @@ def agent(settings, session_factory, tmp_path, monkeypatch) -> NodeAgent:
     return node
 
 
-def test_the_agent_quarantines_what_a_dead_worker_was_prefilling(agent, db_session, acme,
-                                                                register, queued):
+@pytest.fixture
+def prefilling(agent, db_session, acme, register, queued):
+    """An instance whose worker left a marker naming one queued invocation:
+    (instance, invocation id, marker path)."""
     inst = an_instance(db_session, acme, register, "other")
     (a,) = queued(1)
     path = prefill_marker.marker_path(agent.settings.queue_prefix, inst.id)
     path.write_text(a)
+    return inst, a, path
+
+
+def test_the_agent_quarantines_what_a_dead_worker_was_prefilling(agent, db_session, prefilling):
+    inst, a, path = prefilling
     agent._reap(inst.id, SimpleNamespace(returncode=-6))
     db_session.expire_all()
     assert db_session.get(Instance, inst.id).status == "failed"
@@ -108,12 +103,8 @@ def test_the_agent_quarantines_what_a_dead_worker_was_prefilling(agent, db_sessi
     assert not path.exists()
 
 
-def test_a_worker_the_agent_stopped_or_killed_makes_no_suspects(agent, db_session, acme,
-                                                                register, queued):
-    inst = an_instance(db_session, acme, register, "other")
-    (a,) = queued(1)
-    path = prefill_marker.marker_path(agent.settings.queue_prefix, inst.id)
-    path.write_text(a)
+def test_a_worker_the_agent_stopped_or_killed_makes_no_suspects(agent, db_session, prefilling):
+    inst, a, path = prefilling
     agent.signalled.add(inst.id)  # as stop_stage and the closed-instance reconcile do
     agent._reap(inst.id, SimpleNamespace(returncode=-9))
     (row,) = rows(db_session, [a])
