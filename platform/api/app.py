@@ -17,6 +17,7 @@ from hydraserve.db import make_engine, make_session_factory
 from hydraserve.errors import HydraError, RateLimited
 from hydraserve.invocations.admission import Tokenizers
 from hydraserve.invocations.replies import ReplyListener
+from hydraserve.metrics import RATE_LIMITED
 from hydraserve.settings import Settings
 from hydraserve.tenants.fairness import RequestSlots
 from hydraserve.tenants.guard import AuthFailures
@@ -90,6 +91,8 @@ def register_error_handlers(app: Flask) -> None:
         resp.status_code = exc.status
         if isinstance(exc, RateLimited):
             resp.headers["Retry-After"] = str(exc.retry_after_s)
+            who = g.get("principal")
+            RATE_LIMITED.labels(exc.param or "", who.tenant_name if who else "").inc()
         return resp
 
     @app.errorhandler(HTTPException)
