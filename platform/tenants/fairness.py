@@ -18,6 +18,7 @@ The pools:
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 from hydraserve.errors import RateLimited
@@ -36,25 +37,41 @@ def over_share(held: int, in_use: int, capacity: int, holders: int) -> int | Non
 
 class RequestSlots:
     """An API process's request threads, shared fairly between tenants (``acquire`` before a
-    request starts waiting on its invocation, ``release`` when it answers)."""
+    request starts waiting on its invocation, ``release`` when it answers).
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    A tenant that took a slot within the last ``ACTIVE_S`` counts as a holder even between its
+    requests: a trickle of short requests holds a slot only now and then, and would otherwise
+    leave its part to a tenant that keeps every slot it can get."""
+
+    ACTIVE_S = 5.0
+
+    def __init__(self, capacity: int, clock=time.monotonic) -> None:
+        self.capacity, self.clock = capacity, clock
         self._held: Counter[int] = Counter()
+        self._seen: dict[int, float] = {}  # tenant -> when it last took a slot
         self._lock = threading.Lock()
 
     def acquire(self, tenant_id: int) -> None:
         with self._lock:
+            now = self.clock()
             held = self._held[tenant_id]
-            holders = sum(1 for n in self._held.values() if n) + (held == 0)
-            share = over_share(held, sum(self._held.values()), self.capacity, holders)
+            active = self._active(now) | {tenant_id}
+            share = over_share(held, sum(self._held.values()), self.capacity, len(active))
             if share is None:
                 self._held[tenant_id] += 1
+                self._seen[tenant_id] = now
                 return
+            holders = len(active)
         raise RateLimited(
             f"over this tenant's fair share of the API's request slots ({held} of "
-            f"{self.capacity} held; {share} each while {holders} tenant(s) wait on this "
-            "process); retry after 1 s, or invoke with Prefer: respond-async", 1, "fair_share")
+            f"{self.capacity} held; {share} each while {holders} tenant(s) use this process); "
+            "retry after 1 s, or invoke with Prefer: respond-async", 1, "fair_share")
+
+    def _active(self, now: float) -> set[int]:
+        """Tenants holding a slot or seen within ACTIVE_S (forgetting those seen before)."""
+        for t in [t for t, at in self._seen.items() if at < now - self.ACTIVE_S]:
+            del self._seen[t]
+        return set(self._seen) | {t for t, n in self._held.items() if n}
 
     def release(self, tenant_id: int) -> None:
         with self._lock:

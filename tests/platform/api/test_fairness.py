@@ -41,8 +41,16 @@ def test_the_rule(held, in_use, capacity, holders, expected):
     assert over_share(held, in_use, capacity, holders) == expected
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_request_slots_keep_a_quarter_for_the_next_tenant():
-    slots = RequestSlots(16)
+    slots = RequestSlots(16, clock=Clock())
     for _ in range(12):
         slots.acquire(1)
     with pytest.raises(RateLimited) as exc:
@@ -54,6 +62,28 @@ def test_request_slots_keep_a_quarter_for_the_next_tenant():
     assert slots.held(2) == 4
     slots.release(1)
     assert slots.held(1) == 11
+
+
+def test_a_tenant_seen_lately_keeps_its_part_between_its_requests():
+    clock = Clock()
+    slots = RequestSlots(16, clock=clock)
+    slots.acquire(2)  # a trickle: one short request, answered at once
+    slots.release(2)
+    for _ in range(6):
+        slots.acquire(1)
+    for _ in range(6):  # 16 - 6 free > 4: still plenty free
+        slots.acquire(1)
+    with pytest.raises(RateLimited) as exc:  # short now, and tenant 2 was seen 0 s ago
+        slots.acquire(1)
+    assert "12 of 16 held; 6 each while 2 tenant(s)" in exc.value.message
+    clock.now += RequestSlots.ACTIVE_S + 1  # tenant 2 gone quiet: its part is free again
+    for _ in range(11):
+        slots.release(1)
+    for _ in range(11):
+        slots.acquire(1)
+    with pytest.raises(RateLimited) as exc:
+        slots.acquire(1)
+    assert "12 each while 1 tenant(s)" in exc.value.message
 
 
 def test_a_followed_invocation_holds_a_slot_only_until_it_answers(app, client, acme, register):
