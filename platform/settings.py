@@ -10,6 +10,10 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+# threads of an API process: a waiting sync or streaming invocation holds one, idle (its client
+# waits on the reply queue), so there are many; fair shares keep a tenant to its part of them
+DEFAULT_API_THREADS = 64
+
 
 class SettingsError(ValueError):
     """A ``HYDRA_*`` variable holds a value we cannot use."""
@@ -55,7 +59,7 @@ class Settings:
     max_body_bytes: int = 8 << 20  # a larger request body is answered 413
     auth_failures_per_minute: int = 20  # per client address and API process, then 429
     # an API process's request threads (gunicorn_conf.py), shared fairly between tenants
-    api_threads: int = 16
+    api_threads: int = DEFAULT_API_THREADS
     # invocations queued or running across the cluster beyond which tenants get fair shares
     # (tenants/fairness.py); 0 turns the cluster-wide share off
     cluster_max_in_flight: int = 512
@@ -97,7 +101,7 @@ class Settings:
             "max_body_bytes": _env_int("HYDRA_MAX_BODY_BYTES", 8 << 20, 1024, 1 << 30),
             "auth_failures_per_minute": _env_int("HYDRA_AUTH_FAILURES_PER_MINUTE", 20, 1,
                                                  1_000_000),
-            "api_threads": _env_int("HYDRA_API_THREADS", 16, 1, 1024),
+            "api_threads": _env_int("HYDRA_API_THREADS", DEFAULT_API_THREADS, 1, 1024),
             "cluster_max_in_flight": _env_int("HYDRA_CLUSTER_MAX_IN_FLIGHT", 512, 0, 10_000_000),
         }
         known = {f.name for f in fields(cls)}

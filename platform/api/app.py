@@ -19,7 +19,7 @@ from hydraserve.invocations.admission import Tokenizers
 from hydraserve.invocations.replies import ReplyListener
 from hydraserve.metrics import RATE_LIMITED
 from hydraserve.settings import Settings
-from hydraserve.tenants.fairness import RequestSlots
+from hydraserve.tenants.fairness import Congestion, RequestSlots
 from hydraserve.tenants.guard import AuthFailures
 from hydraserve.tenants.service import bootstrap_admin_key
 
@@ -36,13 +36,15 @@ class Extension:
     tokenizers: Tokenizers = field(default_factory=Tokenizers)  # for checks before queueing
     auth_failures: AuthFailures = field(init=False)
     slots: RequestSlots = field(init=False)  # request threads, shared fairly between tenants
+    congestion: Congestion = field(init=False)  # how many of them the cluster serves at once
     _publisher: Publisher | None = None
     _listener: ReplyListener | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.auth_failures = AuthFailures(self.settings.auth_failures_per_minute)
-        self.slots = RequestSlots(self.settings.api_threads)
+        self.congestion = Congestion(self.settings.api_threads)
+        self.slots = RequestSlots(self.settings.api_threads, self.congestion)
 
     def publisher(self) -> Publisher:
         with self._lock:

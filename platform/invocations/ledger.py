@@ -65,7 +65,8 @@ class Ledger:
             self._conn = None
 
 
-INVOCATION_FIELDS = ("id", "tenant_id", "status", "cold", "output", "error", "tokens_in", "tokens_out",
+INVOCATION_FIELDS = ("id", "tenant_id", "function_version_id", "status", "cold", "output",
+                     "error", "tokens_in", "tokens_out",
                      "attempts", "instance_ids", "queued_at", "planned_at", "fetched_at",
                      "loaded_at", "first_token_at", "finished_at")
 GAVE_UP = {"type": "service_unavailable", "param": None,

@@ -8,8 +8,12 @@ last quarter stays free for whoever comes next, and under contention the pool en
 evenly. A user over its part is refused with 429; what it already holds is never taken back.
 
 The pools:
-- the request slots of an API process (its gunicorn threads): a sync or streaming invocation
-  holds one until it answers (``RequestSlots``, in this process's memory);
+- the request slots of an API process: a sync or streaming invocation holds one until it
+  answers (``RequestSlots``, in this process's memory). Their number is the process's threads
+  for a tenant alone; with several tenants it follows what the cluster serves without queueing
+  (``Congestion``: it shrinks while warm invocations take much longer than their function's
+  best time to a first token, and grows back while they do not), so a tenant that sends more
+  than the cluster can serve is held back before the others' requests wait behind its own;
 - the invocations queued or running across the cluster, between tenants
   (``HYDRA_CLUSTER_MAX_IN_FLIGHT``, counted in Postgres at admission, tenants/limits.py);
 - a tenant's ``max_concurrency``, between its functions (tenants/limits.py).
@@ -35,6 +39,54 @@ def over_share(held: int, in_use: int, capacity: int, holders: int) -> int | Non
     return share if held >= share else None
 
 
+class Congestion:
+    """How many invocations this API process should have in flight at once to keep the cluster
+    out of queueing, from the TTFT of the warm invocations it follows (additive increase,
+    multiplicative decrease, as TCP and adaptive concurrency limits do).
+
+    A sample is inflated when its TTFT is over ``2 x best + 10 ms``, ``best`` being the lowest
+    TTFT of that function version seen within the last minute or so (two 30 s windows). Every
+    ``STEP_S``: over half of the recent samples inflated, the limit drops by a quarter (not below
+    ``floor``); under a fifth, it grows by one (up to ``ceiling``)."""
+
+    STEP_S, WINDOW_S, BEST_S = 0.25, 1.0, 30.0
+
+    def __init__(self, ceiling: int, floor: int = 8, clock=time.monotonic) -> None:
+        self.ceiling, self.floor, self.clock = ceiling, min(floor, ceiling), clock
+        self.limit = ceiling
+        self._best: dict[int, tuple[float, float, float]] = {}  # version -> (cur, prev, since)
+        self._recent: list[tuple[float, bool]] = []  # (when, inflated)
+        self._stepped = clock()
+        self._lock = threading.Lock()
+
+    def observe(self, version_id: int, ttft_s: float) -> None:
+        with self._lock:
+            now = self.clock()
+            cur, prev, since = self._best.get(version_id, (ttft_s, ttft_s, now))
+            if now - since >= self.BEST_S:
+                cur, prev, since = ttft_s, cur, now
+            cur = min(cur, ttft_s)
+            self._best[version_id] = (cur, prev, since)
+            self._recent.append((now, ttft_s > 2 * min(cur, prev) + 0.010))
+            self._step(now)
+
+    def current(self) -> int:
+        with self._lock:
+            self._step(self.clock())
+            return self.limit
+
+    def _step(self, now: float) -> None:
+        if now - self._stepped < self.STEP_S:
+            return
+        self._stepped = now
+        self._recent = [(t, x) for t, x in self._recent if t >= now - self.WINDOW_S]
+        inflated = sum(x for _, x in self._recent)
+        if self._recent and inflated > len(self._recent) / 2:
+            self.limit = max(self.floor, self.limit * 3 // 4)
+        elif inflated < len(self._recent) / 5 or not self._recent:
+            self.limit = min(self.ceiling, self.limit + 1)
+
+
 class RequestSlots:
     """An API process's request threads, shared fairly between tenants (``acquire`` before a
     request starts waiting on its invocation, ``release`` when it answers).
@@ -45,8 +97,9 @@ class RequestSlots:
 
     ACTIVE_S = 5.0
 
-    def __init__(self, capacity: int, clock=time.monotonic) -> None:
-        self.capacity, self.clock = capacity, clock
+    def __init__(self, capacity: int, congestion: Congestion | None = None,
+                 clock=time.monotonic) -> None:
+        self.capacity, self.congestion, self.clock = capacity, congestion, clock
         self._held: Counter[int] = Counter()
         self._seen: dict[int, float] = {}  # tenant -> when it last took a slot
         self._lock = threading.Lock()
@@ -56,16 +109,20 @@ class RequestSlots:
             now = self.clock()
             held = self._held[tenant_id]
             active = self._active(now) | {tenant_id}
-            share = over_share(held, sum(self._held.values()), self.capacity, len(active))
+            capacity = self.capacity
+            if len(active) > 1 and self.congestion is not None:
+                capacity = min(capacity, self.congestion.current())
+            share = over_share(held, sum(self._held.values()), capacity, len(active))
             if share is None:
                 self._held[tenant_id] += 1
                 self._seen[tenant_id] = now
                 return
             holders = len(active)
         raise RateLimited(
-            f"over this tenant's fair share of the API's request slots ({held} of "
-            f"{self.capacity} held; {share} each while {holders} tenant(s) use this process); "
-            "retry after 1 s, or invoke with Prefer: respond-async", 1, "fair_share")
+            f"over this tenant's fair share of the API's request slots ({held} held of the "
+            f"{capacity} this process takes at once now; {share} each while {holders} "
+            "tenant(s) use it); retry after 1 s, or invoke with Prefer: respond-async", 1,
+            "fair_share")
 
     def _active(self, now: float) -> set[int]:
         """Tenants holding a slot or seen within ACTIVE_S (forgetting those seen before)."""

@@ -57,7 +57,15 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
         rt.slots.release(who.tenant_id)
         raise
     assert waiter is not None  # followed: there is a listener
-    waiter.on_close = lambda: rt.slots.release(who.tenant_id)
+
+    def answered() -> None:
+        rt.slots.release(who.tenant_id)
+        done = waiter.final  # the row the worker sent with its outcome, when it came
+        if done is not None and not done.cold and done.first_token_at is not None:
+            rt.congestion.observe(done.function_version_id,
+                                  (done.first_token_at - done.queued_at).total_seconds())
+
+    waiter.on_close = answered
     return function, inv, waiter
 
 

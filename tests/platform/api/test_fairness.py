@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from hydraserve.errors import RateLimited
-from hydraserve.tenants.fairness import RequestSlots, over_share
+from hydraserve.tenants.fairness import Congestion, RequestSlots, over_share
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -56,7 +56,7 @@ def test_request_slots_keep_a_quarter_for_the_next_tenant():
     with pytest.raises(RateLimited) as exc:
         slots.acquire(1)
     assert exc.value.param == "fair_share" and exc.value.retry_after_s == 1
-    assert "12 of 16 held; 12 each while 1 tenant(s)" in exc.value.message
+    assert "12 held of the 16 this process takes at once now; 12 each while 1" in exc.value.message
     for _ in range(4):  # the other tenant gets the kept quarter, up to its part (12 // 2)
         slots.acquire(2)
     assert slots.held(2) == 4
@@ -75,7 +75,7 @@ def test_a_tenant_seen_lately_keeps_its_part_between_its_requests():
         slots.acquire(1)
     with pytest.raises(RateLimited) as exc:  # short now, and tenant 2 was seen 0 s ago
         slots.acquire(1)
-    assert "12 of 16 held; 6 each while 2 tenant(s)" in exc.value.message
+    assert "12 held of the 16 this process takes at once now; 6 each while 2" in exc.value.message
     clock.now += RequestSlots.ACTIVE_S + 1  # tenant 2 gone quiet: its part is free again
     for _ in range(11):
         slots.release(1)
@@ -106,7 +106,7 @@ def test_a_tenant_over_its_part_of_the_slots_is_refused_and_another_is_not(
     assert register(other, "fn").status_code == 201
     slots = app.extensions["hydraserve"].slots
     acme_id = db_session.query(Tenant.id).filter_by(name="acme").scalar()
-    for _ in range(12):  # as twelve of acme's sync invocations waiting on their answers
+    for _ in range(48):  # as 48 of acme's sync invocations waiting on their answers
         slots.acquire(acme_id)
     refused = invoke(client, acme, extra={})
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
@@ -161,3 +161,53 @@ def test_tenants_are_held_to_their_share_of_the_clusters_in_flight(small_cluster
     assert resp.status_code == 429 and resp.json["error"]["param"] == "fair_share"
     assert "HYDRA_CLUSTER_MAX_IN_FLIGHT=8" in resp.json["error"]["message"]
     assert [invoke(client, other).status_code for _ in range(2)] == [202, 202]
+
+
+def test_congestion_shrinks_while_warm_ttfts_are_inflated_and_grows_back():
+    clock = Clock()
+    c = Congestion(ceiling=64, floor=8, clock=clock)
+    for _ in range(5):
+        c.observe(1, 0.010)  # the function's best: 10 ms
+    assert c.current() == 64
+    clock.now += Congestion.WINDOW_S  # those good samples age out of the window
+    limits = []
+    for _ in range(12):  # 40 ms > 2 x 10 ms + 10 ms: inflated
+        clock.now += Congestion.STEP_S
+        c.observe(1, 0.040)
+        limits.append(c.current())
+    assert limits[:3] == [48, 36, 27] and limits[-1] == 8  # down a quarter a step, to the floor
+    clock.now += Congestion.WINDOW_S  # the inflated samples age out
+    c.observe(1, 0.012)
+    grown = [c.current() for _ in range(3) if not setattr(clock, "now", clock.now + 0.3)]
+    assert grown == [9, 10, 11]  # back up one a step while nothing is inflated
+
+
+def test_each_function_has_its_own_best_ttft():
+    clock = Clock()
+    c = Congestion(ceiling=64, clock=clock)
+    for _ in range(4):
+        c.observe(1, 0.010)
+        c.observe(2, 0.500)  # a bigger model: 500 ms is its normal, not congestion
+    clock.now += Congestion.STEP_S
+    c.observe(2, 0.520)
+    assert c.current() == 64
+
+
+def test_slots_follow_congestion_only_when_tenants_share_the_process():
+    clock = Clock()
+    c = Congestion(ceiling=64, floor=8, clock=clock)
+    c.limit = 8  # as after a congested spell
+    slots = RequestSlots(64, c, clock=clock)
+    for _ in range(48):  # a tenant alone: three quarters of the threads
+        slots.acquire(1)
+    with pytest.raises(RateLimited):
+        slots.acquire(1)
+    slots.acquire(2)  # a second tenant: under its part, admitted
+    assert slots.held(2) == 1
+    for _ in range(43):
+        slots.release(1)
+    with pytest.raises(RateLimited) as exc:  # 6 of 8 in use: short; 6 // 2 = 3 each
+        slots.acquire(1)
+    assert "5 held of the 8 this process takes at once now; 3 each while 2" in exc.value.message
+    slots.acquire(2)  # the victim still gets in
+    assert slots.held(2) == 2
