@@ -42,6 +42,44 @@ class Operation:
 OPERATIONS: list[Operation] = []
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """An OpenAPI link: a value of one operation's answer that another operation takes as a
+    path parameter. Clients read them as "what next"; schemathesis' stateful run follows them
+    (create a function, then read, patch, invoke and delete it)."""
+
+    name: str
+    source: str  # "METHOD rule" of the operation whose answer holds the value
+    target: str  # "METHOD rule" of the operation that takes it
+    param: str  # the target's path parameter
+    field: str = "name"  # of the source's answer body
+
+
+FUNCTION = "/v1/functions/<name>"
+INVOKE = "POST /v1/functions/<name>/invocations"
+TENANT = "/v1/admin/tenants/<tenant>"
+LINKS: list[Link] = [
+    Link("ReadFunction", f"PUT {FUNCTION}", f"GET {FUNCTION}", "name"),
+    Link("PatchFunction", f"PUT {FUNCTION}", f"PATCH {FUNCTION}", "name"),
+    Link("InvokeFunction", f"PUT {FUNCTION}", INVOKE, "name"),
+    Link("DeleteFunction", f"PUT {FUNCTION}", f"DELETE {FUNCTION}", "name"),
+    Link("ReadPatchedFunction", f"PATCH {FUNCTION}", f"GET {FUNCTION}", "name"),
+    Link("ReadInvocation", INVOKE, "GET /v1/invocations/<id>", "id", "id"),
+    Link("CancelInvocation", INVOKE, "POST /v1/invocations/<id>/cancel", "id", "id"),
+    Link("ReadTenant", "POST /v1/admin/tenants", f"GET {TENANT}", "tenant"),
+    Link("SetTenantLimits", "POST /v1/admin/tenants", f"PATCH {TENANT}", "tenant"),
+    Link("IssueKey", "POST /v1/admin/tenants", f"POST {TENANT}/keys", "tenant"),
+    Link("ListKeys", "POST /v1/admin/tenants", f"GET {TENANT}/keys", "tenant"),
+    Link("RevokeKey", f"POST {TENANT}/keys", "DELETE /v1/admin/keys/<int:key_id>", "key_id",
+         "id"),
+]
+# answers besides an operation's success and the errors; an invocation not finished yet (or
+# sent with ``Prefer: respond-async``) is answered 202 with its object and a Location
+ALSO_ANSWERS: dict[str, dict[str, str]] = {
+    INVOKE: {"202": "accepted, not finished yet: poll the Location"},
+}
+
+
 def operation(bp: Blueprint, rule: str, method: str, *, summary: str, auth: str | None = "tenant",
               body: type[BaseModel] | None = None, response: type[BaseModel] | None = None,
               status: int = 200, path_params: dict[str, dict] | None = None,
@@ -121,10 +159,17 @@ def spec(title: str, version: str) -> dict:
     keys, defs = models_json_schema(
         [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
         ref_template=REF)
+    by_key = {f"{op.method} {op.rule}": op for op in OPERATIONS}
+    unknown = {key for link in LINKS for key in (link.source, link.target)} - by_key.keys()
+    assert not unknown, f"links name operations that do not exist: {sorted(unknown)}"
     paths: dict[str, dict] = {}
-    for op in OPERATIONS:
+    for key, op in by_key.items():
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", op.rule)
-        paths.setdefault(path, {})[op.method.lower()] = _operation_doc(op, keys)
+        doc = _operation_doc(op, keys, ALSO_ANSWERS.get(key, {}))
+        if links := _links_from(key, by_key):  # on each answer that holds the value
+            for status in (str(op.status), *ALSO_ANSWERS.get(key, {})):
+                doc["responses"][status]["links"] = links
+        paths.setdefault(path, {})[op.method.lower()] = doc
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -136,8 +181,18 @@ def spec(title: str, version: str) -> dict:
     }
 
 
-def _operation_doc(op: Operation, keys: dict) -> dict:
-    doc: dict[str, Any] = {"summary": op.summary, "operationId": f"{op.method.lower()}{op.rule}"}
+def _links_from(source: str, by_key: dict[str, Operation]) -> dict[str, dict]:
+    return {link.name: {"operationId": operation_id(by_key[link.target]),
+                        "parameters": {link.param: f"$response.body#/{link.field}"}}
+            for link in LINKS if link.source == source}
+
+
+def operation_id(op: Operation) -> str:
+    return f"{op.method.lower()}{op.rule}"
+
+
+def _operation_doc(op: Operation, keys: dict, also: dict[str, str]) -> dict:
+    doc: dict[str, Any] = {"summary": op.summary, "operationId": operation_id(op)}
     params = [{"name": n, "in": "path", "required": True, "schema": s}
               for n, s in op.path_params.items()]
     params += [{"name": n, "in": "query", "required": False, "schema": s}
@@ -152,6 +207,7 @@ def _operation_doc(op: Operation, keys: dict) -> dict:
         ok["content"] = {"application/json": {"schema": keys[(op.response, "validation")]}}
     error = {"content": {"application/json": {"schema": keys[(ErrorBody, "validation")]}}}
     doc["responses"] = {str(op.status): ok} | {
+        code: ok | {"description": text} for code, text in also.items()} | {
         code: {"description": text, **error} for code, text in ERROR_STATUSES.items()}
     if op.auth:
         doc["security"] = [{"bearer": []}]

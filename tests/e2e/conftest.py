@@ -45,11 +45,13 @@ def e2e_env(store_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_server(e2e_env, tmp_path_factory):
+    """gunicorn with the API's own configuration (worker class, limits), smaller and on a
+    free port."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("api") / "gunicorn.log", "wb")
     proc = subprocess.Popen(
-        [str(BIN / "gunicorn"), "--worker-class", "gthread", "--workers", "2", "--threads", "4",
-         "--bind", f"127.0.0.1:{port}", "hydraserve.api.wsgi:app"],
+        [str(BIN / "gunicorn"), "-c", "python:hydraserve.api.gunicorn_conf", "--workers", "2",
+         "--threads", "4", "--bind", f"127.0.0.1:{port}", "hydraserve.api.wsgi:app"],
         cwd=REPO_ROOT, env=e2e_env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
