@@ -8,7 +8,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from flask import Flask, current_app, g, jsonify
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
@@ -110,6 +110,17 @@ def register_error_handlers(app: Flask) -> None:
         allowed = getattr(exc, "valid_methods", None)  # MethodNotAllowed carries them
         if exc.code == 405 and allowed:
             resp.headers["Allow"] = ", ".join(allowed)
+        return resp
+
+    @app.errorhandler(OperationalError)
+    def database_unavailable(exc: OperationalError):
+        # the database cannot be reached (down, restarting, out of connections): the request
+        # may be retried, unlike a bug's 500
+        log.warning("database unavailable: %s", type(exc.orig).__name__)
+        resp = jsonify({"error": {"type": "service_unavailable", "param": None,
+                                  "message": "the database is unavailable; retry shortly"}})
+        resp.status_code = 503
+        resp.headers["Retry-After"] = "1"
         return resp
 
     @app.errorhandler(Exception)

@@ -185,3 +185,17 @@ def test_unknown_route_and_method(client, acme):
     resp = client.post("/v1/functions/fn", headers=acme)
     error_of(resp, 405, "not allowed")
     assert "PUT" in resp.headers["Allow"]
+
+
+def test_an_unreachable_database_is_a_503_to_retry_not_a_500(settings):
+    from dataclasses import replace
+
+    from hydraserve.api.app import create_app
+
+    down = replace(settings, admin_key=None,
+                   database_url="postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    client = create_app(down).test_client()
+    resp = client.get("/v1/functions", headers={"Authorization": "Bearer hs_some-key"})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    assert resp.json["error"] == {"type": "service_unavailable", "param": None,
+                                  "message": "the database is unavailable; retry shortly"}
