@@ -171,7 +171,18 @@ def phase(base: str, keys: dict[str, str], args, with_aggressor: bool, seed: int
     if child is not None:
         result["aggressor"] = out.get(timeout=args.seconds + 300)
         child.join()
+    result["admission_limits"] = admission_limits(base)
     return result
+
+
+def admission_limits(base: str) -> list[float]:
+    """Each API process's Congestion limit at the end of a phase (its /metrics gauge)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=30).text
+    return [s.value for f in text_string_to_metric_families(text)
+            if f.name == "hydraserve_api_admission_limit" for s in f.samples]
 
 
 def main() -> None:
@@ -219,6 +230,8 @@ def main() -> None:
          "value": f"{aggressor['sent']} / {aggressor['ok']} / {result['aggressor_429']}"},
         {"measure": "aggressor answers", "value": aggressor["statuses"]},
         {"measure": "aggressor 429s by limit", "value": aggressor["refused_by"]},
+        {"measure": "API processes' admission limits at the end, alone / together",
+         "value": f"{alone['admission_limits']} / {together['admission_limits']}"},
     ]
     print(markdown_table(rows, ["measure", "value"]))
     write_json(args.json, result)

@@ -15,6 +15,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     generate_latest,
     multiprocess,
 )
@@ -22,6 +23,10 @@ from prometheus_client import (
 RATE_LIMITED = Counter(
     "hydraserve_rate_limited", "Requests answered 429, by the limit or fair share that refused "
     "them and the tenant (empty before authentication)", ["limit", "tenant"])
+ADMISSION_LIMIT = Gauge(
+    "hydraserve_api_admission_limit", "Sync and streaming invocations an API process takes at "
+    "once while several tenants use it (tenants/fairness.py Congestion), per process",
+    multiprocess_mode="liveall")
 
 
 def exposition() -> tuple[bytes, str]:

@@ -21,11 +21,13 @@ The pools:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
 
 from hydraserve.errors import RateLimited
+from hydraserve.metrics import ADMISSION_LIMIT
 
 
 def over_share(held: int, in_use: int, capacity: int, holders: int) -> int | None:
@@ -85,6 +87,7 @@ class Congestion:
             self.limit = max(self.floor, self.limit * 3 // 4)
         elif inflated < len(self._recent) / 5 or not self._recent:
             self.limit = min(self.ceiling, self.limit + 1)
+        ADMISSION_LIMIT.set(self.limit)
 
 
 class RequestSlots:
@@ -93,15 +96,19 @@ class RequestSlots:
 
     A tenant that took a slot within the last ``ACTIVE_S`` counts as a holder even between its
     requests: a trickle of short requests holds a slot only now and then, and would otherwise
-    leave its part to a tenant that keeps every slot it can get."""
+    leave its part to a tenant that keeps every slot it can get. And a tenant over its part
+    now, but whose slots averaged over the last seconds (``AVERAGE_S``) are under half of it, is
+    let in: a trickle's two requests that happen to overlap are not a tenant taking too much."""
 
     ACTIVE_S = 5.0
+    AVERAGE_S = 2.0
 
     def __init__(self, capacity: int, congestion: Congestion | None = None,
                  clock=time.monotonic) -> None:
         self.capacity, self.congestion, self.clock = capacity, congestion, clock
         self._held: Counter[int] = Counter()
         self._seen: dict[int, float] = {}  # tenant -> when it last took a slot
+        self._average: dict[int, tuple[float, float]] = {}  # tenant -> (slots held, as of)
         self._lock = threading.Lock()
 
     def acquire(self, tenant_id: int) -> None:
@@ -113,8 +120,8 @@ class RequestSlots:
             if len(active) > 1 and self.congestion is not None:
                 capacity = min(capacity, self.congestion.current())
             share = over_share(held, sum(self._held.values()), capacity, len(active))
-            if share is None:
-                self._held[tenant_id] += 1
+            if share is None or self._averaged(tenant_id, now) < share / 2:
+                self._change(tenant_id, now, +1)
                 self._seen[tenant_id] = now
                 return
             holders = len(active)
@@ -128,13 +135,25 @@ class RequestSlots:
         """Tenants holding a slot or seen within ACTIVE_S (forgetting those seen before)."""
         for t in [t for t, at in self._seen.items() if at < now - self.ACTIVE_S]:
             del self._seen[t]
+            if not self._held[t]:
+                self._average.pop(t, None)
         return set(self._seen) | {t for t, n in self._held.items() if n}
+
+    def _averaged(self, tenant_id: int, now: float) -> float:
+        """Slots the tenant held, averaged with weights decaying over AVERAGE_S."""
+        value, at = self._average.get(tenant_id, (0.0, now))
+        w = math.exp(-(now - at) / self.AVERAGE_S)
+        return value * w + (1 - w) * self._held[tenant_id]
+
+    def _change(self, tenant_id: int, now: float, delta: int) -> None:
+        self._average[tenant_id] = (self._averaged(tenant_id, now), now)
+        self._held[tenant_id] += delta
+        if self._held[tenant_id] <= 0:
+            del self._held[tenant_id]
 
     def release(self, tenant_id: int) -> None:
         with self._lock:
-            self._held[tenant_id] -= 1
-            if self._held[tenant_id] <= 0:
-                del self._held[tenant_id]
+            self._change(tenant_id, self.clock(), -1)
 
     def held(self, tenant_id: int) -> int:
         with self._lock:
