@@ -62,7 +62,7 @@ class Extension:
 def create_app(settings: Settings | None = None,
                session_factory: sessionmaker | None = None) -> Flask:
     """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
-    from hydraserve.api.views import functions, invocations, meta, openai, tenants
+    from hydraserve.api.views import billing, functions, invocations, meta, openai, tenants
 
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes  # larger bodies: 413
     app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["hydraserve"] = Extension(settings, session_factory)
-    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp):
+    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp, billing.bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
     app.teardown_appcontext(close_session)

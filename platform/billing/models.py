@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import ForeignKey, Numeric, String
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Numeric, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from hydraserve.db import Base
@@ -27,9 +27,22 @@ class UsageRecord(Base):
 
 
 class Price(Base):
-    """Price of one GB-second of device memory of a kind, valid from a date on."""
+    """Price of one GB-second of device memory of a kind over ``[effective_from,
+    effective_to)``; ``effective_to`` None: until a later price closes it. The prices of a
+    kind follow each other without gaps or overlaps (billing/prices.py keeps them so; the
+    constraints here are the backstop)."""
 
     __tablename__ = "prices"
+    __table_args__ = (
+        UniqueConstraint("device_kind", "effective_from",
+                         name="uq_prices_device_kind_effective_from"),
+        # at most one open-ended price per kind: the latest
+        Index("uq_prices_device_kind_open", "device_kind", unique=True,
+              postgresql_where=text("effective_to IS NULL")),
+        CheckConstraint("effective_to IS NULL OR effective_to > effective_from",
+                        name="effective_range"),
+        CheckConstraint("usd_per_gb_second >= 0", name="usd_per_gb_second_not_negative"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     device_kind: Mapped[str] = mapped_column(String(32), index=True)

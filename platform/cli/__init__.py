@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from hydraserve.cli.admin import admin
+from hydraserve.cli.billing import billing
 from hydraserve.cli.cluster import cluster
 from hydraserve.cli.db import db
 from hydraserve.cli.functions import functions
@@ -18,5 +19,6 @@ def main() -> None:
     """HydraServe: serverless LLM functions with fast cold starts."""
 
 
-for command in (db, admin, functions, make_demo_model, cluster, store, node, scheduler):
+for command in (db, admin, billing, functions, make_demo_model, cluster, store, node,
+                scheduler):
     main.add_command(command)

@@ -1,10 +1,16 @@
-"""``hydraserve admin``: bootstrap tenants and keys straight in the database."""
+"""``hydraserve admin``: bootstrap tenants and keys, and set prices, straight in the database."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import click
 
-from hydraserve.db import make_engine, make_session_factory
+from hydraserve.billing import prices
+from hydraserve.billing.cost import decimal_text
+from hydraserve.billing.models import Price
+from hydraserve.billing.times import iso_utc, parse_utc
+from hydraserve.db import make_engine, make_session_factory, utcnow
 from hydraserve.errors import HydraError
 from hydraserve.settings import Settings
 from hydraserve.tenants import service as tenants
@@ -55,3 +61,67 @@ def set_limits(name: str, **limits: int | None) -> None:
             raise click.ClickException(exc.message) from None
         for field in LIMIT_FIELDS:
             click.echo(f"{field}: {getattr(tenant, field)}")
+
+
+@admin.group("prices")
+def prices_group() -> None:
+    """The price table: USD per GB-second of device memory, per device kind."""
+
+
+@prices_group.command("add")
+@click.argument("device_kind")
+@click.argument("usd_per_gb_second")
+@click.option("--from", "effective_from", required=True,
+              help="UTC start, e.g. 2026-02-01T00:00:00Z or 2026-02-01")
+@click.option("--to", "effective_to", default=None, help="UTC end (default: open-ended)")
+def prices_add(device_kind: str, usd_per_gb_second: str, effective_from: str,
+               effective_to: str | None) -> None:
+    """Add a price of DEVICE_KIND (a decimal string, e.g. 0.0000012) after the latest of
+    its kind, and print the kind's prices."""
+    with session() as s:
+        try:
+            start = utc_option("--from", effective_from)
+            end = utc_option("--to", effective_to) if effective_to is not None else None
+            prices.add_price(s, device_kind, prices.parse_usd(usd_per_gb_second), start, end)
+        except HydraError as exc:
+            raise click.ClickException(exc.message) from None
+        echo_prices(prices.list_prices(s, device_kind))
+
+
+@prices_group.command("list")
+@click.option("--kind", "device_kind", default=None, help="one device kind only")
+def prices_list(device_kind: str | None) -> None:
+    """List prices by kind and start."""
+    with session() as s:
+        try:
+            echo_prices(prices.list_prices(s, device_kind))
+        except HydraError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@prices_group.command("delete")
+@click.argument("price_id", type=click.IntRange(1))
+def prices_delete(price_id: int) -> None:
+    """Delete price PRICE_ID, which must not have started and must be its kind's latest."""
+    with session() as s:
+        try:
+            row = prices.delete_price(s, price_id)
+        except HydraError as exc:
+            raise click.ClickException(exc.message) from None
+    click.echo(f"deleted {prices.describe(row)}")
+
+
+def utc_option(name: str, value: str) -> datetime:
+    try:
+        return parse_utc(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
+
+
+def echo_prices(rows: list[Price]) -> None:
+    now = utcnow()
+    click.echo(f"{'id':>4}  {'kind':12} {'usd_per_gb_second':>18}  {'from':20}  {'to':20}  status")
+    for p in rows:
+        until = iso_utc(p.effective_to) if p.effective_to else "-"
+        click.echo(f"{p.id:>4}  {p.device_kind:12} {decimal_text(p.usd_per_gb_second):>18}  "
+                   f"{iso_utc(p.effective_from):20}  {until:20}  {prices.status(p, now)}")
