@@ -1,7 +1,9 @@
-"""``hydraserve admin set-limits`` against the test database."""
+"""``hydraserve admin set-limits``, its sessions on the test's transaction (nothing committed to
+the shared test database for the next test to find)."""
 
 from __future__ import annotations
 
+import importlib
 import uuid
 
 from click.testing import CliRunner
@@ -9,8 +11,9 @@ from click.testing import CliRunner
 from hydraserve.cli import main
 
 
-def test_set_limits_prints_them_all_and_refuses_nothing_to_set(database_url, monkeypatch):
-    monkeypatch.setenv("HYDRA_DATABASE_URL", database_url)
+def test_set_limits_prints_them_all_and_refuses_nothing_to_set(session_factory, monkeypatch):
+    # the module, not the click group of the same name that hydraserve.cli exports
+    monkeypatch.setattr(importlib.import_module("hydraserve.cli.admin"), "session", session_factory)
     name = f"cli-{uuid.uuid4().hex[:8]}"
     runner = CliRunner()
     assert runner.invoke(main, ["admin", "create-tenant", name]).exit_code == 0
