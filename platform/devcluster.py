@@ -212,7 +212,8 @@ def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpe
         start(layout, f"node-{node_id}", [cli, "node", "--node-id", node_id, "--devices", "cpu:1",
                                           "--device-mem", spec.device_mem, "--threads",
                                           str(spec.worker_threads), "--loader", spec.loader,
-                                          "--cache-mem", spec.cache_mem, *link], env)
+                                          "--cache-mem", spec.cache_mem, "--metrics-port", "0",
+                                          *link], env)
     base = f"http://127.0.0.1:{settings.api_port}"
     wait_healthy(base + "/healthz", layout, "api")
     wait_nodes(settings, spec.node_ids(), layout)

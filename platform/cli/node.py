@@ -52,8 +52,12 @@ def parse_devices(text: str, memory: int) -> list[DeviceSpec]:
               help="shared-memory weight cache of this node (pre-faulted at start)")
 @click.option("--prestarted", type=click.IntRange(0, 16), default=1, show_default=True,
               help="generic workers kept booted and idle")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve Prometheus /metrics of this node and its workers here (0: a free "
+              "port, reported in the node's info)")
 def node(node_id: str, devices: str, device_mem: str, link_mbps: float | None,
-         threads: int | None, loader: str, cache_mem: str, prestarted: int) -> None:
+         threads: int | None, loader: str, cache_mem: str, prestarted: int,
+         metrics_port: int | None) -> None:
     """Run a node agent: register, heartbeat, run stage workers placed here."""
     from gpu_runtime.pipeline import prefer_short_spin
     from hydraserve.broker import node_queue
@@ -65,8 +69,14 @@ def node(node_id: str, devices: str, device_mem: str, link_mbps: float | None,
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", node_id):
         raise click.BadParameter(f"{node_id!r}: use 1-63 lower-case letters, digits, '_' or '-'")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    agent = NodeAgent(Settings.from_env(), node_id, parse_devices(devices, parse_bytes(device_mem)),
-                      link_mbps, threads, loader, parse_bytes(cache_mem), prestarted)
+    settings = Settings.from_env()
+    if metrics_port is not None:  # before any worker starts: they inherit the folder
+        from hydraserve.tasks.node.node_metrics import prepare_folder
+
+        prepare_folder(settings.queue_prefix, node_id)
+    agent = NodeAgent(settings, node_id, parse_devices(devices, parse_bytes(device_mem)),
+                      link_mbps, threads, loader, parse_bytes(cache_mem), prestarted,
+                      metrics_port=metrics_port)
     set_agent(agent)
     agent.start()
     try:

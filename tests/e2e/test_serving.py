@@ -305,3 +305,34 @@ def test_rabbitmq_restart_with_queued_requests_loses_nothing(cluster: Cluster, s
             g["status"] in ("succeeded", "failed") for g in got) and got, 240, "all requests")
     assert [d["status"] for d in done] == ["succeeded"] * 4, [d.get("error") for d in done]
     assert all(len(d["output"]["token_ids"]) == 2 for d in done)
+
+
+def test_node_metrics_count_what_was_served(cluster: Cluster, store_root):
+    """Each node agent's /metrics (its workers' samples, vLLM's names): the requests and
+    tokens of real invocations, labelled with the function and cold or warm."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cluster.register("metered", store_root / "llama-tiny")
+    outs = [cluster.invoke("metered", {"prompt_ids": PROMPT, "max_tokens": 4}).json()
+            for _ in range(3)]
+    assert all(o["status"] == "succeeded" for o in outs), outs
+    samples: dict[tuple[str, tuple], float] = {}
+    for (info,) in cluster.query("SELECT info FROM nodes"):
+        text = requests.get(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.labels.get("model_name") == "metered":
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    samples[key] = samples.get(key, 0.0) + s.value
+
+    def total(name: str, **labels) -> float:
+        return sum(v for (n, ls), v in samples.items()
+                   if n == name and labels.items() <= dict(ls).items())
+
+    assert total("vllm:e2e_request_latency_seconds_count") == 3
+    assert total("vllm:time_to_first_token_seconds_count", cold="true") == 1  # the cold start
+    assert total("vllm:time_to_first_token_seconds_count", cold="false") == 2
+    assert total("vllm:generation_tokens_total") == sum(o["tokens_out"] for o in outs)
+    assert total("vllm:prompt_tokens_total") == 3 * len(PROMPT)
+    assert total("hydraserve_cold_start_phase_seconds_count", phase="prefill") == 1
+    assert total("vllm:num_requests_running") == 0  # all answered

@@ -49,6 +49,7 @@ class NodeAgent:
     loader: str = "prefetch"  # prefetch: node cache + worker pool; files: a fresh process each
     cache_bytes: int = 256 << 20
     num_prestarted: int = 1
+    metrics_port: int | None = None  # serve /metrics here (0: a free port); None: not at all
     children: dict[int, Any] = field(default_factory=dict)  # Popen or PooledChild
     # workers this agent signalled itself: their deaths are no request's doing
     signalled: set[int] = field(default_factory=set)
@@ -72,6 +73,10 @@ class NodeAgent:
     # ---- life cycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.metrics_port is not None:
+            from hydraserve.tasks.node import node_metrics
+
+            self.metrics_port = node_metrics.serve(self, self.metrics_port, self.host)
         with self.sessions() as s:
             cluster.register(s, self.node_id, self.host, self.link_mbps, self.devices, self.info())
         for target in (self._heartbeat, self._monitor, self._boot_pool):
@@ -82,7 +87,8 @@ class NodeAgent:
         cs = self.coldstart
         return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
                 "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
-                "idle_workers": cs.pool.num_booted if cs else 0}
+                "idle_workers": cs.pool.num_booted if cs else 0,
+                **({"metrics_port": self.metrics_port} if self.metrics_port else {})}
 
     def _boot_pool(self) -> None:
         """Reports the node fully warm once its pre-started workers have booted."""
@@ -153,6 +159,10 @@ class NodeAgent:
         with self.sessions() as s:  # recorded first: a failure here leaves it for the next pass
             cause = cluster.instance_exited(s, instance_id, code)
         self._suspect(instance_id, cause)
+        if proc.pid:
+            from hydraserve.tasks.node.node_metrics import worker_exited
+
+            worker_exited(proc.pid)
         with self._lock:
             self.children.pop(instance_id, None)
             self.signalled.discard(instance_id)

@@ -21,6 +21,7 @@ class Assignment:
     instance_id: int
     plan_id: int
     function_id: int
+    function_name: str
     function_version_id: int
     version: int
     model_id: int
@@ -57,7 +58,7 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
     model = must_get(session, Model, version.model_id)
     return Assignment(
         instance_id=inst.id, plan_id=plan.id, function_id=version.function_id,
-        function_version_id=version.id, version=version.version, model_id=model.id,
+        function_name=version.function.name, function_version_id=version.id, version=version.version, model_id=model.id,
         model_uri=model.uri, fingerprint=model.fingerprint,
         weight_files=tuple(sorted(model.file_sizes)), dtype=model.dtype, pp=plan.pp,
         stage_index=inst.stage_index, addresses=tuple(i.address for i in group),

@@ -36,6 +36,7 @@ from hydraserve.invocations import ledger
 from hydraserve.invocations.ledger import Ledger
 from hydraserve.invocations.schemas import DEFAULT_MAX_TOKENS
 from hydraserve.settings import Settings
+from hydraserve.tasks.node import serving_metrics
 from hydraserve.tasks.node.assignment import Assignment, load_assignment
 from hydraserve.tasks.node.prefill_marker import PrefillMarker, marker_path
 
@@ -61,6 +62,7 @@ class Active:
     want_logprobs: bool = False
     stream: bool = True  # token events wanted; otherwise only the final one
     stop: tuple[str, ...] = ()
+    claimed_at: float = field(default_factory=time.time)
 
 
 def sampling_params(req: dict) -> SamplingParams:
@@ -246,6 +248,10 @@ class Server:
                 finished.append((active, out))
         if finished:
             self._finish_ok(ch, finished)
+        blocks = self.engine.blocks  # the state after the step, which stays until the next
+        serving_metrics.step(self.a.function_name, len(self.active),
+                             len(self.held) + len(self.inbox),
+                             1 - blocks.num_free_blocks / max(blocks.num_blocks, 1))
 
     def _take(self, active: Active, out) -> None:
         if out.new_token_ids and active.first_token_at is None:
@@ -308,6 +314,8 @@ class Server:
             ch.basic_ack(active.delivery_tag)
             self.active.pop(active.inv_id, None)
             row = recorded.get(active.inv_id)  # None: cancelled meanwhile; the API reads the row
+            if row:
+                serving_metrics.finished(self.a.function_name, row, active.claimed_at)
             self._event(active.reply_to, active.inv_id, {
                 "type": "done", **outcome.output,
                 **({"invocation": jsonable(row)} if row else {})})
