@@ -61,3 +61,18 @@ def test_dockerfile_copies_what_exists():
     lines = (REPO_ROOT / "Dockerfile").read_text().splitlines()
     copied = [p for line in lines if line.startswith("COPY") for p in line.split()[1:-1]]
     assert copied and all((REPO_ROOT / p).exists() for p in copied), copied
+
+
+def test_prometheus_scrapes_the_api_and_every_node():
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert jobs["api"]["static_configs"][0]["targets"] == ["api:8000"]
+    assert jobs["api"]["authorization"]["credentials"] == "change-this-admin-key"
+    assert "change-this-admin-key" in SERVICES["api"]["environment"]["HYDRA_ADMIN_KEY"]
+    nodes = sorted(n for n in SERVICES if n.startswith("node"))
+    ports = {SERVICES[n]["command"][SERVICES[n]["command"].index("--metrics-port") + 1]
+             for n in nodes}
+    assert jobs["nodes"]["static_configs"][0]["targets"] == [f"{n}:{p}" for n in nodes
+                                                             for p in ports]
+    mounted = SERVICES["prometheus"]["volumes"][0].split(":")[0]
+    assert (REPO_ROOT / mounted).resolve() == (REPO_ROOT / "deploy" / "prometheus.yml")
