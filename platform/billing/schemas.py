@@ -94,19 +94,14 @@ class AmountsOut(BaseModel):
     open: bool = Field(description="includes memory still held, charged up to the report's now")
 
 
-class UsageRowOut(BaseModel):
-    """One row: the groups asked for (only those are present), then its amounts."""
+class UsageRowOut(AmountsOut):
+    """One row: its amounts, and the groups asked for (only those are present)."""
 
     tenant: str | None = None
     function: str | None = None
     function_deleted_at: datetime | None = Field(
         default=None, description="when the function was deleted; null: it is not")
     day: date | None = Field(default=None, description="UTC day")
-    gb_seconds: DecimalText = Field(description="GB of device memory x seconds held")
-    unpriced_gb_seconds: DecimalText = Field(
-        description="the part of gb_seconds with no price in force (not charged)")
-    cost_usd: DecimalText
-    open: bool = Field(description="includes memory still held, charged up to the report's now")
 
 
 class UsageReportOut(BaseModel):
