@@ -50,9 +50,11 @@ class Clock:
 
 
 def test_request_slots_keep_a_quarter_for_the_next_tenant():
-    slots = RequestSlots(16, clock=Clock())
+    clock = Clock()
+    slots = RequestSlots(16, clock=clock)
     for _ in range(12):
         slots.acquire(1)
+    clock.now += 10  # held for a while: its average is 12 too
     with pytest.raises(RateLimited) as exc:
         slots.acquire(1)
     assert exc.value.param == "fair_share" and exc.value.retry_after_s == 1
@@ -73,7 +75,8 @@ def test_a_tenant_seen_lately_keeps_its_part_between_its_requests():
         slots.acquire(1)
     for _ in range(6):  # 16 - 6 free > 4: still plenty free
         slots.acquire(1)
-    with pytest.raises(RateLimited) as exc:  # short now, and tenant 2 was seen 0 s ago
+    clock.now += 3  # 12 held for 3 s; tenant 2 seen 3 s ago, within ACTIVE_S
+    with pytest.raises(RateLimited) as exc:  # short now
         slots.acquire(1)
     assert "12 held of the 16 this process takes at once now; 6 each while 2" in exc.value.message
     clock.now += RequestSlots.ACTIVE_S + 1  # tenant 2 gone quiet: its part is free again
@@ -104,10 +107,12 @@ def test_a_tenant_over_its_part_of_the_slots_is_refused_and_another_is_not(
     assert register(acme, "fn").status_code == 201
     other = make_tenant("other")
     assert register(other, "fn").status_code == 201
-    slots = app.extensions["hydraserve"].slots
+    clock = Clock()
+    slots = app.extensions["hydraserve"].slots = RequestSlots(64, clock=clock)
     acme_id = db_session.query(Tenant.id).filter_by(name="acme").scalar()
     for _ in range(48):  # as 48 of acme's sync invocations waiting on their answers
         slots.acquire(acme_id)
+    clock.now += 10  # for a while
     refused = invoke(client, acme, extra={})
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert refused.json["error"]["param"] == "fair_share"
@@ -196,12 +201,14 @@ def test_each_function_has_its_own_best_ttft():
 def test_slots_follow_congestion_only_when_tenants_share_the_process():
     clock = Clock()
     c = Congestion(ceiling=64, floor=8, clock=clock)
-    c.limit = 8  # as after a congested spell
     slots = RequestSlots(64, c, clock=clock)
     for _ in range(48):  # a tenant alone: three quarters of the threads
         slots.acquire(1)
+    clock.now += 10
     with pytest.raises(RateLimited):
         slots.acquire(1)
+    c.current()
+    c.limit = 8  # as after a congested spell
     slots.acquire(2)  # a second tenant: under its part, admitted
     assert slots.held(2) == 1
     for _ in range(43):
@@ -211,3 +218,26 @@ def test_slots_follow_congestion_only_when_tenants_share_the_process():
     assert "5 held of the 8 this process takes at once now; 3 each while 2" in exc.value.message
     slots.acquire(2)  # the victim still gets in
     assert slots.held(2) == 2
+
+
+def test_a_trickles_overlapping_requests_are_let_in_a_hog_is_not():
+    clock = Clock()
+    slots = RequestSlots(8, clock=clock)  # 2 kept free; with 2 tenants, 3 each
+    for _ in range(3):
+        slots.acquire(1)
+    slots.acquire(2)
+    clock.now += 0.5
+    slots.release(2)
+    for _ in range(20):  # a trickle: one short request every half second
+        clock.now += 0.45
+        slots.acquire(2)
+        clock.now += 0.05
+        slots.release(2)
+    for _ in range(3):
+        slots.acquire(1)  # the hog now holds 6 of 8 (short), held for a while
+    clock.now += 5
+    with pytest.raises(RateLimited):
+        slots.acquire(1)
+    for _ in range(4):  # the trickle's overlapping requests: over 3 now, but it averages ~0
+        slots.acquire(2)
+    assert slots.held(2) == 4
