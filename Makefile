@@ -37,6 +37,10 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m gpu_runtime.native || echo "native kernels not built: the engine uses its torch path"
+	@# the console's browser tests drive Debian's chromium (playwright cannot download one here)
+	command -v chromium >/dev/null || apt-get install -y -q chromium \
+	  || (apt-get update -q && apt-get install -y -q chromium) \
+	  || echo "chromium not installed: the console's browser tests will be skipped"
 	touch $(STAMP)
 
 services:

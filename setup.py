@@ -15,5 +15,8 @@ setup(
     packages=control_plane + data_plane,
     package_dir={"hydraserve": "platform"},
     # the native kernels' source, compiled on the target machine (gpu_runtime/native.py)
-    package_data={"gpu_runtime": ["csrc/*.c", "csrc/*.h"]},
+    package_data={"gpu_runtime": ["csrc/*.c", "csrc/*.h"],
+                  # the console's pages, styles, scripts and vendored chart library
+                  "hydraserve.api.console": ["templates/*.html", "static/*.css", "static/*.js",
+                                             "static/vendor/chartist/*"]},
 )

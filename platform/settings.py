@@ -6,6 +6,8 @@ stock credentials, the model store under ``.demo/models`` of the working directo
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -63,6 +65,9 @@ class Settings:
     # invocations queued or running across the cluster beyond which tenants get fair shares
     # (tenants/fairness.py); 0 turns the cluster-wide share off
     cluster_max_in_flight: int = 512
+    # signs the console's session cookie; unset: derived from admin_key (docs/console.md)
+    console_secret: str | None = None
+    console_idle_minutes: int = 30  # a console session unused this long must log in again
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -75,6 +80,22 @@ class Settings:
                 "use amqp://user:password@host:5672//")
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise SettingsError("HYDRA_ADMIN_KEY must be at least 16 characters long")
+        if self.console_secret is not None and len(self.console_secret) < 32:
+            raise SettingsError("HYDRA_CONSOLE_SECRET must be at least 32 characters long; "
+                                "make one with: python -c 'import secrets; "
+                                "print(secrets.token_urlsafe(32))'")
+
+    @property
+    def console_signing_key(self) -> bytes | None:
+        """The key that signs console sessions: HYDRA_CONSOLE_SECRET, else one derived from
+        HYDRA_ADMIN_KEY (the same in every API process, unlike a random per-process one);
+        None when neither is set, and the console then refuses to log anyone in."""
+        if self.console_secret is not None:
+            return self.console_secret.encode()
+        if self.admin_key is not None:
+            return hmac.new(self.admin_key.encode(), b"hydraserve console session v1",
+                            hashlib.sha256).digest()
+        return None
 
     @property
     def allowed_model_roots(self) -> tuple[Path, ...]:
@@ -103,6 +124,8 @@ class Settings:
                                                  1_000_000),
             "api_threads": _env_int("HYDRA_API_THREADS", DEFAULT_API_THREADS, 1, 1024),
             "cluster_max_in_flight": _env_int("HYDRA_CLUSTER_MAX_IN_FLIGHT", 512, 0, 10_000_000),
+            "console_secret": env.get("HYDRA_CONSOLE_SECRET") or None,
+            "console_idle_minutes": _env_int("HYDRA_CONSOLE_IDLE_MINUTES", 30, 1, 7 * 24 * 60),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

@@ -39,3 +39,9 @@ def test_wheel_contains_every_subpackage(tmp_path):
     missing = sorted(expected - names)
     assert not missing, f"wheel lacks {missing}"
     assert "hydraserve/api/wsgi.py" in names
+    console = REPO_ROOT / "platform" / "api" / "console"
+    assets = {f"hydraserve/api/console/{p.relative_to(console).as_posix()}"
+              for folder in ("templates", "static") for p in (console / folder).rglob("*")
+              if p.is_file()}
+    assert "hydraserve/api/console/templates/base.html" in assets
+    assert sorted(assets - names) == [], "the wheel lacks console templates or static files"

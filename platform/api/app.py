@@ -62,6 +62,7 @@ class Extension:
 def create_app(settings: Settings | None = None,
                session_factory: sessionmaker | None = None) -> Flask:
     """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
+    from hydraserve.api import console
     from hydraserve.api.views import billing, functions, invocations, meta, openai, tenants
 
     settings = settings or Settings.from_env()
@@ -70,7 +71,8 @@ def create_app(settings: Settings | None = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes  # larger bodies: 413
     app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["hydraserve"] = Extension(settings, session_factory)
-    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp, billing.bp):
+    for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp, billing.bp,
+               console.bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
     app.teardown_appcontext(close_session)

@@ -59,6 +59,7 @@ def up(nodes: int, link_mbps: float, store_port: int) -> None:
     show_invocations(base, headers)
     click.echo("")
     click.echo(f"API:        {base}   (logs: {layout.run}/)")
+    click.echo(f"console:    {base}/console   (log in with the admin key)")
     click.echo(f"database:   {make_url(settings.database_url).database}, queue prefix "
                f"{settings.queue_prefix!r} (for the CLI: set -a; . {env_file}; set +a)")
     click.echo(f"admin key:  {key}")
