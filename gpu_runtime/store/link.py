@@ -93,6 +93,8 @@ class NodeLink:
             burst = config.burst_bytes or max(256 * 1024, int(rate / 20))
             self.bucket = TokenBucket(rate, burst)
         self._history: deque[FetchStats] = deque(maxlen=history)
+        self.total_bytes = 0  # every network fetch's, since the node started
+        self.total_seconds = 0.0
         self._lock = threading.Lock()
 
     def throttle(self, n: int) -> None:
@@ -103,6 +105,8 @@ class NodeLink:
     def record(self, stats: FetchStats) -> None:
         with self._lock:
             self._history.append(stats)
+            self.total_bytes += stats.bytes
+            self.total_seconds += stats.seconds
 
     def recent(self) -> list[FetchStats]:
         """Finished network fetches of this node, oldest first (cache hits are not recorded)."""

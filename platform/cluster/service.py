@@ -231,3 +231,9 @@ def add_timeline(session: Session, instance_id: int, phases: dict[str, Any]) -> 
     agent and the worker both write theirs); no commit."""
     session.execute(update(Instance).where(Instance.id == instance_id).values(
         timeline=Instance.timeline.op("||")(cast(phases, JSONB))))
+
+
+def instances_by_status(session: Session) -> dict[str, int]:
+    """How many instances are in each status (the live ones and those closed so far)."""
+    rows = session.execute(select(Instance.status, func.count()).group_by(Instance.status))
+    return {status: n for status, n in rows}

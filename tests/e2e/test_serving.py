@@ -317,10 +317,13 @@ def test_node_metrics_count_what_was_served(cluster: Cluster, store_root):
             for _ in range(3)]
     assert all(o["status"] == "succeeded" for o in outs), outs
     samples: dict[tuple[str, tuple], float] = {}
+    node_totals: dict[str, float] = {}
     for (info,) in cluster.query("SELECT info FROM nodes"):
         text = requests.get(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=30).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
+                if "node" in s.labels:
+                    node_totals[s.name] = node_totals.get(s.name, 0.0) + s.value
                 if s.labels.get("model_name") == "metered":
                     key = (s.name, tuple(sorted(s.labels.items())))
                     samples[key] = samples.get(key, 0.0) + s.value
@@ -336,3 +339,9 @@ def test_node_metrics_count_what_was_served(cluster: Cluster, store_root):
     assert total("vllm:prompt_tokens_total") == 3 * len(PROMPT)
     assert total("hydraserve_cold_start_phase_seconds_count", phase="prefill") == 1
     assert total("vllm:num_requests_running") == 0  # all answered
+    # the cold start fetched the model over some node's link, into its cache
+    weights = sum(f.stat().st_size for f in (store_root / "llama-tiny").glob("*.safetensors"))
+    # (the tensors' bytes: a fetch reads tensor ranges, not the files' headers)
+    assert node_totals["hydraserve_node_link_bytes_total"] >= 0.95 * weights
+    assert node_totals["hydraserve_node_cache_misses_total"] >= 1
+    assert node_totals["hydraserve_node_cache_bytes"] > node_totals["hydraserve_node_cache_free_bytes"]

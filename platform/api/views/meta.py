@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from hydraserve.api import openapi
 from hydraserve.api.context import db
+from hydraserve.billing import service as billing
+from hydraserve.cluster import service as cluster
 from hydraserve.errors import ServiceUnavailable
 from hydraserve.metrics import exposition
 
@@ -39,4 +42,18 @@ def metrics():
 
     require("admin")
     body, content_type = exposition()
-    return Response(body, content_type=content_type)
+    return Response(body + cluster_exposition(), content_type=content_type)
+
+
+def cluster_exposition() -> bytes:
+    """What Postgres knows, read at scrape time: instances by status, GB-seconds by tenant."""
+    registry = CollectorRegistry()
+    instances = Gauge("hydraserve_instances", "Instances by status (live and closed so far)",
+                      ["status"], registry=registry)
+    for status, n in cluster.instances_by_status(db()).items():
+        instances.labels(status).set(n)
+    held = Gauge("hydraserve_gb_seconds", "GB of device memory x seconds held, by tenant (open "
+                 "usage records up to now)", ["tenant"], registry=registry)
+    for tenant, value in billing.gb_seconds_by_tenant(db()).items():
+        held.labels(tenant).set(value)
+    return generate_latest(registry)

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 
 from prometheus_client import start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import mark_process_dead
 
 from hydraserve.metrics import multiprocess_registry
@@ -42,18 +42,39 @@ class NodeCollector:
     def __init__(self, agent) -> None:
         self.agent = agent
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = self.agent.info()
         node = [self.agent.node_id]
-        for name, help_text, value in (
-                ("hydraserve_node_workers", "Serving workers the agent runs", info["workers"]),
-                ("hydraserve_node_idle_workers", "Pre-started workers booted and idle",
-                 info["idle_workers"]),
-                ("hydraserve_node_cached_stages", "Model stages held in the node cache",
-                 len(info["cached_stages"]))):
+        gauges = [("hydraserve_node_workers", "Serving workers the agent runs", info["workers"]),
+                  ("hydraserve_node_idle_workers", "Pre-started workers booted and idle",
+                   info["idle_workers"]),
+                  ("hydraserve_node_cached_stages", "Model stages held in the node cache",
+                   len(info["cached_stages"]))]
+        counters = []
+        cs = self.agent.coldstart
+        if cs is not None:  # a prefetch node: its cache pool and its link
+            pf = cs.prefetcher
+            gauges += [("hydraserve_node_cache_bytes", "Size of the node cache pool",
+                        pf.pool.config.size_bytes),
+                       ("hydraserve_node_cache_free_bytes", "Free bytes of the node cache pool",
+                        pf.pool.free_bytes)]
+            recent = pf.link.recent()[-8:]
+            seconds = sum(f.seconds for f in recent)
+            gauges.append(("hydraserve_node_link_bytes_per_second", "Achieved throughput of "
+                           "the node's last (up to 8) network fetches",
+                           sum(f.bytes for f in recent) / seconds if seconds > 0 else 0.0))
+            counters += [("hydraserve_node_link_bytes", "Bytes fetched over the network",
+                          pf.link.total_bytes)]
+            counters += [(f"hydraserve_node_cache_{k}", f"Node cache lookups and entries: {k}",
+                          v) for k, v in pf.cache.counters.items()]
+        for name, help_text, value in gauges:
             family = GaugeMetricFamily(name, help_text, labels=["node"])
             family.add_metric(node, value)
             yield family
+        for name, help_text, value in counters:
+            counter = CounterMetricFamily(name, help_text, labels=["node"])
+            counter.add_metric(node, value)
+            yield counter
 
 
 def serve(agent, port: int, host: str) -> int:

@@ -42,3 +42,23 @@ def test_429s_are_counted_by_limit_and_tenant(client, admin, acme, register):
         assert client.post("/v1/functions/fn/invocations", json=body,
                            headers=acme | ASYNC).status_code == 429
     assert rate_limited(client, admin)[("max_concurrency", "acme")] == before + 3
+
+
+def test_instances_by_status_and_gb_seconds_by_tenant(client, admin, acme, register, db_session):
+    from datetime import timedelta
+
+    from hydraserve.billing.models import UsageRecord
+    from hydraserve.db import utcnow
+    from tests.platform.test_request_loop import an_instance
+
+    inst = an_instance(db_session, acme, register)  # 1 MiB of a CPU device, starting
+    record = db_session.query(UsageRecord).filter_by(instance_id=inst.id).one()
+    record.started_at = utcnow() - timedelta(seconds=100)
+    db_session.commit()
+    resp = client.get("/metrics", headers=admin)
+    families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
+    instances = {s.labels["status"]: s.value for s in families["hydraserve_instances"].samples}
+    assert instances == {"starting": 1}
+    held = {s.labels["tenant"]: s.value for s in families["hydraserve_gb_seconds"].samples}
+    assert held.keys() == {"acme"}
+    assert abs(held["acme"] - float(record.memory_gb) * 100) < float(record.memory_gb) * 2
