@@ -237,14 +237,17 @@ class WorkerPool:
         to boot is dropped and raises ``WorkerStartError``."""
         timeout_s = self.config.boot_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        with self._lock:
-            for w in list(self._idle):
-                while not self._poll(w):
-                    if time.monotonic() > deadline:
-                        raise WorkerStartError(f"worker {w.pid} of node {self.config.node_id} "
-                                               f"did not boot within {timeout_s} s")
-                    time.sleep(POLL_S)
-            return [w.pid for w in self._idle]
+        while True:
+            # the lock is taken per look, not for the whole boot (seconds of imports): the
+            # node's heartbeat reads num_booted meanwhile
+            with self._lock:
+                booting = [w for w in list(self._idle) if not self._poll(w)]
+                if not booting:
+                    return [w.pid for w in self._idle]
+            if time.monotonic() > deadline:
+                raise WorkerStartError(f"worker {booting[0].pid} of node {self.config.node_id} "
+                                       f"did not boot within {timeout_s} s")
+            time.sleep(POLL_S)
 
     def _poll(self, w: _Worker) -> bool:
         try:

@@ -71,7 +71,7 @@ def register(session: Session, node_id: str, address: str, link_mbps: float | No
 def retire_all_nodes(session: Session, reason: str) -> list[str]:
     """Every node goes down and every live instance fails with ``reason``; commits. For a
     local cluster that starts where a dead one of the same checkout left its rows."""
-    nodes = list(session.scalars(select(Node.id).where(Node.status != "down")))
+    nodes = list(session.scalars(select(Node.id).where(Node.status != "down").order_by(Node.id)))
     session.execute(update(Node).values(status="down"))
     for instance_id in session.scalars(select(Instance.id).where(Instance.status.in_(LIVE))).all():
         close_instance(session, instance_id, "failed", reason)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from gpu_runtime.limits import MAX_PP
 from hydraserve.broker import node_queue
+from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import Instance
 from hydraserve.cluster.service import StageRecord
@@ -20,6 +21,7 @@ from hydraserve.scheduler import state
 from hydraserve.scheduler.planner import Plan, PlannerConfig, Request, plan_cold_start
 
 log = logging.getLogger("hydraserve.scheduler")
+AVOID_FAILED_S = 30.0  # a node that refused a start of a version is passed over this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +61,21 @@ def num_layers(config: dict) -> int:
 
 
 def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float,
-             cfg: PlannerConfig, profile: Profile) -> Plan | None:
+             cfg: PlannerConfig, profile: Profile,
+             avoid_failed_s: float = AVOID_FAILED_S) -> Plan | None:
+    """The plan of one more group of ``fv``. Nodes where one of its starts failed within
+    ``avoid_failed_s`` are left out while a plan without them exists: the planner does not
+    see why a node refused (a full cache pool, say), and would choose the same node again."""
     m = fv.model.total_bytes
     req = Request(model_id=fv.model_id, model_bytes=m, ttft_slo_s=fv.ttft_ms / 1000,
                   tpot_slo_s=fv.tpot_ms / 1000, tpot_s=profile.tpot_s(m),
                   prefill_s=profile.prefill_s(m), waited_s=waited_s, demand=max(queued, 1),
                   num_layers=num_layers(fv.model.config))
-    return plan_cold_start(req, state.nodes_snapshot(session), cfg)
+    nodes = state.nodes_snapshot(session)
+    refused = state.failed_start_nodes(session, fv.id, avoid_failed_s)
+    elsewhere = [n for n in nodes if n.node_id not in refused]
+    plan = plan_cold_start(req, elsewhere, cfg) if refused and elsewhere else None
+    return plan or plan_cold_start(req, nodes, cfg)
 
 
 def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan) -> int:
@@ -107,3 +117,12 @@ def mark_silent_nodes_down(session: Session, timeout_s: float) -> list[str]:
     for node_id in down:
         log.warning("node %s missed heartbeats for %.0f s: down", node_id, timeout_s)
     return down
+
+
+def take_out_absent_nodes(session: Session, node_ids: list[str]) -> None:
+    """Nodes whose agent's presence session has ended go down (commits when there are any)."""
+    if not node_ids:
+        return
+    presence.take_out(session, node_ids)
+    for node_id in node_ids:
+        log.warning("node %s: its agent's presence session ended: down", node_id)

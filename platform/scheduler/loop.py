@@ -1,6 +1,6 @@
 """The scheduler process: one leader (Postgres advisory lock), woken by NOTIFY or a tick.
 
-Each tick applies, in order: silent nodes out; requests queued past ``HYDRA_MAX_QUEUE_S``
+Each tick applies, in order: dead nodes out; requests queued past ``HYDRA_MAX_QUEUE_S``
 failed; broken or stuck groups stopped; requests of dead groups back to ``queued``; idle groups
 past keep-alive stopped (down to ``min_instances``); new groups planned for queued demand or
 ``min_instances``. A cold start that cannot be placed stays queued and is planned again on the
@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import MAX_BATCH, Instance
 from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, must_get, utcnow
@@ -37,9 +38,17 @@ MIN_GAP_S = 0.05
 # and a warm one needs nothing from the scheduler. After a quiet spell the first request of a
 # burst is still looked at within MIN_GAP_S (a cold start is not delayed).
 REACT_EVERY_S = 0.25
-# Node agents heartbeat every 2 s (tasks/node/agent.py HEARTBEAT_S): a node silent for this
-# long is taken out, its instances failed and their requests planned elsewhere. (5 s took
-# healthy nodes out here: on a busy 2-core machine a heartbeat can be late by seconds.)
+# A dead node agent is noticed by its presence session ending (cluster/presence.py): a node
+# whose lock this leader has seen free for PRESENCE_GRACE_S, and that has not heartbeaten for
+# as long, is taken out, its instances failed and their requests planned elsewhere. The grace
+# covers a Postgres restart (every session ends; agents take their locks again within a
+# second), and is counted from this leader's own looks, so a new leader or one that lost the
+# database waits it out again.
+PRESENCE_GRACE_S = 2.0
+# The backstop, for an agent that lives (its lock held) but no longer works: node agents
+# heartbeat every 2 s (tasks/node/agent.py HEARTBEAT_S), and a node silent for this long is
+# taken out. (5 s took healthy nodes out here: on a busy 2-core machine a heartbeat can be late
+# by seconds, so heartbeats alone cannot tell a dead node within a few seconds.)
 HEARTBEAT_TIMEOUT_S = 10.0
 # A version whose starts failed this many times within START_BACKOFF_S is not planned again
 # until they age out: a start every node refuses must not be re-planned every pass.
@@ -61,7 +70,8 @@ class Scheduler:
                  profile: Profile | None = None, sender: Sender | None = None,
                  tick_s: float = 0.5, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
                  start_timeout_s: float = 600.0,
-                 sessions: sessionmaker | None = None) -> None:
+                 sessions: sessionmaker | None = None,
+                 presence_grace_s: float = PRESENCE_GRACE_S) -> None:
         self.settings = settings
         self.cfg, self.profile = cfg or PlannerConfig(), profile or Profile()
         if sender is None:
@@ -72,6 +82,8 @@ class Scheduler:
         self.sessions = sessions or make_session_factory(make_engine(settings.database_url))
         self.tick_s, self.heartbeat_timeout_s = tick_s, heartbeat_timeout_s
         self.start_timeout_s = start_timeout_s
+        self.presence_grace_s = presence_grace_s
+        self._absent_since: dict[str, float] = {}  # node id -> when this leader saw it absent
 
     def run(self) -> None:
         """Leads (or waits to lead) until killed; a lost database connection is reopened."""
@@ -88,6 +100,7 @@ class Scheduler:
             while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:  # type: ignore[index]
                 time.sleep(1.0)  # a standby: the leader holds the lock until its session ends
             log.info("scheduler is the leader")
+            self._absent_since.clear()  # presence is judged from this leader's own looks
             conn.execute(f"LISTEN {EVENTS_CHANNEL}")
             while True:
                 self.tick()
@@ -109,7 +122,7 @@ class Scheduler:
 
     def full_pass(self, s: Session) -> None:
         """Every decision, in order, on one session (``tick`` runs it on a fresh one)."""
-        actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
+        self.take_out_dead_nodes(s)
         invocations.expire_queued(s, self.settings.max_queue_s)
         self.stop_broken_groups(s)
         invocations.requeue_orphans(s)
@@ -126,7 +139,20 @@ class Scheduler:
             with self.sessions() as s:
                 steps(s)
         except (SQLAlchemyError, KombuError, OSError) as exc:
+            self._absent_since.clear()  # what was seen before the outage proves nothing now
             log.warning("scheduler pass skipped: %s: %s", type(exc).__name__, exc)
+
+    def take_out_dead_nodes(self, s: Session) -> list[str]:
+        """Nodes whose agent is gone (presence lock free for the grace, no heartbeat for as
+        long) or silent (no heartbeat for ``heartbeat_timeout_s``) go down; returns them."""
+        down = actions.mark_silent_nodes_down(s, self.heartbeat_timeout_s)
+        now = time.monotonic()
+        absent = presence.absent_nodes(s)
+        self._absent_since = {n: self._absent_since.get(n, now) for n in absent}
+        gone = [n for n, since in self._absent_since.items()
+                if now - since >= self.presence_grace_s and absent[n] >= self.presence_grace_s]
+        actions.take_out_absent_nodes(s, gone)
+        return down + gone
 
     def stop_broken_groups(self, s: Session) -> None:
         stuck_before = utcnow() - timedelta(seconds=self.start_timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -59,3 +60,12 @@ def active_fetches(session: Session, starting: list[Instance]) -> dict[str, list
         out[inst.node_id].append(Reservation(stage["fetch_bytes"],
                                              max(stage.get("deadline_s", 0) - age, 1e-3)))
     return out
+
+
+def failed_start_nodes(session: Session, function_version_id: int, within_s: float) -> set[str]:
+    """Nodes where a start of the version failed before it was ready, in the last
+    ``within_s`` seconds (its cache pool full, its store reads failing, ...)."""
+    since = utcnow() - timedelta(seconds=within_s)
+    return set(session.scalars(select(Instance.node_id).where(
+        Instance.function_version_id == function_version_id, Instance.status == "failed",
+        Instance.ready_at.is_(None), Instance.released_at >= since)))

@@ -1,6 +1,11 @@
 """Steady load for the chaos suite: per tenant, sync and streaming clients that invoke in a
 loop for a bounded time, recording every accepted invocation, every stream's token positions
-(a token twice or out of order is counted) and when each answer came."""
+(a token twice or out of order is counted) and when each answer came.
+
+An invocation counts as accepted when its id came back: in the body of a sync answer, or in
+the headers of a stream, even when the connection dies afterwards (an API process killed
+mid-stream). A request whose connection died before any answer is not accepted by the client;
+the suite follows such requests from Postgres instead (``faults.settle_unacknowledged``)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 import requests
 
 BODY = {"prompt_ids": [1, 5, 9, 13, 200, 31], "max_tokens": 24}
+REFUSED_PAUSE_S = 0.2
 
 
 @dataclass
@@ -19,14 +25,15 @@ class Tally:
     accepted: list[str] = field(default_factory=list)  # invocation ids
     refused: int = 0  # 429 / 503 before acceptance: not accepted, nothing to lose
     duplicated_tokens: int = 0  # token events starting before what the client already had
-    answers: list[tuple[float, float, str]] = field(default_factory=list)  # sent, got, status
+    # sent, got, status, invocation id (None when none came back)
+    answers: list[tuple[float, float, str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, inv_id: str | None, sent: float, status: str) -> None:
         with self.lock:
             if inv_id:
                 self.accepted.append(inv_id)
-            self.answers.append((sent, time.time(), status))
+            self.answers.append((sent, time.time(), status, inv_id))
 
 
 @dataclass
@@ -45,13 +52,14 @@ class Client:
         return h | ({"Accept": "text/event-stream"} if self.stream else {})
 
     def once(self) -> None:
-        sent = time.time()
+        sent, inv_id = time.time(), None
         try:
             with requests.post(self.url(), json=BODY, headers=self.headers(), timeout=90,
                                stream=self.stream) as resp:
                 if resp.status_code in (429, 503):
                     with self.tally.lock:
                         self.tally.refused += 1
+                    time.sleep(REFUSED_PAUSE_S)  # as a client told to retry later would
                     return
                 inv_id = resp.headers.get("X-Invocation-Id")
                 if self.stream and resp.status_code == 200:
@@ -60,8 +68,9 @@ class Client:
                     data = resp.json()
                     inv_id = inv_id or data.get("id")
                     status = data.get("status", f"http {resp.status_code}")
-        except requests.RequestException as exc:  # an API process died mid-answer
-            self.tally.add(None, sent, f"client error {type(exc).__name__}")
+        except (requests.RequestException, ValueError) as exc:  # an API process died mid-answer
+            # accepted all the same if the id had come back (a stream's headers)
+            self.tally.add(inv_id, sent, f"client error {type(exc).__name__}")
             return
         self.tally.add(inv_id, sent, status)
 

@@ -4,10 +4,11 @@ real process, on a throwaway database and queue namespace."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -29,9 +30,11 @@ class Cluster:
     settings: Settings
     layout: devcluster.Layout
     spec: devcluster.ClusterSpec
+    extra_nodes: list[str] = field(default_factory=list)  # joined with start_node
 
     def __post_init__(self) -> None:
-        self.db = create_engine(self.settings.database_url)
+        # pre-ping: a test that restarts Postgres goes on querying through the same engine
+        self.db = create_engine(self.settings.database_url, pool_pre_ping=True)
 
     def register(self, name: str, model_dir, **extra) -> dict:
         body = {"model": model_dir.as_uri(), "slo": {"ttft_ms": 120_000, "tpot_ms": 5_000}} | extra
@@ -54,6 +57,31 @@ class Cluster:
         with self.db.connect() as conn:
             return list(conn.execute(text(sql), params))
 
+    def start_node(self, node_id: str, cache_mem: str | None = None,
+                   link_mbps: float | None = None) -> None:
+        """Starts one more node agent, as the cluster's own are started but with its own
+        cache pool size and link; returns once it has registered and booted."""
+        spec = self.spec
+        env = devcluster.child_env(self.layout, self.settings, ADMIN_KEY)
+        cli = str(Path(sys.executable).parent / "hydraserve")
+        link = ["--link-mbps", str(link_mbps)] if link_mbps else []
+        self.extra_nodes.append(node_id)
+        devcluster.start(self.layout, f"node-{node_id}", [
+            cli, "node", "--node-id", node_id, "--devices", "cpu:1", "--device-mem",
+            spec.device_mem, "--threads", str(spec.worker_threads), "--loader", spec.loader,
+            "--cache-mem", cache_mem or spec.cache_mem, *link], env)
+        devcluster.wait_nodes(self.settings, [node_id], self.layout)
+
+    def stop_node(self, node_id: str) -> None:
+        """Stops a node started with ``start_node`` and removes its cache pool."""
+        from gpu_runtime.prefetch import PrefetchConfig
+
+        devcluster.stop(self.layout, f"node-{node_id}")
+        pool = PrefetchConfig(node_id=f"{self.settings.queue_prefix}{node_id}").pool_path
+        Path(pool).unlink(missing_ok=True)
+        if node_id in self.extra_nodes:
+            self.extra_nodes.remove(node_id)
+
     def wait_for(self, predicate, timeout_s: float, what: str, every_s: float = 0.2):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -64,10 +92,14 @@ class Cluster:
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def start(layout, database_url: str, store_root, api_port: int, store_port: int) -> Cluster:
+def start(layout, database_url: str, store_root, api_port: int, store_port: int,
+          model_hosts: tuple[str, ...] = ()) -> Cluster:
+    """The cluster; ``model_hosts`` are http(s) stores registration may read besides the
+    cluster's own (a fault-injecting proxy in front of it, say)."""
     settings = Settings(database_url=database_url, store_root=str(store_root),
                         admin_key=ADMIN_KEY, api_port=api_port,
-                        queue_prefix=f"t{uuid.uuid4().hex[:8]}.")
+                        queue_prefix=f"t{uuid.uuid4().hex[:8]}.",
+                        model_hosts=(*Settings().model_hosts, *model_hosts))
     # 12 MiB per device: the tiny models fit whole, llama-small (16 MB) needs two stages.
     spec = devcluster.ClusterSpec(num_nodes=4, link_mbps=None, device_mem="12MiB",
                                   worker_threads=1, store_port=store_port, cache_mem="64MiB")
@@ -87,7 +119,8 @@ def reference_tokens(model_dir, prompt_ids: list[int], max_tokens: int) -> list[
 
 
 @contextlib.contextmanager
-def running_cluster(store_root, tmp_path_factory, tag: str) -> Iterator[Cluster]:
+def running_cluster(store_root, tmp_path_factory, tag: str,
+                    model_hosts: tuple[str, ...] = ()) -> Iterator[Cluster]:
     """A migrated throwaway database and a whole local cluster on it, stopped and dropped
     after (and no node cache pool left behind)."""
     from hydraserve.cli.db import drop_database, upgrade
@@ -96,10 +129,12 @@ def running_cluster(store_root, tmp_path_factory, tag: str) -> Iterator[Cluster]
     url = fresh_database_url(tag)
     upgrade(url)
     layout = devcluster.Layout(tmp_path_factory.mktemp(tag))
-    c = start(layout, url, store_root, free_port(), free_port())
+    c = start(layout, url, store_root, free_port(), free_port(), model_hosts)
     try:
         yield c
     finally:
+        for node_id in list(c.extra_nodes):
+            c.stop_node(node_id)
         devcluster.stop_cluster(layout, c.spec, c.settings.queue_prefix)
         c.db.dispose()
         drop_database(url)

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from hydraserve.cluster import service as cluster
+from hydraserve.cluster.presence import Presence
 from hydraserve.cluster.service import DeviceSpec
 from hydraserve.db import make_engine, make_session_factory
 from hydraserve.invocations import quarantine
@@ -56,6 +57,7 @@ class NodeAgent:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _booted: threading.Event = field(default_factory=threading.Event)
+    presence: Presence | None = None  # held from start() on (cluster/presence.py)
 
     def __post_init__(self) -> None:
         self.sessions = make_session_factory(make_engine(self.settings.database_url))
@@ -77,6 +79,8 @@ class NodeAgent:
             from hydraserve.tasks.node import node_metrics
 
             self.metrics_port = node_metrics.serve(self, self.metrics_port, self.host)
+        # taken before the node shows up: from then on its session ending marks it dead
+        self.presence = Presence(self.settings.database_url, self.node_id).start()
         with self.sessions() as s:
             cluster.register(s, self.node_id, self.host, self.link_mbps, self.devices, self.info())
         for target in (self._heartbeat, self._monitor, self._boot_pool):
@@ -88,7 +92,8 @@ class NodeAgent:
         return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
                 "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
                 "idle_workers": cs.pool.num_booted if cs else 0,
-                **({"metrics_port": self.metrics_port} if self.metrics_port else {})}
+                **({"metrics_port": self.metrics_port} if self.metrics_port else {}),
+                **({"presence_key": self.presence.key} if self.presence else {})}
 
     def _boot_pool(self) -> None:
         """Reports the node fully warm once its pre-started workers have booted."""

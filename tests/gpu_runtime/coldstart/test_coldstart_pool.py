@@ -145,3 +145,22 @@ def test_a_failing_prepare_hook_fails_the_stage_with_its_error(pools, make_prefe
         assert not (tmp_path / "never.json").exists()
     finally:
         launched.stop(20)
+
+
+def test_the_pool_answers_while_its_workers_boot(pools):
+    """``wait_booted`` does not hold the pool through a boot (seconds of imports): the node
+    agent's heartbeat reads ``num_booted`` meanwhile and must not wait for it."""
+    import threading
+    import time
+
+    pool = pools(node_id="wb", num_prestarted=1, refill=False)
+    booted: list[int] = []
+    waiter = threading.Thread(target=lambda: booted.extend(pool.wait_booted(120)))
+    waiter.start()
+    time.sleep(0.2)  # wait_booted is polling the booting worker now
+    started = time.monotonic()
+    assert pool.num_booted in (0, 1)
+    took = time.monotonic() - started
+    waiter.join(120)
+    assert took < 0.5, f"num_booted waited {took:.2f} s for the boot"
+    assert len(booted) == 1 and pool.num_booted == 1

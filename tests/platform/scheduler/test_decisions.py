@@ -5,11 +5,12 @@ the ``Sender`` seam records the node tasks a pass would send (no Celery, no Rabb
 moved by backdating timestamps. Covered: scale-out (plan, instances, usage, starts; no second
 group while one starts; more groups above MAX_BATCH per group; max_instances; nothing fits),
 scale-in past keep-alive, min_instances and prewarm, broken and stuck groups, orphaned requests,
-silent nodes and requests queued too long.
+silent nodes, nodes whose agent's presence session ended, and requests queued too long.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -19,6 +20,7 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import select, update
 
 from hydraserve.billing.models import UsageRecord
+from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import MAX_BATCH, Instance, Node, Plan
 from hydraserve.cluster.service import DeviceSpec
@@ -204,6 +206,22 @@ def test_a_start_that_keeps_failing_is_not_planned_again_at_once(sched, s, funct
     assert [m[0] for m in sched.sender.take()] == ["start"]  # aged out: planned again
 
 
+def test_a_start_a_node_refused_is_planned_on_another_node(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    (first,) = read(s, Instance)
+    cluster.fail_instance(s, first.id, "CacheFullError: buffer m1/pp1-s0 needs 1048576 bytes")
+    sched.sender.take()
+    step(sched, "scale_out")  # the planner alone would choose the same node again
+    (again,) = read(s, Instance, Instance.id != first.id)
+    assert {again.node_id, first.node_id} == {"a", "b"}, (first.node_id, again.node_id)
+    cluster.fail_instance(s, again.id, "CacheFullError: the other pool is full too")
+    step(sched, "scale_out")  # every node refused it: they are all tried again
+    assert len(read(s, Instance, Instance.status == "starting")) == 1
+
+
 def test_max_instances_caps_the_groups(sched, s, function):
     add_nodes(s, "a", "b")
     fv = function(max_instances=1)
@@ -387,6 +405,69 @@ def test_silent_node_goes_down_and_its_stages_fail(sched, s, function):
     # the group lost a stage: the one left on b is killed in the same pass
     assert sched.sender.take() == [("stop", "b", on_b.id, True)]
     assert read(s, Instance, Instance.id == on_b.id)[0].status == "stopping"
+
+
+def present(s, *node_ids: str) -> None:
+    """Registers nodes whose heartbeat info names a presence lock, as node agents do."""
+    for node_id in node_ids:
+        cluster.register(s, node_id, "127.0.0.1", None, [DeviceSpec(0, "cpu", ROOMY)],
+                         {"presence_key": presence.lock_key(node_id)})
+
+
+def test_a_node_whose_presence_session_ended_goes_down_after_the_grace(
+        settings, session_factory, sender, s, function):
+    sched = Scheduler(settings, sender=sender, sessions=session_factory,
+                      heartbeat_timeout_s=10, presence_grace_s=0.3)
+    present(s, "a", "b", "c")
+    holder = presence.Presence(settings.database_url, "b", check_s=0.05).start()
+    try:
+        assert holder.held.is_set()
+        insts = group(sched, s, function(), demand=1)
+        on_a = next(i for i in insts if i.node_id == "a")
+        backdate(s, Node, "last_heartbeat_at", 5, Node.id.in_(["a", "b"]))
+        step(sched, "take_out_dead_nodes")  # the first look at a free lock only starts the grace
+        assert [n.status for n in read(s, Node)] == ["up", "up", "up"]
+        time.sleep(0.4)
+        cluster.heartbeat(s, "c", {"presence_key": presence.lock_key("c")})
+        assert step_down(sched) == ["a"]  # b's lock is held; c has just heartbeaten
+        assert [(n.id, n.status) for n in read(s, Node)] == [("a", "down"), ("b", "up"),
+                                                             ("c", "up")]
+        failed = read(s, Instance, Instance.id == on_a.id)[0]
+        assert (failed.status, failed.error) == (
+            "failed", "node a's agent is gone (its presence session ended)")
+    finally:
+        holder.close()
+    assert not holder.held.is_set()
+    assert step_down(sched) == []  # b's session ended with close(): the grace starts
+    time.sleep(0.4)
+    cluster.heartbeat(s, "c", {"presence_key": presence.lock_key("c")})
+    assert step_down(sched) == ["b"]
+
+
+def test_a_failed_pass_restarts_the_grace(settings, session_factory, sender, s):
+    sched = Scheduler(settings, sender=sender, sessions=session_factory, presence_grace_s=0.3)
+    present(s, "a")
+    backdate(s, Node, "last_heartbeat_at", 5, Node.id == "a")
+    step(sched, "take_out_dead_nodes")
+    time.sleep(0.4)
+    sched._pass(lambda _s: (_ for _ in ()).throw(OSError("database restarting")))
+    assert step_down(sched) == []  # what was seen before the outage does not count
+    time.sleep(0.4)
+    assert step_down(sched) == ["a"]
+
+
+def test_a_node_without_a_presence_lock_is_judged_by_heartbeats_alone(sched, s):
+    add_nodes(s, "old")  # registered with no presence_key (an older agent, a test)
+    backdate(s, Node, "last_heartbeat_at", 5, Node.id == "old")
+    sched.presence_grace_s = 0.0
+    assert step_down(sched) == [] and step_down(sched) == []
+    backdate(s, Node, "last_heartbeat_at", 30, Node.id == "old")
+    assert step_down(sched) == ["old"]
+
+
+def step_down(sched: Scheduler) -> list[str]:
+    with sched.sessions() as fresh:
+        return sched.take_out_dead_nodes(fresh)
 
 
 def test_requests_queued_past_max_queue_s_fail_as_service_unavailable(sched, s, function):
