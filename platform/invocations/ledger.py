@@ -7,6 +7,8 @@ each on the warm path, whatever the batch size."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,13 +29,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from hydraserve.cluster.models import Instance, Plan
 from hydraserve.db import NulSafeJSONB, utcnow
 from hydraserve.invocations.models import FINISHED, Invocation
 from hydraserve.tenants.limits import count_tokens
 
+log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # deliveries of one invocation before it is failed for good
 T = TypeVar("T")
 
@@ -41,23 +44,32 @@ T = TypeVar("T")
 class Ledger:
     """A worker's kept autocommit connection for the per-request writes: no BEGIN, no pre-ping,
     no pool checkout per call. A statement that fails because the connection broke (Postgres
-    restarted) is retried once on a new connection; claiming twice only spends an attempt."""
+    restarted) is retried on a new connection, every ``RETRY_S`` until ``OUTAGE_S`` have passed
+    (a restart takes seconds; the worker waits it out instead of dying with its requests);
+    claiming twice only spends an attempt."""
 
-    def __init__(self, engine: Engine) -> None:
+    RETRY_S, OUTAGE_S = 0.5, 60.0
+
+    def __init__(self, engine: Engine, clock=time.monotonic, sleep=time.sleep) -> None:
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._conn: Connection | None = None
+        self.clock, self.sleep = clock, sleep
 
     def run(self, write: Callable[..., T], *args) -> T:
-        for attempt in (1, 2):
-            if self._conn is None:
-                self._conn = self.engine.connect()
+        give_up = self.clock() + self.OUTAGE_S
+        while True:
             try:
+                if self._conn is None:
+                    self._conn = self.engine.connect()
                 return write(self._conn, *args)
             except DBAPIError as exc:
-                if not exc.connection_invalidated or attempt == 2:
+                broken = exc.connection_invalidated or isinstance(exc, OperationalError)
+                if not broken or self.clock() >= give_up:
                     raise
                 self.close()
-        raise AssertionError("unreachable")
+                log.warning("database connection lost (%s); retrying in %.1f s",
+                            type(exc.orig).__name__, self.RETRY_S)
+                self.sleep(self.RETRY_S)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -135,3 +135,26 @@ def test_ledger_reconnects_once_when_postgres_drops_its_connection(database_url)
     assert again != pid
     kept.close()
     engine.dispose()
+
+
+def test_ledger_waits_out_a_database_outage_then_gives_up(database_url):
+    from sqlalchemy.exc import OperationalError
+
+    now = [0.0]
+    kept = ledger.Ledger(create_engine(database_url), clock=lambda: now[0],
+                         sleep=lambda s: now.__setitem__(0, now[0] + s))
+    calls = []
+
+    def flaky(conn, down_for: float):
+        calls.append(now[0])
+        if now[0] < down_for:  # as while Postgres restarts
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))
+        return "written"
+
+    assert kept.run(flaky, 3.0) == "written"
+    assert calls[-1] >= 3.0 and len(calls) == 3.0 / ledger.Ledger.RETRY_S + 1
+    calls.clear()
+    with pytest.raises(OperationalError):  # down for longer than OUTAGE_S: the error stands
+        kept.run(flaky, now[0] + ledger.Ledger.OUTAGE_S + 10)
+    assert calls[-1] - calls[0] >= ledger.Ledger.OUTAGE_S
+    kept.close()
