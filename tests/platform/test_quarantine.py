@@ -95,7 +95,7 @@ def prefilling(agent, db_session, acme, register, queued):
 
 def test_the_agent_quarantines_what_a_dead_worker_was_prefilling(agent, db_session, prefilling):
     inst, a, path = prefilling
-    agent._reap(inst.id, SimpleNamespace(returncode=-6))
+    agent._reap(inst.id, SimpleNamespace(returncode=-6, pid=123456))
     db_session.expire_all()
     assert db_session.get(Instance, inst.id).status == "failed"
     (row,) = rows(db_session, [a])
@@ -106,7 +106,7 @@ def test_the_agent_quarantines_what_a_dead_worker_was_prefilling(agent, db_sessi
 def test_a_worker_the_agent_stopped_or_killed_makes_no_suspects(agent, db_session, prefilling):
     inst, a, path = prefilling
     agent.signalled.add(inst.id)  # as stop_stage and the closed-instance reconcile do
-    agent._reap(inst.id, SimpleNamespace(returncode=-9))
+    agent._reap(inst.id, SimpleNamespace(returncode=-9, pid=123457))
     (row,) = rows(db_session, [a])
     assert (row.status, row.worker_deaths) == ("queued", 0)
     assert not path.exists() and inst.id not in agent.signalled
