@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-DOMAINS = ("functions", "invocations", "tenants", "cluster", "billing")
-SHARED = ("db", "errors", "settings", "broker", "validation", "models")
+DOMAINS = ("functions", "invocations", "tenants", "cluster", "billing", "console")
+SHARED = ("db", "errors", "settings", "broker", "validation", "models", "metrics")
 WEB = ("flask", "werkzeug")
 
 
