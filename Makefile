@@ -41,6 +41,10 @@ $(STAMP): pyproject.toml setup.py
 	command -v chromium >/dev/null || apt-get install -y -q chromium \
 	  || (apt-get update -q && apt-get install -y -q chromium) \
 	  || echo "chromium not installed: the console's browser tests will be skipped"
+	@# promtool (Debian's prometheus package) lints every /metrics exposition in the tests
+	command -v promtool >/dev/null || apt-get install -y -q --no-install-recommends prometheus \
+	  || (apt-get update -q && apt-get install -y -q --no-install-recommends prometheus) \
+	  || echo "promtool not installed: the metrics lint is skipped"
 	touch $(STAMP)
 
 services:

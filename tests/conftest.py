@@ -4,6 +4,8 @@ test that is rolled back, and small random checkpoints in a model store director
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -100,3 +102,20 @@ def no_template_model(store_root) -> Path:
         del cfg["chat_template"]
         (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     return model
+
+
+PROMTOOL = shutil.which("promtool")  # Debian's prometheus package (make venv installs it)
+
+
+def promtool_problems(text: str) -> list[str]:
+    """What ``promtool check metrics`` reports of an exposition, less one rule: vLLM's metric
+    names contain ':' (``vllm:...``), which the serving metrics keep on purpose so dashboards
+    made for vLLM work (docs/metrics.md); promtool lints every such name."""
+    assert PROMTOOL, "promtool is not installed"
+    out = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True,
+                         text=True, timeout=60)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    problems = [line for line in lines if not (
+        line.startswith("vllm:") and line.endswith("metric names should not contain ':'"))]
+    assert problems or out.returncode in (0, 3), (out.returncode, lines)  # 3: lint findings
+    return problems

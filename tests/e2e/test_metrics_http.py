@@ -7,9 +7,10 @@ import http.client
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, PROMTOOL, promtool_problems
 
 
 def get(base: str, path: str, key: str, source: str) -> tuple[int, str]:
@@ -40,3 +41,10 @@ def test_every_429_of_the_workers_is_counted_in_one_exposition(api_server):
     counted = sum(s.value for s in families["hydraserve_rate_limited"].samples
                   if s.name.endswith("_total") and s.labels["limit"] == "authorization")
     assert counted == statuses.count(429)
+
+
+@pytest.mark.skipif(not PROMTOOL, reason="promtool not installed (Debian's prometheus package)")
+def test_the_api_exposition_passes_promtool(api_server):
+    status, text = get(api_server, "/metrics", ADMIN_KEY, "127.0.0.4")
+    assert status == 200 and "hydraserve_instances" in text
+    assert promtool_problems(text) == []
