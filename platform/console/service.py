@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from hydraserve.billing.times import iso_utc
-from hydraserve.cluster.models import LIVE, Device, Instance, Node
+from hydraserve.cluster.models import LIVE, Device, Instance, Node, Plan
 from hydraserve.cluster.service import live_groups
 from hydraserve.console.figures import (
     TimelineRow,
@@ -64,6 +64,10 @@ class NodeView:
     status: str
     last_heartbeat_at: str | None
     devices: list[DeviceView]
+    link_mbps: float | None = None  # the link's cap; None: uncapped
+    link_bytes: int = 0  # fetched since the agent started (its heartbeat)
+    link_mb_per_s: float | None = None  # its last fetches' rate
+    cached_stages: list[str] = field(default_factory=list)  # the node cache's contents
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +130,10 @@ def _nodes(session: Session) -> list[NodeView]:
         devices.setdefault(d.node_id, []).append(
             DeviceView(d.index, d.kind, d.memory_bytes, used.get(d.id, 0)))
     return [NodeView(n.id, n.status, iso_utc(n.last_heartbeat_at) if n.last_heartbeat_at
-                     else None, devices.get(n.id, []))
+                     else None, devices.get(n.id, []), n.link_mbps,
+                     int((n.info or {}).get("link_bytes") or 0),
+                     (n.info or {}).get("link_mb_per_s"),
+                     [str(x) for x in (n.info or {}).get("cached_stages") or []])
             for n in session.scalars(select(Node).order_by(Node.id))]
 
 
@@ -211,6 +218,7 @@ class InvocationDetail:
     ttft_ms: float | None
     phases_ms: dict[str, float]
     rows: list[TimelineRow]  # the invocation, then each stage of a cold start
+    predicted_ttft_ms: float | None = None  # what the plan of its group predicted
 
 
 def invocation_detail(session: Session, who: Principal, invocation_id: str) -> InvocationDetail:
@@ -235,4 +243,9 @@ def invocation_detail(session: Session, who: Principal, invocation_id: str) -> I
             stage = stage_row(inst.stage_index, inst.timeline or {}, inv.queued_at)
             if stage is not None:
                 rows.append(stage)
-    return InvocationDetail(inv, tenant, fn, version, slo, _ttft_ms(inv), phases, rows)
+    predicted = None
+    if inv.instance_ids:  # the group that served it: the first instance's plan
+        predicted = session.scalar(select(Plan.predicted_ttft_ms).join(
+            Instance, Instance.plan_id == Plan.id).where(Instance.id == inv.instance_ids[0]))
+    return InvocationDetail(inv, tenant, fn, version, slo, _ttft_ms(inv), phases, rows,
+                            predicted)

@@ -45,9 +45,10 @@ def seed(session: Session, settings) -> Seed:
         {"slo": {"ttft_ms": 800}}), settings)  # v2, the alias
     v2 = next(v for v in chat.versions if v.version == 2)
 
-    cluster.register(session, "node-a", "127.0.0.1", None,
+    cluster.register(session, "node-a", "127.0.0.1", 800.0,
                      [cluster.DeviceSpec(0, "cpu", 8 * GIB), cluster.DeviceSpec(1, "cpu", 8 * GIB)],
-                     {})
+                     {"cached_stages": ["m1-0123abcd/0"], "link_bytes": 3 * 2**20,
+                      "link_mb_per_s": 95.5})
     dev0 = _device_id(session, "node-a", 0)
     (inst,) = cluster.record_group(session, v2, 1, [cluster.StageRecord(
         0, "node-a", dev0, GIB, True, 1000, 10.0)], "console test", 0.5, 0.05)

@@ -103,6 +103,9 @@ def test_admin_overview_shows_nodes_devices_and_live_groups(page, shots, e2e_env
     assert page.text_content("#who") == "admin (admin)"
     nodes = cells(page, "#nodes")
     assert nodes[0][:2] == ["node-a", "up"]
+    # its link (cap, bytes fetched, last fetches' rate) and its cache's contents
+    assert cells(page, "#links")[0] == ["node-a", "800 Mb/s", "3.0 MiB", "95.50 MB/s",
+                                        "m1-0123abcd/0"]
     assert [r[3:] for r in nodes] == [["0", "cpu", "8,192.0 MiB", "1,024.0 MiB", "7,168.0 MiB"],
                                       ["1", "cpu", "8,192.0 MiB", "0.0 MiB", "8,192.0 MiB"]]
     (group,) = cells(page, "#groups")
@@ -122,6 +125,8 @@ def test_admin_overview_shows_nodes_devices_and_live_groups(page, shots, e2e_env
         "() => [...document.querySelectorAll('#nodes tbody td')].some(td => td.textContent === 'node-b')",
         timeout=15_000)
     assert any(r[0] == "node-b" and r[5] == "4,096.0 MiB" for r in cells(page, "#nodes"))
+    # the links table is redrawn from the same poll
+    assert ["node-b", "uncapped", "0.0 MiB", "none yet", "empty"] in cells(page, "#links")
 
 
 def test_admin_functions_lists_every_tenant_with_ttft_against_the_slo(page, shots):
@@ -151,6 +156,8 @@ def test_invocation_page_draws_its_timeline(page, shots, data):
     page.goto(f"/console/invocations/{data.cold_id}")
     assert page.text_content("#cold") == "cold"
     assert page.text_content("#ttft").startswith("1,000.0 ms (SLO 800 ms, missed")
+    # beside it, what the group's plan predicted (the seed's plan: 0.5 s)
+    assert page.text_content("#predicted").startswith("500.0 ms (the TTFT the scheduler")
     phases = cells(page, "#phases")
     # plan 100, fetch 500, load 300, prefill 100, decode 500 ms after queueing
     assert phases[0] == ["invocation", "0.0 ms", "100.0 ms", "500.0 ms", "300.0 ms",

@@ -93,7 +93,8 @@ class NodeAgent:
                 "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
                 "idle_workers": cs.pool.num_booted if cs else 0,
                 **({"metrics_port": self.metrics_port} if self.metrics_port else {}),
-                **({"presence_key": self.presence.key} if self.presence else {})}
+                **({"presence_key": self.presence.key} if self.presence else {}),
+                **(link_use(cs.prefetcher.link) if cs else {})}
 
     def _boot_pool(self) -> None:
         """Reports the node fully warm once its pre-started workers have booted."""
@@ -239,6 +240,15 @@ class NodeAgent:
             return
         with self.sessions() as s:
             cluster.instance_exited(s, instance_id, 0)
+
+
+def link_use(link) -> dict:
+    """What the node's link has carried: bytes since start, and its last fetches' rate."""
+    recent = link.recent()[-8:]
+    seconds = sum(f.seconds for f in recent)
+    return {"link_bytes": link.total_bytes,
+            "link_mb_per_s": round(sum(f.bytes for f in recent) / 1e6 / seconds, 2)
+            if seconds > 0 else None}
 
 
 _agent: NodeAgent | None = None

@@ -67,6 +67,19 @@ function renderNodes(nodes) {
   }
 }
 
+function renderLinks(nodes) {
+  const body = document.querySelector("#links tbody");
+  if (!body) return;
+  body.replaceChildren();
+  for (const n of nodes) {
+    const row = body.insertRow();
+    cell(row, n.id); cell(row, n.link_mbps ? `${Math.round(n.link_mbps)} Mb/s` : "uncapped");
+    cell(row, mib(n.link_bytes));
+    cell(row, n.link_mb_per_s === null ? "none yet" : `${n.link_mb_per_s.toFixed(2)} MB/s`);
+    cell(row, n.cached_stages.join(", ") || "empty");
+  }
+}
+
 function renderGroups(groups) {
   const body = document.querySelector("#groups tbody");
   body.replaceChildren();
@@ -108,6 +121,7 @@ function pollCluster() {
         return;  // the session ended: stop polling
       }
       renderNodes(body.nodes);
+      renderLinks(body.nodes);
       renderGroups(body.groups);
       document.getElementById("refreshed").textContent = body.now;
     } catch (err) {
