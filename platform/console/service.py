@@ -154,6 +154,7 @@ class FunctionDetail:
     versions: list[FunctionVersion]
     invocations: list[tuple[Invocation, int, float | None]]  # (row, version, ttft_ms)
     ttft: TtftSummary
+    tpot: TtftSummary  # the same summary of time per output token, against the TPOT SLO
 
 
 def list_functions(session: Session, who: Principal) -> list[FunctionRow]:
@@ -182,18 +183,20 @@ def function_detail(session: Session, who: Principal, tenant: str, name: str) ->
         raise missing
     recent = _recent(session, fn.id)
     return FunctionDetail(tenant, fn, list(fn.versions),
-                          [(inv, v, _ttft_ms(inv)) for inv, v, _slo in recent],
-                          ttft_summary(_samples(recent)))
+                          [(inv, v, _ttft_ms(inv)) for inv, v, _slo, _tpot in recent],
+                          ttft_summary(_samples(recent)), ttft_summary(_tpot_samples(recent)))
 
 
-def _recent(session: Session, function_id: int) -> list[tuple[Invocation, int, int]]:
-    """The function's latest invocations with the version each ran and its TTFT SLO."""
+def _recent(session: Session, function_id: int) -> list[tuple[Invocation, int, int, int]]:
+    """The function's latest invocations with the version each ran and its TTFT and TPOT
+    SLOs."""
     rows = session.execute(
-        select(Invocation, FunctionVersion.version, FunctionVersion.ttft_ms)
+        select(Invocation, FunctionVersion.version, FunctionVersion.ttft_ms,
+               FunctionVersion.tpot_ms)
         .join(FunctionVersion, FunctionVersion.id == Invocation.function_version_id)
         .where(Invocation.function_id == function_id)
         .order_by(Invocation.queued_at.desc()).limit(RECENT))
-    return [(inv, v, slo) for inv, v, slo in rows.tuples()]
+    return [(inv, v, slo, tpot) for inv, v, slo, tpot in rows.tuples()]
 
 
 def _ttft_ms(inv: Invocation) -> float | None:
@@ -202,8 +205,19 @@ def _ttft_ms(inv: Invocation) -> float | None:
     return (inv.first_token_at - inv.queued_at).total_seconds() * 1000
 
 
-def _samples(recent: list[tuple[Invocation, int, int]]) -> list[tuple[float, int]]:
-    return [(t, slo) for inv, _v, slo in recent if (t := _ttft_ms(inv)) is not None]
+def _samples(recent: list[tuple[Invocation, int, int, int]]) -> list[tuple[float, int]]:
+    return [(t, slo) for inv, _v, slo, _tpot in recent if (t := _ttft_ms(inv)) is not None]
+
+
+def _tpot_samples(recent: list[tuple[Invocation, int, int, int]]) -> list[tuple[float, int]]:
+    """(decode time over the output tokens after the first, TPOT SLO) of each invocation
+    with at least two output tokens."""
+    out = []
+    for inv, _v, _slo, slo_tpot in recent:
+        if inv.first_token_at and inv.finished_at and (inv.tokens_out or 0) > 1:
+            decode_ms = (inv.finished_at - inv.first_token_at).total_seconds() * 1000
+            out.append((decode_ms / ((inv.tokens_out or 0) - 1), slo_tpot))
+    return out
 
 
 # ---- invocations ---------------------------------------------------------------------------

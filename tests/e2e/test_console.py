@@ -143,6 +143,8 @@ def test_admin_functions_lists_every_tenant_with_ttft_against_the_slo(page, shot
     page.wait_for_url("**/console/functions/acme/chat")
     versions = cells(page, "#versions")
     assert [r[0] for r in versions] == ["v1", "v2 (alias)"]
+    # each decoded its 8 tokens in 500 ms after the first: 500 / 7 ms per token, SLO 200 ms
+    assert cells(page, "#tpot") == [["5", "71.4 ms", "71.4 ms", "71.4 ms", "100%"]]
     assert [r[2] for r in versions] == ["1000 ms", "800 ms"]
     assert cells(page, "#ttft") == [["5", "70.0 ms", "2,000.0 ms", "2,000.0 ms", "60%"]]
     invs = {r[0]: r for r in cells(page, "#invocations")}
