@@ -112,3 +112,9 @@ class NodeLink:
         """Finished network fetches of this node, oldest first (cache hits are not recorded)."""
         with self._lock:
             return list(self._history)
+
+    def recent_rate(self, last: int = 8) -> float | None:
+        """Bytes per second of the last ``last`` fetches together; None before any."""
+        recent = self.recent()[-last:]
+        seconds = sum(f.seconds for f in recent)
+        return sum(f.bytes for f in recent) / seconds if seconds > 0 else None

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from hydraserve.broker import Publisher
 from hydraserve.db import make_engine, make_session_factory
-from hydraserve.errors import HydraError, RateLimited
+from hydraserve.errors import HydraError, RateLimited, ServiceUnavailable
 from hydraserve.invocations.admission import Tokenizers
 from hydraserve.invocations.replies import ReplyListener
 from hydraserve.metrics import RATE_LIMITED
@@ -119,9 +119,7 @@ def register_error_handlers(app: Flask) -> None:
         # the database cannot be reached (down, restarting, out of connections): the request
         # may be retried, unlike a bug's 500
         log.warning("database unavailable: %s", type(exc.orig).__name__)
-        resp = jsonify({"error": {"type": "service_unavailable", "param": None,
-                                  "message": "the database is unavailable; retry shortly"}})
-        resp.status_code = 503
+        resp = hydra_error(ServiceUnavailable("the database is unavailable; retry shortly"))
         resp.headers["Retry-After"] = "1"
         return resp
 

@@ -200,9 +200,8 @@ def _recent(session: Session, function_id: int) -> list[tuple[Invocation, int, i
 
 
 def _ttft_ms(inv: Invocation) -> float | None:
-    if inv.first_token_at is None:
-        return None
-    return (inv.first_token_at - inv.queued_at).total_seconds() * 1000
+    ttft = inv.ttft_s()
+    return None if ttft is None else ttft * 1000
 
 
 def _samples(recent: list[tuple[Invocation, int, int, int]]) -> list[tuple[float, int]]:
@@ -212,12 +211,8 @@ def _samples(recent: list[tuple[Invocation, int, int, int]]) -> list[tuple[float
 def _tpot_samples(recent: list[tuple[Invocation, int, int, int]]) -> list[tuple[float, int]]:
     """(decode time over the output tokens after the first, TPOT SLO) of each invocation
     with at least two output tokens."""
-    out = []
-    for inv, _v, _slo, slo_tpot in recent:
-        if inv.first_token_at and inv.finished_at and (inv.tokens_out or 0) > 1:
-            decode_ms = (inv.finished_at - inv.first_token_at).total_seconds() * 1000
-            out.append((decode_ms / ((inv.tokens_out or 0) - 1), slo_tpot))
-    return out
+    return [(tpot * 1000, slo) for inv, _v, _slo, slo in recent
+            if (tpot := inv.tpot_s()) is not None]
 
 
 # ---- invocations ---------------------------------------------------------------------------

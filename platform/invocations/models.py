@@ -45,3 +45,17 @@ class Invocation(Base):
     loaded_at: Mapped[datetime | None]
     first_token_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+    def ttft_s(self) -> float | None:
+        """Seconds from acceptance to the first token; None before there is one."""
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.queued_at).total_seconds()
+
+    def tpot_s(self) -> float | None:
+        """Mean seconds per output token after the first; None until it has finished with
+        two tokens or more."""
+        out = self.tokens_out or 0
+        if self.first_token_at is None or self.finished_at is None or out < 2:
+            return None
+        return (self.finished_at - self.first_token_at).total_seconds() / (out - 1)

@@ -136,8 +136,8 @@ def timings(inv: Invocation) -> Timings:
             continue
         breakdown[phase] = max((at - prev).total_seconds() * 1000, 0.0)
         prev = max(prev, at)
-    ttft = ((inv.first_token_at - inv.queued_at).total_seconds() * 1000
-            if inv.first_token_at else None)
+    ttft_s = inv.ttft_s()
+    ttft = ttft_s * 1000 if ttft_s is not None else None
     return Timings(queued_at=inv.queued_at, planned_at=inv.planned_at, fetched_at=inv.fetched_at,
                    loaded_at=inv.loaded_at, first_token_at=inv.first_token_at,
                    finished_at=inv.finished_at, ttft_ms=ttft, breakdown_ms=breakdown)

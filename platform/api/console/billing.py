@@ -6,13 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from flask import Response, flash, redirect, render_template, request, url_for
+from flask import flash, redirect, render_template, request, url_for
 
 from hydraserve.api.console import bp
 from hydraserve.api.console.auth import require_admin, who
 from hydraserve.api.context import db
+from hydraserve.api.views.billing import csv_response
 from hydraserve.billing import prices, report
-from hydraserve.billing.schemas import csv_filename, price_list, report_csv
+from hydraserve.billing.schemas import price_list
 from hydraserve.billing.times import parse_utc
 from hydraserve.console.figures import days
 from hydraserve.errors import HydraError, InvalidRequest
@@ -63,9 +64,7 @@ def day_chart(r: report.Report) -> dict:
 @bp.get("/billing/usage.csv")
 def billing_csv():
     """The table's rows as CSV, as ``/v1/billing/usage?format=csv`` answers them."""
-    result = report.usage_report(db(), _query(TABLE_GROUPS), who())
-    return Response(report_csv(result), mimetype="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="{csv_filename(result)}"'})
+    return csv_response(report.usage_report(db(), _query(TABLE_GROUPS), who()))
 
 
 @bp.route("/prices", methods=["GET", "POST"])

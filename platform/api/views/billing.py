@@ -74,5 +74,10 @@ def usage():
     result = report.usage_report(db(), query, g.principal)
     if fmt == "json":
         return report_out(result)
+    return csv_response(result)
+
+
+def csv_response(result: report.Report) -> Response:
+    """A report as a CSV download (the API's format=csv and the console's link)."""
     return Response(report_csv(result), mimetype="text/csv", headers={
         "Content-Disposition": f'attachment; filename="{csv_filename(result)}"'})

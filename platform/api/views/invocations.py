@@ -61,9 +61,9 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
     def answered() -> None:
         rt.slots.release(who.tenant_id)
         done = waiter.final  # the row the worker sent with its outcome, when it came
-        if done is not None and not done.cold and done.first_token_at is not None:
-            rt.congestion.observe(done.function_version_id,
-                                  (done.first_token_at - done.queued_at).total_seconds())
+        ttft = done.ttft_s() if done is not None and not done.cold else None
+        if done is not None and ttft is not None:
+            rt.congestion.observe(done.function_version_id, ttft)
 
     waiter.on_close = answered
     return function, inv, waiter

@@ -244,11 +244,9 @@ class NodeAgent:
 
 def link_use(link) -> dict:
     """What the node's link has carried: bytes since start, and its last fetches' rate."""
-    recent = link.recent()[-8:]
-    seconds = sum(f.seconds for f in recent)
+    rate = link.recent_rate()
     return {"link_bytes": link.total_bytes,
-            "link_mb_per_s": round(sum(f.bytes for f in recent) / 1e6 / seconds, 2)
-            if seconds > 0 else None}
+            "link_mb_per_s": round(rate / 1e6, 2) if rate is not None else None}
 
 
 _agent: NodeAgent | None = None

@@ -58,11 +58,9 @@ class NodeCollector:
                         pf.pool.config.size_bytes),
                        ("hydraserve_node_cache_free_bytes", "Free bytes of the node cache pool",
                         pf.pool.free_bytes)]
-            recent = pf.link.recent()[-8:]
-            seconds = sum(f.seconds for f in recent)
             gauges.append(("hydraserve_node_link_bytes_per_second", "Achieved throughput of "
                            "the node's last (up to 8) network fetches",
-                           sum(f.bytes for f in recent) / seconds if seconds > 0 else 0.0))
+                           pf.link.recent_rate() or 0.0))
             counters += [("hydraserve_node_link_bytes", "Bytes fetched over the network",
                           pf.link.total_bytes)]
             counters += [(f"hydraserve_node_cache_{k}", f"Node cache lookups and entries: {k}",

@@ -32,14 +32,12 @@ def finished(model_name: str, row: dict, claimed_at: float) -> None:
     labels = (model_name, "true" if inv.cold else "false")
     queued = inv.queued_at.timestamp()
     m.QUEUE_TIME.labels(*labels).observe(max(claimed_at - queued, 0.0))
-    if inv.first_token_at is not None:
-        m.TTFT.labels(*labels).observe((inv.first_token_at - inv.queued_at).total_seconds())
+    if (ttft := inv.ttft_s()) is not None:
+        m.TTFT.labels(*labels).observe(ttft)
     if inv.finished_at is not None:
         m.E2E.labels(*labels).observe((inv.finished_at - inv.queued_at).total_seconds())
-        out = inv.tokens_out or 0
-        if inv.first_token_at is not None and out > 1:
-            decode = (inv.finished_at - inv.first_token_at).total_seconds()
-            m.ITL.labels(*labels).observe(decode / (out - 1))
+    if (tpot := inv.tpot_s()) is not None:
+        m.ITL.labels(*labels).observe(tpot)
     m.PROMPT_TOKENS.labels(model_name).inc(inv.tokens_in or 0)
     m.GENERATION_TOKENS.labels(model_name).inc(inv.tokens_out or 0)
     if inv.cold:
