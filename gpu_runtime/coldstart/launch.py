@@ -40,6 +40,11 @@ class LaunchedStage:
         except Exception as exc:  # noqa: BLE001 - the worker raises the same typed error
             self.fetch_error = exc
 
+    def wait_fetched(self, timeout_s: float | None = 600.0) -> float | None:
+        """Waits for the fetch to end; its end stamp (None when it failed or is still on)."""
+        self._watch.join(timeout_s)
+        return self.fetch_end
+
     def wait_ready(self, timeout_s: float | None = 600.0) -> dict:
         """The worker's ready report; also waits for the fetch-end stamp."""
         report = self.handle.wait_ready(timeout_s)

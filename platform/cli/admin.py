@@ -12,6 +12,7 @@ from hydraserve.billing.models import Price
 from hydraserve.billing.times import iso_utc, parse_utc
 from hydraserve.db import make_engine, make_session_factory, utcnow
 from hydraserve.errors import HydraError
+from hydraserve.functions import servable
 from hydraserve.settings import Settings
 from hydraserve.tenants import service as tenants
 from hydraserve.tenants.limits import FIELDS as LIMIT_FIELDS
@@ -41,6 +42,20 @@ def create_tenant(name: str, role: str, existing_ok: bool) -> None:
             tenant = tenants.get_tenant(s, name)
         _row, key = tenants.issue_key(s, tenant, "cli", role)
     click.echo(key)
+
+
+@admin.command("clear-unservable")
+@click.argument("tenant")
+@click.argument("function")
+def clear_unservable(tenant: str, function: str) -> None:
+    """Clear the unservable mark of FUNCTION's alias version (its cold starts kept failing),
+    after fixing the cause outside the checkpoint; its next invocation starts it again."""
+    with session() as s:
+        try:
+            fv = servable.clear(s, tenant, function)
+        except HydraError as exc:
+            raise click.ClickException(exc.message) from None
+    click.echo(f"{tenant}/{function} version {fv.version}: cleared")
 
 
 @admin.command("set-limits")

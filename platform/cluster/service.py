@@ -142,15 +142,6 @@ def live_groups(session: Session,
     return out
 
 
-def failed_starts(session: Session, function_version_id: int, within_s: float) -> int:
-    """Instances of the version that failed before they were ever ready, in the last
-    ``within_s`` seconds (a start the nodes keep refusing)."""
-    since = utcnow() - timedelta(seconds=within_s)
-    return session.scalar(select(func.count()).select_from(Instance).where(
-        Instance.function_version_id == function_version_id, Instance.status == "failed",
-        Instance.ready_at.is_(None), Instance.released_at >= since)) or 0
-
-
 def mark_stopping(session: Session, group: list[Instance]) -> None:
     """The group's starting and ready instances become ``stopping``; flushed (their rows stay
     locked until the caller commits), not committed."""
@@ -193,15 +184,53 @@ def fail_instance(session: Session, instance_id: int, error: str) -> None:
     session.commit()
 
 
+def fail_start(session: Session, instance_id: int, error: str) -> None:
+    """Closes an instance whose start failed on its node (the worker could not load or exited
+    before it was ready) as failed, marked ``start_failed`` in its timeline: the failures the
+    scheduler backs off from and, repeated, marks a version unservable for (a node that dies
+    is not the model's fault, and is not marked). No commit."""
+    inst = session.get(Instance, instance_id)
+    if inst is None or inst.status in CLOSED:
+        return
+    close_instance(session, instance_id, "failed", inst.error or error)  # the worker's own first
+    add_timeline(session, instance_id, {"start_failed": utcnow().timestamp()})
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailures:
+    count: int
+    last_at: datetime | None
+    last_error: str | None
+
+
+def start_failures(session: Session, fv: FunctionVersion) -> StartFailures:
+    """The version's failed starts since it last had an instance ready (or an admin cleared
+    them), with the latest one's time and cause."""
+    since = session.scalar(select(func.max(Instance.ready_at)).where(
+        Instance.function_version_id == fv.id))
+    if fv.starts_cleared_at is not None and (since is None or fv.starts_cleared_at > since):
+        since = fv.starts_cleared_at
+    q = select(Instance.released_at, Instance.error).where(
+        Instance.function_version_id == fv.id, Instance.status == "failed",
+        Instance.timeline.has_key("start_failed"))
+    if since is not None:
+        q = q.where(Instance.released_at > since)
+    rows = session.execute(q.order_by(Instance.released_at.desc())).all()
+    return StartFailures(len(rows), rows[0][0] if rows else None, rows[0][1] if rows else None)
+
+
 def instance_exited(session: Session, instance_id: int, returncode: int) -> str | None:
     """Closes the instance of a worker that exited: released when it was being stopped, else
     failed. Commits; returns the failure's recorded cause (None when released)."""
     inst = session.get(Instance, instance_id)
     if inst is None:
         return None
-    clean = inst.status == "stopping"
-    close_instance(session, instance_id, "released" if clean else "failed",
-                   None if clean else f"worker process exited with code {returncode}")
+    clean, starting = inst.status == "stopping", inst.status == "starting"
+    error = None if clean else f"worker process exited with code {returncode}"
+    if starting:
+        fail_start(session, instance_id, error or "")
+    else:
+        close_instance(session, instance_id, "released" if clean else "failed", error)
     cause = None if clean else inst.error or f"worker process exited with code {returncode}"
     session.commit()
     return cause

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -11,17 +12,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gpu_runtime.checkpoint import CheckpointError, CheckpointIndex, Source, index_checkpoint
+from gpu_runtime.config import parse_config
+from gpu_runtime.errors import UnsupportedModelError
 from hydraserve.errors import InvalidModel, InvalidRequest
 from hydraserve.functions import stores
 from hydraserve.functions.models import Model
 from hydraserve.settings import Settings
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": ("hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "vocab_size"),
-    "OPTForCausalLM": ("hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
-                       "vocab_size", "max_position_embeddings"),
-}
 SCHEMES = ("file", "http", "https")
 DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -49,14 +46,24 @@ def check_model_uri(uri: str, settings: Settings) -> str:
 
 
 def check_architecture(index: CheckpointIndex) -> None:
-    arch = index.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise InvalidModel(
-            f"architecture {arch!r} (config.json 'architectures') is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}", "model")
-    missing = [k for k in SUPPORTED_ARCHITECTURES[arch] if not isinstance(index.config.get(k), int)]
-    if missing:
-        raise InvalidModel(f"config.json of this {arch} lacks integer fields {missing}", "model")
+    """The checkpoint is one the runtime can serve: its config.json goes through the runtime's
+    own parser (gpu_runtime.config, the one every worker uses), so what registers also starts."""
+    try:
+        config = parse_config(index.config)
+    except UnsupportedModelError as exc:
+        raise InvalidModel(f"config.json: {exc.message}", "model") from None
+    except KeyError as exc:
+        raise InvalidModel(f"config.json of this {index.architecture} lacks the field "
+                           f"{exc.args[0]!r}", "model") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InvalidModel(f"config.json of this {index.architecture} has a field of the wrong "
+                           f"type ({type(exc).__name__}: {str(exc)[:120]})", "model") from None
+    not_ints = [f.name for f in fields(config) if f.type == "int"
+                and (not isinstance(getattr(config, f.name), int)
+                     or isinstance(getattr(config, f.name), bool))]
+    if not_ints:
+        raise InvalidModel(f"config.json of this {index.architecture} has non-integer sizes "
+                           f"{not_ints}", "model")
     if not index.tensors:
         raise InvalidModel("the checkpoint's safetensors files hold no tensors", "model")
     dtypes = {t.dtype for t in index.tensors}

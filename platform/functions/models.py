@@ -82,6 +82,11 @@ class FunctionVersion(Base):
     max_concurrency: Mapped[int | None]  # invocations of this version queued or running
     description: Mapped[str] = mapped_column(String(512), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # set when its cold starts kept failing (scheduler/loop.py): no more starts, its queued
+    # invocations fail with the reason, until a new version or an admin clears it
+    unservable_reason: Mapped[str | None] = mapped_column(String(1024))
+    unservable_at: Mapped[datetime | None]
+    starts_cleared_at: Mapped[datetime | None]  # failed starts before this no longer count
 
     function: Mapped[Function] = relationship(back_populates="versions")
     model: Mapped[Model] = relationship()

@@ -77,6 +77,11 @@ class ModelOut(BaseModel):
     fingerprint: str
 
 
+class Unservable(BaseModel):
+    reason: str
+    since: datetime
+
+
 class VersionOut(BaseModel):
     version: int
     model: ModelOut
@@ -87,6 +92,9 @@ class VersionOut(BaseModel):
     max_concurrency: int | None
     description: str
     created_at: datetime
+    unservable: Unservable | None = Field(
+        default=None, description="set when this version's cold starts kept failing: why, and "
+        "since when; a new version or an admin clears it")
 
 
 class FunctionOut(BaseModel):
@@ -123,7 +131,9 @@ def version_out(v: FunctionVersion) -> VersionOut:
                       slo=Slo(ttft_ms=v.ttft_ms, tpot_ms=v.tpot_ms), keep_alive_s=v.keep_alive_s,
                       min_instances=v.min_instances, max_instances=v.max_instances,
                       max_concurrency=v.max_concurrency,
-                      description=v.description, created_at=v.created_at)
+                      description=v.description, created_at=v.created_at,
+                      unservable=Unservable(reason=v.unservable_reason, since=v.unservable_at)
+                      if v.unservable_reason and v.unservable_at else None)
 
 
 def function_out(fn: Function, tenant: str) -> FunctionOut:

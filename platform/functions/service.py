@@ -45,12 +45,14 @@ class Target(NamedTuple):
     vocab_size: int  # what the model's config.json says, for checks before queueing
     context: int  # max_position_embeddings
     max_concurrency: int | None  # the version's own cap on invocations in flight
+    unservable_reason: str | None  # set: its starts kept failing (functions/servable.py)
 
 
 TARGET_LOOKUP = (  # built once: every invocation runs it
     select(Function.id, Function.name, FunctionVersion.id, FunctionVersion.version, Model.id,
            Model.uri, Model.config["vocab_size"].as_integer(),
-           Model.config["max_position_embeddings"].as_integer(), FunctionVersion.max_concurrency)
+           Model.config["max_position_embeddings"].as_integer(), FunctionVersion.max_concurrency,
+           FunctionVersion.unservable_reason)
     .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
           & (FunctionVersion.version == Function.alias_version))
     .join(Model, Model.id == FunctionVersion.model_id)
@@ -67,6 +69,18 @@ def get_target(session: Session, who: Principal, name: str) -> Target:
     if row is None:
         raise NotFound(f"function {name!r} not found; GET /v1/functions lists yours", "name")
     return Target(*row)
+
+
+def context_lengths(session: Session, who: Principal) -> dict[str, int]:
+    """Each live function's context in tokens (its alias version's ``max_position_embeddings``),
+    in one query: what OpenAI model objects call ``max_model_len``."""
+    rows = session.execute(
+        select(Function.name, Model.config["max_position_embeddings"].as_integer())
+        .join(FunctionVersion, (FunctionVersion.function_id == Function.id)
+              & (FunctionVersion.version == Function.alias_version))
+        .join(Model, Model.id == FunctionVersion.model_id)
+        .where(Function.tenant_id == who.tenant_id, Function.deleted_at.is_(None)))
+    return {name: length for name, length in rows}
 
 
 def list_functions(session: Session, who: Principal, limit: int, offset: int) -> list[Function]:

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from sqlalchemy import (
     DateTime,
+    Float,
     Integer,
     String,
     bindparam,
@@ -113,8 +114,22 @@ def _record_statement():
             .where(Invocation.id == done.c.id, Invocation.status.not_in(FINISHED))
             .values(status="succeeded", output=done.c.output, tokens_in=done.c.tokens_in,
                     tokens_out=done.c.tokens_out, first_token_at=done.c.first_token_at,
-                    finished_at=done.c.finished_at)
+                    finished_at=done.c.finished_at,
+                    fetched_at=func.coalesce(Invocation.fetched_at, case(
+                        (Invocation.cold.is_(True), _group_fetch_end()), else_=None)))
             .returning(*(getattr(Invocation, f) for f in INVOCATION_FIELDS)))
+
+
+def _group_fetch_end():
+    """When the last stage of the invocation's group had its bytes (the latest ``fetch_end``
+    in the group's instance timelines), for a cold invocation claimed before its node agents
+    had written them: stage 0 may start serving a moment before the agent's timeline write
+    commits, so the claim can miss the fetch phase; the record, later, fills it in."""
+    group_ids = select(cast(func.jsonb_array_elements_text(Invocation.instance_ids), Integer)
+                       ).correlate(Invocation)
+    fetch_end = func.max(Instance.timeline["fetch_end"].astext.cast(Float))
+    return (select(func.to_timestamp(fetch_end)).where(Instance.id.in_(group_ids))
+            .correlate(Invocation).scalar_subquery())
 
 
 # Built once: building a statement with CASEs or a table function costs about 1 ms of CPU,

@@ -148,6 +148,17 @@ def expire_queued(session: Session, max_queue_s: float) -> int:
     return len(expired)
 
 
+def fail_queued(session: Session, function_version_id: int, error: dict) -> int:
+    """Fails the version's queued invocations with ``error``; commits, returns how many."""
+    rows = session.scalars(select(Invocation).where(
+        Invocation.function_version_id == function_version_id, Invocation.status == "queued")
+        .with_for_update(skip_locked=True)).all()
+    for inv in rows:
+        inv.status, inv.finished_at, inv.error = "failed", utcnow(), error
+    session.commit()
+    return len(rows)
+
+
 def requeue_orphans(session: Session) -> int:
     """Running invocations whose group is gone go back to queued (their message is back on
     the queue already, since it was never acked); returns how many."""

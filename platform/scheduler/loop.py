@@ -24,6 +24,7 @@ from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import MAX_BATCH, Instance
 from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, must_get, utcnow
+from hydraserve.functions import servable
 from hydraserve.functions.models import Function, FunctionVersion
 from hydraserve.invocations import service as invocations
 from hydraserve.scheduler import actions
@@ -50,9 +51,12 @@ PRESENCE_GRACE_S = 2.0
 # taken out. (5 s took healthy nodes out here: on a busy 2-core machine a heartbeat can be late
 # by seconds, so heartbeats alone cannot tell a dead node within a few seconds.)
 HEARTBEAT_TIMEOUT_S = 10.0
-# A version whose starts failed this many times within START_BACKOFF_S is not planned again
-# until they age out: a start every node refuses must not be re-planned every pass.
-MAX_FAILED_STARTS, START_BACKOFF_S = 3, 30.0
+# A version whose cold starts fail on their nodes (a checkpoint that does not load, bytes that
+# fail their checksums) is not re-planned every pass: after the n-th failure in a row (since
+# it was last ready) the next start waits START_BACKOFF_S * 2**(n-1); at MAX_FAILED_STARTS the
+# version is marked unservable, with the last failure's cause, and its queued invocations fail
+# with it, until a new version or an admin clears it (functions/service.py).
+MAX_FAILED_STARTS, START_BACKOFF_S = 3, 1.0
 
 
 def wait_events(conn: psycopg.Connection, timeout_s: float, gap_s: float = MIN_GAP_S) -> list[str]:
@@ -211,10 +215,7 @@ class Scheduler:
                 not starting and queued > MAX_BATCH * len(groups))
             if not need or len(groups) >= fv.max_instances:
                 continue
-            if cluster.failed_starts(s, fv_id, START_BACKOFF_S) >= MAX_FAILED_STARTS:
-                log.warning("function version %s: %d starts failed within %.0f s; not planning "
-                            "it again until they age out", fv_id, MAX_FAILED_STARTS,
-                            START_BACKOFF_S)
+            if not self.may_start(s, fv):
                 continue
             waited = (utcnow() - d.oldest_queued_at).total_seconds() if d else 0.0
             plan = actions.plan_for(s, fv, queued, waited, self.cfg, self.profile)
@@ -222,6 +223,24 @@ class Scheduler:
                 log.info("function version %s: no node fits now; %d request(s) wait", fv_id, queued)
                 continue
             actions.launch(s, self.sender, fv, plan)
+
+    def may_start(self, s: Session, fv: FunctionVersion) -> bool:
+        """False while the version backs off from failed starts, or once it is unservable
+        (marking it so, and failing its queued invocations with the cause, when the failures
+        reach MAX_FAILED_STARTS)."""
+        if fv.unservable_reason is None:
+            failed = cluster.start_failures(s, fv)
+            if failed.count >= MAX_FAILED_STARTS:
+                servable.mark_unservable(s, fv, f"{failed.count} cold starts in a row failed; "
+                                                 f"the last: {failed.last_error}")
+                log.warning("function version %s is unservable: %s", fv.id, fv.unservable_reason)
+            elif failed.last_at is not None:
+                wait_s = START_BACKOFF_S * 2 ** (failed.count - 1)
+                return (utcnow() - failed.last_at).total_seconds() >= wait_s
+        if fv.unservable_reason is not None:
+            invocations.fail_queued(s, fv.id, servable.unservable_error(fv))
+            return False
+        return True
 
     def prewarm_versions(self, s: Session) -> list[int]:
         rows = s.execute(select(FunctionVersion.id).join(

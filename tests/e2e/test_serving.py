@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from tests.conftest import PROMTOOL, promtool_problems
-from tests.e2e.serving_cluster import Cluster, reference_tokens, running_cluster
+from tests.e2e.serving_cluster import HEADERS, Cluster, reference_tokens, running_cluster
 
 PROMPT = [1, 5, 9, 13, 200, 31]
 
@@ -33,7 +35,7 @@ def test_cold_then_warm(cluster: Cluster, store_root):
     assert cold["status"] == "succeeded" and cold["cold"] is True
     assert cold["output"]["token_ids"] == expected
     assert (cold["tokens_in"], cold["tokens_out"]) == (len(PROMPT), len(expected))
-    assert set(cold["timings"]["breakdown_ms"]) >= {"plan", "load", "first_token"}
+    assert set(cold["timings"]["breakdown_ms"]) >= {"plan", "fetch", "load", "first_token"}
     assert cold["timings"]["ttft_ms"] > 0
     warm = cluster.invoke("chat", {"prompt_ids": PROMPT, "max_tokens": 8}).json()
     assert warm["cold"] is False and warm["instance_ids"] == cold["instance_ids"]
@@ -185,6 +187,35 @@ def test_messages_to_a_model_without_a_chat_template_fail_alone(cluster: Cluster
     assert row.instance_ids == warm["instance_ids"]
     ok = cluster.invoke("plain", {"prompt": "hi", "max_tokens": 4}).json()
     assert ok["status"] == "succeeded" and ok["instance_ids"] == warm["instance_ids"]
+
+
+def test_a_checkpoint_that_cannot_load_is_marked_unservable_and_its_requests_fail_fast(
+        cluster: Cluster, store_root, tmp_path):
+    """Bytes that changed after registration fail their checksums on the node: the start is
+    retried with back-off, then the version is marked unservable and the waiting request fails
+    with that cause (instead of waiting out HYDRA_MAX_QUEUE_S), and new ones are refused."""
+    broken = store_root / "llama-changed"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(store_root / "llama-tiny", broken)
+    cluster.register("changed", broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the last tensor's bytes, after the index took their sha256
+    weights.write_bytes(bytes(data))
+    started = time.monotonic()
+    inv = cluster.invoke("changed", {"prompt_ids": PROMPT, "max_tokens": 4}, timeout_s=120).json()
+    assert inv["status"] == "failed", inv
+    assert inv["error"]["type"] == "invalid_model_error", inv["error"]
+    assert "cannot start" in inv["error"]["message"], inv["error"]
+    assert time.monotonic() - started < 90
+    starts = cluster.query(
+        "SELECT i.error FROM instances i JOIN function_versions v ON v.id = i.function_version_id"
+        " JOIN functions f ON f.id = v.function_id WHERE f.name = 'changed'")
+    assert len(starts) == 3 and all(r.error for r in starts), starts  # each with its cause
+    again = cluster.invoke("changed", {"prompt_ids": PROMPT, "max_tokens": 4})
+    assert again.status_code == 422 and "cannot start" in again.json()["error"]["message"]
+    fn = requests.get(f"{cluster.base}/v1/functions/changed", headers=HEADERS, timeout=30).json()
+    assert "3 cold starts in a row failed" in fn["spec"]["unservable"]["reason"], fn["spec"]
 
 
 def test_unknown_function_and_invocation(cluster: Cluster):

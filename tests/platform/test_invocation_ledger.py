@@ -158,3 +158,41 @@ def test_ledger_waits_out_a_database_outage_then_gives_up(database_url):
         kept.run(flaky, now[0] + ledger.Ledger.OUTAGE_S + 10)
     assert calls[-1] - calls[0] >= ledger.Ledger.OUTAGE_S
     kept.close()
+
+
+def test_a_cold_request_claimed_before_the_fetch_end_was_written_gets_it_when_recorded(
+        connection, queued):
+    """Stage 0 may claim a cold request before its node agents have committed the fetch end;
+    the fetch phase still reaches the TTFT breakdown (the record fills it in)."""
+    (a,) = queued(1)
+    version_id = row(connection, a).function_version_id
+    connection.execute(text("INSERT INTO nodes (id, address, status, last_heartbeat_at, "
+                            "registered_at, info) VALUES ('n-fetch', 'x', 'up', now(), now(), "
+                            "'{}') ON CONFLICT DO NOTHING"))
+    group = tuple(connection.execute(text(
+        "INSERT INTO instances (function_version_id, node_id, stage_index, num_stages, "
+        "memory_bytes, status, address, timeline, created_at) VALUES "
+        "(:v, 'n-fetch', 0, 2, 1, 'ready', '', '{}', now()), "
+        "(:v, 'n-fetch', 1, 2, 1, 'ready', '', '{}', now()) RETURNING id"),
+        {"v": version_id}).scalars())
+    ready_at = utcnow() + timedelta(seconds=1)
+    ledger.begin(connection, [a], group, ready_at)
+    assert row(connection, a).cold is True and row(connection, a).fetched_at is None
+    fetch_end = utcnow().timestamp()
+    for instance_id, end in zip(group, (fetch_end - 0.5, fetch_end), strict=True):
+        connection.execute(text("UPDATE instances SET timeline = timeline || "
+                                "jsonb_build_object('fetch_end', CAST(:end AS float)) "
+                                "WHERE id = :id"), {"end": end, "id": instance_id})
+    recorded = ledger.complete(connection, [ledger.Outcome(a, {"text": "x"}, 1, 1, utcnow())])
+    fetched = row(connection, a).fetched_at
+    assert fetched is not None and abs(fetched.timestamp() - fetch_end) < 1e-3  # the latest stage
+    assert recorded[a]["fetched_at"] == fetched
+    breakdown = invocation_out(detached(jsonable(recorded[a])), "fn", 1).timings.breakdown_ms
+    assert "fetch" in breakdown  # the breakdown the client is sent
+
+
+def test_a_warm_request_gets_no_fetch_phase_when_recorded(connection, queued):
+    (a,) = queued(1)
+    ledger.begin(connection, [a], (1,), utcnow() - timedelta(hours=1))
+    ledger.complete(connection, [ledger.Outcome(a, {"text": "x"}, 1, 1, utcnow())])
+    assert row(connection, a).fetched_at is None

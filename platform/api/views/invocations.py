@@ -10,6 +10,7 @@ from flask import Blueprint, Response, g, request
 from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
 from hydraserve.errors import InvalidRequest
+from hydraserve.functions import servable
 from hydraserve.functions import service as functions
 from hydraserve.invocations import admission
 from hydraserve.invocations import service as invocations
@@ -71,6 +72,7 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
 
 def _accept(rt, name: str, body: InvokeRequest, kind: str, listener, stream: bool = False):
     target = functions.get_target(db(), g.principal, name)
+    servable.refuse(target.version, target.unservable_reason)  # its starts kept failing
     admission.check_input(target, body, rt.tokenizers)  # a 400 now, not after a cold start
     inv_id = invocations.new_id()
     events = listener.subscribe(inv_id) if listener else None

@@ -6,6 +6,8 @@ from flask import Blueprint
 
 from hydraserve.api.context import db
 from hydraserve.api.openapi import operation
+from hydraserve.functions import servable
+from hydraserve.functions.schemas import FunctionOut, function_out
 from hydraserve.tenants import service
 from hydraserve.tenants.schemas import (
     KeyCreate,
@@ -72,3 +74,12 @@ def list_keys(tenant: str):
 def revoke_key(key_id: int):
     row = service.revoke_key(db(), key_id)
     return key_out(row, row.tenant.name).model_dump(mode="json")
+
+
+@operation(bp, "/v1/admin/tenants/<tenant>/functions/<name>/clear-unservable", "POST",
+           summary="Clear a function version's unservable mark", auth="admin",
+           response=FunctionOut, path_params=TENANT | {"name": NAME_PARAM})
+def clear_unservable(tenant: str, name: str):
+    fv = servable.clear(db(), tenant, name)
+    return function_out(fv.function, tenant).model_dump(mode="json")
+

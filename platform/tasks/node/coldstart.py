@@ -74,6 +74,11 @@ class PooledChild:
                 os.kill(self.pid, sig)
 
 
+# the node's side of a stage's timeline (the worker writes its own)
+FETCH_PHASES = ("fetch_start", "fetch_end", "fetch_bytes", "cache_hit")
+NODE_PHASES = ("plan", *FETCH_PHASES, "prestarted", "node")
+
+
 class ColdStarter:
     """One node's prefetcher (shared-memory cache, link cap) and pool of generic workers."""
 
@@ -100,11 +105,14 @@ class ColdStarter:
         """Records the node's side of the timeline once the stage is up, then unpins the
         buffer (the worker holds its own mapping); a failed start is recorded with its cause."""
         try:
-            launched.wait_ready(READY_TIMEOUT_S)
+            if launched.wait_fetched(READY_TIMEOUT_S) is not None:  # usually before the load
+                self._record(sessions, instance_id, launched, FETCH_PHASES)  # ends: the first
+            launched.wait_ready(READY_TIMEOUT_S)  # claims see the fetch (ledger.begin)
         except Exception as exc:  # noqa: BLE001 - any start failure is recorded, then the worker exits
             log.warning("instance %s failed to start: %s", instance_id, exc)
             with sessions() as s:
-                cluster.fail_instance(s, instance_id, f"{type(exc).__name__}: {exc}")
+                cluster.fail_start(s, instance_id, f"{type(exc).__name__}: {exc}")
+                s.commit()
             launched.handle.stop(5)
             self._refill(0)
             return
@@ -112,12 +120,14 @@ class ColdStarter:
             launched.job.release()
         threading.Thread(target=self._refill, args=(REFILL_AFTER_S,), daemon=True,
                          name=f"refill-{instance_id}").start()
+        self._record(sessions, instance_id, launched, NODE_PHASES)
+
+    @staticmethod
+    def _record(sessions: sessionmaker, instance_id: int, launched: LaunchedStage,
+                names: tuple[str, ...]) -> None:
         t = launched.timeline()
-        phases = {"plan": t.plan, "fetch_start": t.fetch_start, "fetch_end": t.fetch_end,
-                  "fetch_bytes": t.fetch_bytes, "cache_hit": t.cache_hit,
-                  "prestarted": t.prestarted, "node": t.node}
         with sessions() as s:
-            cluster.add_timeline(s, instance_id, phases)
+            cluster.add_timeline(s, instance_id, {n: getattr(t, n) for n in names})
             s.commit()
 
     def _refill(self, delay_s: float) -> None:

@@ -41,6 +41,27 @@ def test_unknown_architecture(acme, register, broken):
     assert "LlamaForCausalLM" in err["message"] and "OPTForCausalLM" in err["message"]
 
 
+@pytest.mark.parametrize("change,fragment", [
+    ({"hidden_act": "gelu"}, "hidden_act"),  # the runtime's parser refuses what it lacks
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"num_key_value_heads": 3}, "not a multiple"),
+    ({"hidden_size": -64}, "must be > 0"),
+    ({"num_attention_heads": None}, "num_attention_heads"),
+    ({"num_hidden_layers": 2.5}, "non-integer"),
+])
+def test_a_config_the_runtime_rejects_is_refused_at_registration(acme, register, broken, change,
+                                                                 fragment):
+    """Registration runs config.json through the runtime's own parser, so a model that could
+    never start is a 422 now, not a cold start that fails on every try."""
+    d = broken("runtime-cfg")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    for key in [k for k, v in change.items() if v is None]:
+        del cfg[key]
+    (d / "config.json").write_text(json.dumps(cfg))
+    error_of(register(acme, model=d.as_uri()), 422, fragment, "model")
+
+
 @pytest.mark.parametrize("victim,fragment", [
     ("config.json", "config.json is missing"),
     ("model.safetensors", "no model.safetensors"),

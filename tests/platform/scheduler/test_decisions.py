@@ -190,20 +190,96 @@ def test_demand_above_max_batch_per_ready_group_adds_a_group(sched, s, function)
     assert sched.sender.take() == [("start", "a", new[0].id)]
 
 
-def test_a_start_that_keeps_failing_is_not_planned_again_at_once(sched, s, function):
+def fail_starts(sched, s, error: str) -> None:
+    """Plans a start and has its node report that it failed before it was ready."""
+    step(sched, "scale_out")
+    for inst in read(s, Instance, Instance.status == "starting"):
+        cluster.fail_start(s, inst.id, error)
+    s.commit()
+    sched.sender.take()
+
+
+def test_failed_starts_back_off_then_mark_the_version_unservable(sched, s, function, client,
+                                                                 acme):
+    add_nodes(s, "a")
+    fv = function()
+    queued = enqueue(s, fv, 2)
+    fail_starts(sched, s, "ChecksumError: model.safetensors bytes 0..4096 fail their sha256")
+    step(sched, "scale_out")
+    assert sched.sender.take() == []  # backing off: the failure is recent
+    backdate(s, Instance, "released_at", 1.5, Instance.function_version_id == fv.id)
+    fail_starts(sched, s, "ChecksumError: model.safetensors bytes 0..4096 fail their sha256")
+    step(sched, "scale_out")
+    assert sched.sender.take() == []  # the second failure waits twice as long
+    backdate(s, Instance, "released_at", 2.5, Instance.function_version_id == fv.id)
+    fail_starts(sched, s, "UnsupportedModelError: rope_scaling type 'yarn'")
+    assert len(read(s, Instance, Instance.function_version_id == fv.id)) == 3
+    step(sched, "scale_out")  # the third failure: unservable, its queue fails with the cause
+    assert sched.sender.take() == []
+    s.expire_all()
+    assert "yarn" in s.get(FunctionVersion, fv.id).unservable_reason
+    for inv_id in queued:
+        inv = s.get(Invocation, inv_id)
+        assert inv.status == "failed" and inv.error["type"] == "invalid_model_error"
+        assert "cannot start" in inv.error["message"] and "yarn" in inv.error["message"]
+    resp = client.post("/v1/functions/fn/invocations", json={"prompt_ids": [1, 2]}, headers=acme)
+    assert resp.status_code == 422 and "yarn" in resp.json["error"]["message"]  # refused at once
+    assert client.get("/v1/functions/fn", headers=acme).json["spec"]["unservable"]["reason"]
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    assert sched.sender.take() == []  # never planned again
+
+
+def test_an_admin_clears_an_unservable_version_and_a_new_version_starts_clean(
+        sched, s, function, client, acme, admin, register):
     add_nodes(s, "a")
     fv = function()
     enqueue(s, fv, 1)
-    for _ in range(3):  # every start is refused by its node before it is ready
+    for _ in range(3):
+        backdate(s, Instance, "released_at", 10, Instance.function_version_id == fv.id)
+        fail_starts(sched, s, "RuntimeError: the worker could not load its stage")
+    step(sched, "scale_out")
+    s.expire_all()
+    assert s.get(FunctionVersion, fv.id).unservable_reason is not None
+    resp = client.post("/v1/admin/tenants/acme/functions/fn/clear-unservable", headers=admin)
+    assert resp.status_code == 200 and resp.json["spec"]["unservable"] is None, resp.json
+    again = client.post("/v1/admin/tenants/acme/functions/fn/clear-unservable", headers=admin)
+    assert again.status_code == 409  # nothing to clear
+    backdate(s, Instance, "released_at", 100, Instance.function_version_id == fv.id)
+    backdate(s, FunctionVersion, "starts_cleared_at", 50, FunctionVersion.id == fv.id)
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    assert [m[0] for m in sched.sender.take()] == ["start"]  # the old failures no longer count
+    for inst in read(s, Instance, Instance.status == "starting"):
+        cluster.fail_start(s, inst.id, "RuntimeError: again")
+    s.commit()
+    after_clear = Instance.released_at > utcnow() - timedelta(seconds=50)
+    for _ in range(2):
+        backdate(s, Instance, "released_at", 10, Instance.function_version_id == fv.id,
+                 after_clear)
+        fail_starts(sched, s, "RuntimeError: again")
+    step(sched, "scale_out")
+    s.expire_all()
+    assert s.get(FunctionVersion, fv.id).unservable_reason is not None
+    patched = client.patch("/v1/functions/fn", json={"description": "fixed"}, headers=acme)
+    assert patched.status_code == 200, patched.json
+    resp = client.post("/v1/functions/fn/invocations", json={"prompt_ids": [1, 2]},
+                       headers=acme | {"Prefer": "respond-async"})
+    assert resp.status_code == 202, resp.json  # the new version starts clean
+
+
+def test_a_node_that_dies_during_a_start_does_not_count_against_the_version(sched, s,
+                                                                            function):
+    add_nodes(s, "a")
+    fv = function()
+    enqueue(s, fv, 1)
+    for _ in range(4):
         step(sched, "scale_out")
-        for inst in read(s, Instance, Instance.status == "starting"):
-            cluster.fail_instance(s, inst.id, "RuntimeInputError: pipeline size is out of range")
-    sched.sender.take()
+        sched.sender.take()
+        add_nodes(s, "a")  # the node agent restarted: its starting instance is gone
+    assert cluster.start_failures(s, s.get(FunctionVersion, fv.id)).count == 0
     step(sched, "scale_out")
-    assert sched.sender.take() == []  # backing off: the failures are recent
-    backdate(s, Instance, "released_at", 60, Instance.function_version_id == fv.id)
-    step(sched, "scale_out")
-    assert [m[0] for m in sched.sender.take()] == ["start"]  # aged out: planned again
+    assert [m[0] for m in sched.sender.take()] == ["start"]
 
 
 def test_a_start_a_node_refused_is_planned_on_another_node(sched, s, function):
