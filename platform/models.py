@@ -5,9 +5,11 @@ from hydraserve.cluster.models import Device, Instance, Node, Plan
 from hydraserve.db import Base
 from hydraserve.functions.models import Function, FunctionVersion, Model
 from hydraserve.invocations.models import Invocation
+from hydraserve.scheduler.models import ModelProfile, PlannerMeasurement
 from hydraserve.tenants.models import ApiKey, Tenant, TenantUsage
 
 __all__ = [
     "Base", "Tenant", "ApiKey", "Model", "Function", "FunctionVersion", "Node", "Device",
-    "Plan", "Instance", "Invocation", "UsageRecord", "Price", "TenantUsage",
+    "Plan", "Instance", "Invocation", "UsageRecord", "Price", "TenantUsage", "ModelProfile",
+    "PlannerMeasurement",
 ]

@@ -17,7 +17,7 @@ from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import Instance
 from hydraserve.cluster.service import StageRecord
 from hydraserve.functions.models import FunctionVersion
-from hydraserve.scheduler import state
+from hydraserve.scheduler import profiles, state
 from hydraserve.scheduler.planner import Plan, PlannerConfig, Request, plan_cold_start
 
 log = logging.getLogger("hydraserve.scheduler")
@@ -26,8 +26,9 @@ AVOID_FAILED_S = 30.0  # a node that refused a start of a version is passed over
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """Estimates of a model's standalone speed until per-model profiles are measured: decode
-    reads every weight once per token, prefill of a short prompt costs a few decode steps."""
+    """First guesses of a model's standalone speed, until the requests it serves measure it
+    (scheduler/profiles.py): decode reads every weight once per token, prefill of a short
+    prompt costs a few decode steps."""
 
     decode_bytes_per_s: float = 5e9
     prefill_steps: float = 4.0
@@ -55,8 +56,8 @@ class Sender:
 
 
 def num_layers(config: dict) -> int:
-    """Decoder layers of a checkpoint, from its config.json as stored at registration (both
-    supported architectures name them num_hidden_layers)."""
+    """Decoder layers of a checkpoint, from its config.json as stored at registration (every
+    supported architecture names them num_hidden_layers)."""
     return int(config.get("num_hidden_layers") or MAX_PP)
 
 
@@ -67,10 +68,11 @@ def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float
     ``avoid_failed_s`` are left out while a plan without them exists: the planner does not
     see why a node refused (a full cache pool, say), and would choose the same node again."""
     m = fv.model.total_bytes
+    speed = profiles.model_speed(session, fv.model_id, profile.tpot_s(m), profile.prefill_s(m))
     req = Request(model_id=fv.model_id, model_bytes=m, ttft_slo_s=fv.ttft_ms / 1000,
-                  tpot_slo_s=fv.tpot_ms / 1000, tpot_s=profile.tpot_s(m),
-                  prefill_s=profile.prefill_s(m), waited_s=waited_s, demand=max(queued, 1),
-                  num_layers=num_layers(fv.model.config))
+                  tpot_slo_s=fv.tpot_ms / 1000, tpot_s=speed.tpot_s, prefill_s=speed.prefill_s,
+                  waited_s=waited_s, demand=max(queued, 1), num_layers=num_layers(fv.model.config))
+    cfg = profiles.planner_config(session, cfg)
     nodes = state.nodes_snapshot(session)
     refused = state.failed_start_nodes(session, fv.id, avoid_failed_s)
     elsewhere = [n for n in nodes if n.node_id not in refused]

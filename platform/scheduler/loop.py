@@ -27,7 +27,7 @@ from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, mus
 from hydraserve.functions import servable
 from hydraserve.functions.models import Function, FunctionVersion
 from hydraserve.invocations import service as invocations
-from hydraserve.scheduler import actions
+from hydraserve.scheduler import actions, profiles
 from hydraserve.scheduler.actions import Profile, Sender
 from hydraserve.scheduler.planner import PlannerConfig
 from hydraserve.settings import Settings
@@ -88,6 +88,7 @@ class Scheduler:
         self.start_timeout_s = start_timeout_s
         self.presence_grace_s = presence_grace_s
         self._absent_since: dict[str, float] = {}  # node id -> when this leader saw it absent
+        self._profiled_at = 0.0  # monotonic time of the last profiles.refresh
 
     def run(self) -> None:
         """Leads (or waits to lead) until killed; a lost database connection is reopened."""
@@ -131,6 +132,9 @@ class Scheduler:
         self.stop_broken_groups(s)
         invocations.requeue_orphans(s)
         self.scale_in(s)
+        if time.monotonic() - self._profiled_at >= profiles.REFRESH_EVERY_S:
+            profiles.refresh(s)  # the planner's measured inputs
+            self._profiled_at = time.monotonic()
         self.scale_out(s)
 
     def react(self, function_ids: set[int]) -> None:

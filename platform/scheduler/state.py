@@ -14,12 +14,19 @@ from hydraserve.scheduler.network import Link, Reservation
 from hydraserve.scheduler.planner import Device as PlannerDevice
 from hydraserve.scheduler.planner import NodeState
 
-UNCAPPED_BYTES_PER_S = 1.25e9  # a node without an emulated cap: assume a 10 Gb/s link
+UNCAPPED_BYTES_PER_S = 1.25e9  # the first guess for a node without an emulated cap: 10 Gb/s
 
 
 def link_of(node: Node, fetches: list[Reservation]) -> Link:
-    bps = node.link_mbps * 125_000 if node.link_mbps else UNCAPPED_BYTES_PER_S
-    return Link(bps, tuple(fetches))
+    """The node's link as the planner sees it: what its last fetches achieved (the node agent
+    reports their rate in each heartbeat, ``info.link_mb_per_s``), never above its emulated
+    cap; before any fetch, the cap, or the first guess for an uncapped node."""
+    cap = node.link_mbps * 125_000 if node.link_mbps else None
+    measured = (node.info or {}).get("link_mb_per_s")
+    bps = measured * 1e6 if isinstance(measured, int | float) and measured > 0 else None
+    if bps is None:
+        bps = cap or UNCAPPED_BYTES_PER_S
+    return Link(min(bps, cap) if cap else bps, tuple(fetches))
 
 
 def nodes_snapshot(session: Session) -> list[NodeState]:
