@@ -5,12 +5,18 @@ all of them at once. Attention writes this step's keys and values into the cache
 ``slot_mapping``, then reads each sequence's context back through its block table. A layer's
 cache is one tensor ``(2, num_blocks, block_size, kv_heads, head_dim)``, keys then values, so
 both are gathered (and converted) by one kernel each.
+
+A layer with a sliding window (Mistral, Qwen2/3 with ``use_sliding_window``) passes its size:
+each query then attends to the last ``sliding_window`` positions, its own included. The cache
+still holds the whole context (block reclaim outside the window: not yet); the window is a mask,
+in fresh prefill, in a chunk over a cached prefix and in decode. The native decode kernel reads
+whole contexts, so a decode step whose window excludes part of some context runs the torch path.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +76,7 @@ class AttentionMetadata:
     first_block: int | None = None  # one sequence on consecutive blocks: read them as a view
     kv_index: torch.Tensor | None = None  # (2 * batch * blocks,) key then value rows, lazily
     context_lens_tensor: torch.Tensor | None = None  # (batch,) int64, lazily (native kernel)
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # by window, lazily
 
     def __post_init__(self) -> None:
         assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
@@ -102,19 +109,44 @@ class AttentionMetadata:
         if not self.has_mask and self.attn_mask is None and not self.is_fresh_prefill:
             self._build_mask()
 
-    def _build_mask(self) -> None:
-        self.has_mask = True
+    def is_windowed(self, sliding_window: int | None) -> bool:
+        """Whether a window of ``sliding_window`` positions hides part of some context."""
+        return sliding_window is not None and self.max_context > sliding_window
+
+    def mask_for(self, sliding_window: int | None) -> torch.Tensor | None:
+        """The torch cached-attention path's mask (batch, 1, max_q, max_context), limited to
+        the last ``sliding_window`` positions of each query where that hides any key."""
+        self.ensure_mask()
+        if sliding_window is None or self.max_context <= sliding_window:
+            return self.attn_mask
+        if sliding_window not in self.window_masks:
+            self.window_masks[sliding_window] = self._mask(sliding_window)[0][:, None]
+        return self.window_masks[sliding_window]
+
+    def _mask(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask (batch, max_q, max_context): which keys each padded query row sees, valid
+        query rows (batch, max_q))."""
         device = self.positions.device
-        batch, max_q = self.batch_size, max(self.query_lens)
+        max_q = max(self.query_lens)
         ctx = torch.tensor(self.context_lens, device=device)
         qlen = torch.tensor(self.query_lens, device=device)
         # query row i of sequence b sits at absolute position ctx[b] - qlen[b] + i
         q_pos = ctx[:, None] - qlen[:, None] + torch.arange(max_q, device=device)[None, :]
         k_pos = torch.arange(self.max_context, device=device)
         mask = k_pos[None, None, :] <= q_pos[:, :, None]  # (batch, max_q, max_context)
+        if sliding_window is not None:
+            mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
         valid_q = torch.arange(max_q, device=device)[None, :] < qlen[:, None]  # (batch, max_q)
         mask &= valid_q[:, :, None]
         mask[:, :, 0] |= ~valid_q  # padded query rows see key 0 so softmax stays finite
+        return mask, valid_q
+
+    def _build_mask(self) -> None:
+        self.has_mask = True
+        device = self.positions.device
+        batch, max_q = self.batch_size, max(self.query_lens)
+        qlen = torch.tensor(self.query_lens, device=device)
+        mask, valid_q = self._mask(None)
         if batch == 1 and max_q == 1:
             self.attn_mask = None  # one decode row attends to its whole context: no mask needed
         else:
@@ -170,17 +202,18 @@ def _scratch(meta: AttentionMetadata, name: str, shape: tuple[int, ...], dtype: 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
+                    meta: AttentionMetadata, sliding_window: int | None = None) -> torch.Tensor:
     """q: (tokens, heads, hd); k, v: (tokens, kv_heads, hd); kv_cache: (2, num_blocks,
-    block_size, kv_heads, hd) -> (tokens, heads * hd)."""
-    if meta.is_decode:
+    block_size, kv_heads, hd) -> (tokens, heads * hd). ``sliding_window``: each query sees only
+    the last that many positions (its own included); None: its whole causal context."""
+    if meta.is_decode and not meta.is_windowed(sliding_window):
         out = _native_decode_attention(q, k, v, kv_cache, meta)
         if out is not None:
             return out
     write_kv(kv_cache, k, v, meta.slot_mapping)
     if meta.is_fresh_prefill:
-        return _prefill_attention(q, k, v, meta.query_lens)
-    return _cached_attention(q, kv_cache, meta)
+        return _prefill_attention(q, k, v, meta.query_lens, sliding_window)
+    return _cached_attention(q, kv_cache, meta, sliding_window)
 
 
 def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -196,23 +229,34 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     meta.context_lens_tensor)
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       query_lens: list[int]) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int],
+                       sliding_window: int | None = None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     gqa = num_heads != k.shape[1]
     outs, start = [], 0
     for n in query_lens:  # one causal attention per sequence; prefill steps are few
         qs, ks, vs = (t[start:start + n].transpose(0, 1)[None] for t in (q, k, v))  # (1, h, n, hd)
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        if sliding_window is not None and n > sliding_window:
+            out = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=_window_mask(n, sliding_window, q.device), enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
         outs.append(out[0].transpose(0, 1).reshape(n, num_heads * head_dim))
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _cached_attention(q: torch.Tensor, kv_cache: torch.Tensor,
-                      meta: AttentionMetadata) -> torch.Tensor:
+def _window_mask(n: int, sliding_window: int, device: torch.device) -> torch.Tensor:
+    """(n, n) causal mask of one sequence where token i sees tokens (i - window, i]."""
+    pos = torch.arange(n, device=device)
+    offset = pos[:, None] - pos[None, :]  # (query, key): how far back each key is
+    return (offset >= 0) & (offset < sliding_window)
+
+
+def _cached_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      sliding_window: int | None = None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
-    meta.ensure_mask()
+    mask = meta.mask_for(sliding_window)
     dtype = torch.float32 if _is_upcast(q) else q.dtype
     keys, values = gather_context(kv_cache, meta, dtype)
     gqa = num_heads != keys.shape[1]
@@ -222,7 +266,7 @@ def _cached_attention(q: torch.Tensor, kv_cache: torch.Tensor,
         max_q = max(meta.query_lens)
         queries = q.index_select(0, meta.query_index)  # (batch * max_q, heads, hd)
         queries = queries.view(meta.batch_size, max_q, num_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(queries.to(dtype), keys, values, attn_mask=meta.attn_mask,
+    out = F.scaled_dot_product_attention(queries.to(dtype), keys, values, attn_mask=mask,
                                          enable_gqa=gqa)  # (batch, heads, max_q, hd)
     out = out.transpose(1, 2).reshape(-1, num_heads * head_dim)  # (batch * max_q, heads * hd)
     out = out.to(q.dtype)

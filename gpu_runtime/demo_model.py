@@ -90,6 +90,35 @@ def llama_config(spec: DemoModelSpec) -> dict:
     }
 
 
+# Llama-shaped architectures: what their config.json adds to (or changes in) a Llama one, as
+# released checkpoints write it. Small Qwen models tie their embeddings; Qwen3's head_dim is its
+# own (here twice hidden / heads, as Qwen3-0.6B has 128 for 1024 / 16); sliding windows are off
+# (Qwen's use_sliding_window false, Mistral v0.2+'s null window) unless ``overrides`` set them.
+LLAMA_LIKE = {
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "use_sliding_window": False, "sliding_window": None},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "rms_norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "use_sliding_window": False, "sliding_window": None},
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None},
+}
+
+
+def llama_like_config(spec: DemoModelSpec) -> dict:
+    """config.json of a Qwen2, Qwen3 or Mistral demo checkpoint."""
+    size = LLAMA_SIZES[spec.size]
+    tie = spec.arch != "mistral" if spec.tie_word_embeddings is None else spec.tie_word_embeddings
+    config = llama_config(spec) | LLAMA_LIKE[spec.arch] | {"tie_word_embeddings": tie}
+    if spec.arch == "qwen3":
+        config["head_dim"] = 2 * size["hidden_size"] // size["num_attention_heads"]
+    else:  # Qwen2's q/k/v biases are fixed, Mistral has none: no such key
+        del config["attention_bias"]
+    config |= dict(spec.overrides)
+    if spec.arch != "mistral":  # no layer slides unless an override sets use_sliding_window
+        config.setdefault("max_window_layers", config["num_hidden_layers"])
+    return config
+
+
 def opt_config(spec: DemoModelSpec) -> dict:
     tie = True if spec.tie_word_embeddings is None else spec.tie_word_embeddings
     return {
@@ -102,9 +131,12 @@ def opt_config(spec: DemoModelSpec) -> dict:
 
 
 def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Llama-family checkpoint, with Qwen2's q/k/v biases and Qwen3's
+    q/k norms where ``c`` is one of those."""
     h, inter, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    model_type = c["model_type"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -115,6 +147,14 @@ def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
             p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
             p + "mlp.down_proj.weight": (h, inter),
         }
+        if model_type == "qwen2" or c.get("attention_bias"):
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)}
+        if model_type != "qwen2" and c.get("attention_bias"):
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if model_type == "qwen3":
+            shapes |= {p + "self_attn.q_norm.weight": (head_dim,),
+                       p + "self_attn.k_norm.weight": (head_dim,)}
     shapes["model.norm.weight"] = (h,)
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (v, h)
@@ -148,6 +188,11 @@ def opt_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+CONFIGS = {"llama": llama_config, "qwen2": llama_like_config, "qwen3": llama_like_config,
+           "mistral": llama_like_config, "opt": opt_config}
+assert set(CONFIGS) == set(ARCHITECTURES), f"demo configs {set(CONFIGS)} != {ARCHITECTURES}"
+
+
 def random_tensor(name: str, shape: tuple[int, ...], spec: DemoModelSpec,
                   gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(shape, generator=gen, dtype=torch.float32)
@@ -163,8 +208,8 @@ def random_tensor(name: str, shape: tuple[int, ...], spec: DemoModelSpec,
 def build_tokenizer(arch: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    specials = ["<unk>", "<s>", "</s>"] if arch == "llama" else ["<s>", "<pad>", "</s>", "<unk>"]
-    bos = "<s>" if arch == "llama" else "</s>"
+    specials = ["<unk>", "<s>", "</s>"] if arch != "opt" else ["<s>", "<pad>", "</s>", "<unk>"]
+    bos = "<s>" if arch != "opt" else "</s>"
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -182,8 +227,8 @@ def make_demo_model(out_dir: str | Path, spec: DemoModelSpec = DemoModelSpec()) 
     """Writes a random-weight checkpoint for ``spec`` into ``out_dir`` and returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = llama_config(spec) if spec.arch == "llama" else opt_config(spec)
-    shapes = llama_shapes(config) if spec.arch == "llama" else opt_shapes(config)
+    config = CONFIGS[spec.arch](spec)
+    shapes = opt_shapes(config) if spec.arch == "opt" else llama_shapes(config)
     gen = torch.Generator().manual_seed(spec.seed)
     tensors = {name: random_tensor(name, shape, spec, gen) for name, shape in shapes.items()}
     _save_weights(out, tensors, spec.shard_bytes)

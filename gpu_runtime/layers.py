@@ -63,6 +63,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (rows, dim), or (tokens, heads, head_dim) for a per-head norm (Qwen3's q/k),
+        normed as (tokens * heads) rows so the native kernel applies to it too."""
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, x.shape[-1])).view(x.shape)
         native = kernels.rms_norm(x, self.weight, self.eps)
         return self._torch(x) if native is None else native[1]
 

@@ -19,7 +19,7 @@ from gpu_runtime.config import ModelConfig
 from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.kv_cache import KVCache
 from gpu_runtime.limits import MAX_PP
-from gpu_runtime.models import model_module
+from gpu_runtime.models import model_class, model_module
 
 
 class TensorInfo(Protocol):  # what the split reads: checkpoint.TensorEntry satisfies it
@@ -195,7 +195,6 @@ class Stage(nn.Module):
 def build_stage(config: ModelConfig, spec: StageSpec, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> Stage:
     """Stage skeleton on the ``meta`` device: nothing allocated until ``load_tensor``."""
-    cls = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM"}[config.arch]
     with torch.device("meta"):
-        model = getattr(model_module(config), cls)(config)
+        model = model_class(config)(config)
     return Stage(model, spec, dtype, torch.device(device))

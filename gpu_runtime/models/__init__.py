@@ -3,8 +3,11 @@ knows nothing of pipelines, stages or transport (see ``gpu_runtime.stage``)."""
 
 from __future__ import annotations
 
+import importlib
 import re
 from types import ModuleType
+
+from torch import nn
 
 from gpu_runtime.config import ModelConfig
 
@@ -12,12 +15,25 @@ from gpu_runtime.config import ModelConfig
 # being embed, layer (the pattern's first group is the layer index) or head
 WeightMap = tuple[tuple[re.Pattern, str, str], ...]
 
+# config.arch -> (module of gpu_runtime.models, its model class). Qwen2, Qwen3 and Mistral are
+# the Llama module under other config options: same math, same tensor names.
+MODULES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("llama", "LlamaForCausalLM"),
+    "qwen3": ("llama", "LlamaForCausalLM"),
+    "mistral": ("llama", "LlamaForCausalLM"),
+    "opt": ("opt", "OPTForCausalLM"),
+}
+
 
 def model_module(config: ModelConfig) -> ModuleType:
     """The architecture module (``llama`` or ``opt``) for ``config``."""
-    from gpu_runtime.models import llama, opt
+    return importlib.import_module(f"gpu_runtime.models.{MODULES[config.arch][0]}")
 
-    return {"llama": llama, "opt": opt}[config.arch]
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The model class that builds ``config``'s architecture."""
+    return getattr(model_module(config), MODULES[config.arch][1])
 
 
 def match_weight(weight_map: WeightMap, tied: bool, hf_name: str,

@@ -1,6 +1,11 @@
 """Llama family: RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query attention,
 SwiGLU MLP, tied or untied embeddings. Parameters are one-to-one with HF checkpoint tensors (no
-fused q/k/v or gate/up) so each can alias the buffer holding that tensor's bytes."""
+fused q/k/v or gate/up) so each can alias the buffer holding that tensor's bytes.
+
+Qwen2/2.5, Qwen3 and Mistral are this model with other config options (``gpu_runtime.config``),
+under the same tensor names: Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of q and k
+before RoPE (``q_norm`` / ``k_norm``) and a ``head_dim`` of its own, Mistral a sliding window
+(also Qwen2/3 with ``use_sliding_window``, on the layers the config names)."""
 
 from __future__ import annotations
 
@@ -26,16 +31,20 @@ WEIGHT_MAP: WeightMap = (
     (re.compile(r"lm_head\.weight"), "lm_head.weight", "head"),
 )
 IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # old checkpoints store a derivable buffer
+FAMILY_NAMES = {"llama": "a Llama", "qwen2": "a Qwen2", "qwen3": "a Qwen3", "mistral": "a Mistral"}
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
         self.k_proj = Linear(c.hidden_size, c.kv_dim, c.attention_bias)
         self.v_proj = Linear(c.hidden_size, c.kv_dim, c.attention_bias)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, c.attention_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, c.output_bias)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.sliding_window = c.window_of(layer)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple,
                 kv_cache: torch.Tensor) -> torch.Tensor:
@@ -43,9 +52,11 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)  # (tokens, heads, hd)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, hd)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, per head: shapes unchanged
         cos, sin = rope
         q, k = apply_rope_qk(q, k, cos, sin)
-        return self.o_proj(paged_attention(q, k, v, kv_cache, meta))
+        return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.sliding_window))
 
 
 class LlamaMLP(nn.Module):
@@ -62,10 +73,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.self_attn = LlamaAttention(c)
+        self.self_attn = LlamaAttention(c, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = LlamaMLP(c)
 
@@ -85,7 +96,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.embed_tokens.requires_grad_(False)
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c) for i in range(c.num_layers)})
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, i)
+                                     for i in range(c.num_layers)})
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.lm_head = Linear(c.hidden_size, c.vocab_size, False)
         self.inv_freq = rope_inv_freq(c.rope, c.head_dim)  # plain attribute: never on meta
@@ -107,4 +119,4 @@ def param_paths(c: ModelConfig, hf_name: str) -> tuple[str, list[str]]:
     ignored."""
     if IGNORED.fullmatch(hf_name):
         return "ignored", []
-    return match_weight(WEIGHT_MAP, c.tie_word_embeddings, hf_name, "a Llama")
+    return match_weight(WEIGHT_MAP, c.tie_word_embeddings, hf_name, FAMILY_NAMES[c.arch])

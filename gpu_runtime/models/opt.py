@@ -41,7 +41,7 @@ class OPTAttention(nn.Module):
         self.q_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
         self.k_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
         self.v_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
-        self.out_proj = Linear(c.hidden_size, c.hidden_size, c.attention_bias)
+        self.out_proj = Linear(c.hidden_size, c.hidden_size, c.output_bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:

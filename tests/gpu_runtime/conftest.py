@@ -19,6 +19,7 @@ from gpu_runtime.store.server import running
 PROMPTS = [[1, 17, 42, 99, 250, 7, 8, 300, 12, 5, 77], [1, 400], [3, 9, 27, 81, 243, 500, 11]]
 STD = 0.2
 FOUR_LAYERS = ("num_hidden_layers", 4)
+WINDOW = 5  # sliding window of the windowed variants: below every prompt + 12 new tokens
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
@@ -37,6 +38,17 @@ VARIANTS: dict[str, DemoModelSpec] = {
     "opt-untied": DemoModelSpec("opt", init_std=STD, seed=7, tie_word_embeddings=False),
     "llama-sharded": DemoModelSpec("llama", init_std=STD, seed=8, shard_bytes=40_000,
                                    overrides=(FOUR_LAYERS,)),
+    # Qwen2 ties its embeddings (as Qwen2.5-0.5B); Qwen3's head_dim 32 is not hidden 64 / 4
+    # heads; Mistral's window and the windowed Qwen2's (sliding on layers 2 and 3 only) are
+    # shorter than prompt + output, so the window hides keys in prefill and in decode
+    "qwen2": DemoModelSpec("qwen2", init_std=STD, seed=9, overrides=(FOUR_LAYERS,)),
+    "qwen2-window": DemoModelSpec("qwen2", init_std=STD, seed=10, overrides=(
+        FOUR_LAYERS, ("use_sliding_window", True), ("sliding_window", WINDOW),
+        ("max_window_layers", 2))),
+    "qwen3": DemoModelSpec("qwen3", init_std=STD, seed=11, tie_word_embeddings=False,
+                           overrides=(FOUR_LAYERS, ("head_dim", 32))),
+    "mistral": DemoModelSpec("mistral", init_std=STD, seed=12,
+                             overrides=(FOUR_LAYERS, ("sliding_window", WINDOW))),
 }
 
 

@@ -1,6 +1,7 @@
 """Paged attention paths (fresh prefill, decode, chunk over a cached prefix) against one plain
 causal attention over the whole sequence, in float32 and bfloat16 (whose cached attention runs
-in float32 on CPU), with and without the stage's reusable scratch buffers."""
+in float32 on CPU), with and without the stage's reusable scratch buffers, and with sliding
+windows that start mid-block."""
 
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ from gpu_runtime.block_manager import BlockManager
 HEADS, KV_HEADS, HD, BS = 4, 2, 8, 4
 
 
-def reference(q, k, v):
-    """q: (n, heads, hd), k/v: (n, kv_heads, hd) -> (n, heads * hd), causal."""
+def reference(q, k, v, window=None):
+    """q: (n, heads, hd), k/v: (n, kv_heads, hd) -> (n, heads * hd), causal; with a window,
+    query i sees keys i - window + 1 .. i, a mask written independently of the runtime's."""
     q, k, v = (t.double() for t in (q, k, v))
+    n = q.shape[0]
+    mask = torch.tensor([[j <= i and (window is None or i - j < window) for j in range(n)]
+                         for i in range(n)])
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                         v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+                                         v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(n, -1)
 
 
-def run(bm, caches, seqs, pieces, scratch=None):
+def run(bm, caches, seqs, pieces, scratch=None, window=None):
     """One step: for each sequence, tokens [start, end) of its q/k/v."""
     q, k, v, slots, ctx, qlen, positions = [], [], [], [], [], [], []
     for sid, (start, end) in zip(seqs, pieces, strict=True):
@@ -36,7 +41,7 @@ def run(bm, caches, seqs, pieces, scratch=None):
                            for s in seqs])
     meta = AttentionMetadata(torch.tensor(positions), torch.tensor(slots), tables, ctx, qlen, BS,
                              scratch)
-    out = paged_attention(torch.cat(q), torch.cat(k), torch.cat(v), caches["kv"], meta)
+    out = paged_attention(torch.cat(q), torch.cat(k), torch.cat(v), caches["kv"], meta, window)
     return meta, out
 
 
@@ -44,10 +49,15 @@ def run(bm, caches, seqs, pieces, scratch=None):
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+# windows: none; 3 (under every context: it hides keys in each step, sequence 3's prefill
+# included, and starts mid-block); 6 (hides keys of the longer sequences only, and in the
+# chunk but not in the prefill of length 5); 100 (hides nothing: the plain paths run)
+@pytest.mark.parametrize("window", [None, 3, 6, 100])
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 3]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_scratch", [False, True])
-def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths, dtype, use_scratch):
+def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths, dtype, use_scratch,
+                                                              window):
     torch.manual_seed(0)
     bm = BlockManager(32, BS)
     caches = {"kv": torch.zeros(2, 32, BS, KV_HEADS, HD, dtype=dtype), "qkv": {}}
@@ -58,12 +68,12 @@ def test_prefill_chunk_and_decode_paths_match_plain_attention(lengths, dtype, us
         caches["qkv"][sid] = tuple(torch.randn(total, h, HD).to(dtype)
                                    for h in (HEADS, KV_HEADS, KV_HEADS))
         bm.allocate(sid, total)
-    expected = {sid: reference(*caches["qkv"][sid]) for sid in seqs}
+    expected = {sid: reference(*caches["qkv"][sid], window) for sid in seqs}
     steps = [[(0, n) for n in lengths], [(n, n + 4) for n in lengths],
              [(n + 4, n + 5) for n in lengths], [(n + 5, n + 6) for n in lengths]]
     kinds = []
     for pieces in steps:
-        meta, out = run(bm, caches, seqs, pieces, scratch)
+        meta, out = run(bm, caches, seqs, pieces, scratch, window)
         assert out.dtype == dtype, out.dtype
         kinds.append("fresh" if meta.is_fresh_prefill else "decode" if meta.is_decode else
                      "chunk")

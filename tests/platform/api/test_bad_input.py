@@ -62,6 +62,21 @@ def test_a_config_the_runtime_rejects_is_refused_at_registration(acme, register,
     error_of(register(acme, model=d.as_uri()), 422, fragment, "model")
 
 
+@pytest.mark.parametrize("keys,fragment", [
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 0},
+     "sliding_window=0"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
+])
+def test_option_the_runtime_lacks(acme, register, broken, keys, fragment):
+    """A known architecture with an option the runtime does not implement fails at
+    registration, not at its first cold start."""
+    d = broken("option")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | keys))
+    error_of(register(acme, model=d.as_uri()), 422, fragment, "model")
+
+
 @pytest.mark.parametrize("victim,fragment", [
     ("config.json", "config.json is missing"),
     ("model.safetensors", "no model.safetensors"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_register_with_minimal_body_fills_defaults(client, acme, register):
     resp = register(acme, "chat")
@@ -45,6 +47,23 @@ def test_opt_is_accepted(client, acme, register, store_root):
     resp = register(acme, "opt", model=(store_root / "opt-tiny").as_uri())
     assert resp.status_code == 201, resp.json
     assert resp.json["spec"]["model"]["architecture"] == "OPTForCausalLM"
+
+
+@pytest.mark.parametrize("arch,name", [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                                       ("mistral", "MistralForCausalLM")])
+def test_llama_like_architectures_are_accepted(client, acme, register, store_root, arch, name):
+    from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
+
+    model_dir = store_root / f"{arch}-tiny"
+    if not model_dir.exists():
+        make_demo_model(model_dir, DemoModelSpec(arch=arch, size="tiny"))
+    resp = register(acme, arch, model=model_dir.as_uri())
+    assert resp.status_code == 201, resp.json
+    model = resp.json["spec"]["model"]
+    assert model["architecture"] == name
+    # tiny: embed + 2 layers x (9 + Qwen2's 3 q/k/v biases or Qwen3's 2 q/k norms) + norm, tied
+    # (Qwen) or with lm_head (Mistral)
+    assert model["num_tensors"] == {"qwen2": 26, "qwen3": 24, "mistral": 21}[arch], model
 
 
 def test_same_checkpoint_is_indexed_once(client, acme, register, db_session):
