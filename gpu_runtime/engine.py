@@ -7,10 +7,18 @@
 
 Requests join and leave the running batch between steps (continuous batching). The KV cache
 has a fixed block budget; see ``gpu_runtime.scheduler`` for admission and preemption.
+
+A request may ask for ``n`` choices: its prompt is prefilled once, its last row sampled ``n``
+times, and the choices then decode as sequences sharing the prompt's KV blocks (copy-on-write,
+``gpu_runtime.block_manager``). Choice i samples with ``choice_seed(seed, i)``, so it gives the
+same tokens as a request with ``n = 1`` and that seed. ``response_format`` constrains every
+choice to a JSON document (``gpu_runtime.structured``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -26,13 +34,25 @@ from gpu_runtime.errors import (
 )
 from gpu_runtime.kv_cache import KVCache, KVCacheSpec, blocks_for_budget
 from gpu_runtime.loader import default_device, load_stage, plan_stages, resolve_dtype
-from gpu_runtime.model_runner import LocalRunner, prepare_step
+from gpu_runtime.model_runner import LocalRunner, prepare_step, sampling_of
 from gpu_runtime.pipeline import PipelineRunner
-from gpu_runtime.sampling import SamplingParams
+from gpu_runtime.sampling import MAX_SEED, SamplingParams
 from gpu_runtime.scheduler import Scheduler, SchedulerConfig
 from gpu_runtime.sequence import RequestOutput, Sequence, SequenceStatus
 from gpu_runtime.stage import Stage, StageSpec
+from gpu_runtime.structured import Grammars, StructuredOutputError, grammar_of, step_bitmask
 from gpu_runtime.tokenizer import Tokenizer
+
+MAX_CHOICES = 8  # the most choices (``n``) one request may ask for
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed choice ``index`` of a request samples with: ``seed`` itself for choice 0 (so
+    ``n = 1`` is unchanged), otherwise a hash of (seed, index) in 0..MAX_SEED."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (MAX_SEED + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +119,15 @@ class LLMEngine:
         self.blocks = BlockManager(kv.spec.num_blocks, kv.spec.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.tokenizer = tokenizer
+        # generation_config.json's stop ids, beside config.json's (Llama 3 Instruct lists its
+        # end of turn only there); generation_config.json is read with the tokenizer
+        self.generation_eos_ids = tokenizer.generation.eos_token_ids if tokenizer else ()
         self.max_len = min(self.model_config.max_position_embeddings,
                            kv.spec.num_blocks * kv.spec.block_size)
-        self._seqs: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # a request's choices, by index
         self._ids = itertools.count()
+        self._grammars: Grammars | None = None
+        self.num_prefill_tokens = 0  # prompt (and recomputed) tokens run through prefill
 
     @staticmethod
     def _runner(config: EngineConfig, stage: Stage, kv: KVCache) -> LocalRunner | PipelineRunner:
@@ -115,19 +140,53 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams | None = None) -> None:
-        """Queues a request; raises a RuntimeInputError subclass for invalid input."""
+                    params: SamplingParams | None = None, n: int = 1,
+                    response_format: dict | None = None) -> None:
+        """Queues a request of ``n`` choices, each constrained to ``response_format`` when
+        given; raises a RuntimeInputError subclass for invalid input."""
         params = params or SamplingParams()
-        if request_id in self._seqs:
+        if request_id in self._requests:
             raise DuplicateRequestError(f"request id {request_id!r} is already in the engine",
                                         "request_id")
         self._validate_prompt(prompt_ids)
+        bad = [t for t, _ in params.logit_bias if t >= self.model_config.vocab_size]
+        if bad:
+            raise TokenIdError(f"logit_bias token id {bad[0]} is outside the vocabulary; "
+                               f"allowed 0..{self.model_config.vocab_size - 1}", "logit_bias")
+        self._validate_n(n)
         if params.stop and self.tokenizer is None:
             raise RuntimeInputError("stop strings need a tokenizer.json next to the model",
                                     "stop")
-        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, self.max_len)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        grammar = grammar_of(response_format)
+        grammars = self.grammars() if grammar is not None else None
+        seqs = [Sequence(next(self._ids), request_id, list(prompt_ids),
+                         dataclasses.replace(params, seed=choice_seed(params.seed, i)),
+                         self.max_len, index=i,
+                         matcher=grammars.matcher(grammar) if grammars and grammar else None)
+                for i in range(n)]
+        seqs[0].forks = seqs[1:]
+        self._requests[request_id] = seqs
+        self.scheduler.add(seqs[0])
+
+    def _validate_n(self, n: int) -> None:
+        limit = min(MAX_CHOICES, self.scheduler.config.max_num_seqs)
+        if not (isinstance(n, int) and 1 <= n <= limit):
+            raise RuntimeInputError(f"n={n!r} choices; allowed 1..{limit}", "n")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a request: config.json's, then generation_config.json's."""
+        return tuple(dict.fromkeys((*self.model_config.eos_token_ids, *self.generation_eos_ids)))
+
+    def grammars(self) -> Grammars:
+        """The model's grammar compiler (``response_format``), made on first use."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise StructuredOutputError("response_format needs a tokenizer.json next to "
+                                            "the model")
+            self._grammars = Grammars(self.tokenizer.to_json(), self.model_config.vocab_size,
+                                      self.eos_token_ids)
+        return self._grammars
 
     def _validate_prompt(self, prompt_ids: list[int]) -> None:
         vocab = self.model_config.vocab_size
@@ -145,12 +204,12 @@ class LLMEngine:
                 " tokens, one left for the first output token)", "prompt")
 
     def abort(self, request_id: str) -> bool:
-        """Drops a request wherever it is; True when it was still unfinished."""
-        seq = self._seqs.pop(request_id, None)
-        if seq is None or seq.is_finished:
-            return False
-        self.scheduler.finish(seq, "abort")
-        return True
+        """Drops a request (all its choices) wherever it is; True when it was unfinished."""
+        seqs = self._requests.pop(request_id, [])
+        unfinished = [seq for seq in seqs if not seq.is_finished]
+        for seq in unfinished:
+            self.scheduler.finish(seq, "abort")
+        return bool(unfinished)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -160,26 +219,49 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one prefill or decode step; returns an output per request that advanced."""
         seqs, is_prefill = self.scheduler.schedule()
+        copies = self.blocks.take_copies()
         if not seqs:
             return []
         step = prepare_step(seqs, is_prefill, self.blocks)
-        token_ids, logprobs = self.runner.execute(step)
-        assert len(token_ids) == len(seqs), f"{len(token_ids)} tokens for {len(seqs)} sequences"
-        outputs = []
-        for seq, token, logprob in zip(seqs, token_ids, logprobs, strict=True):
+        step.block_copies = copies
+        # the sampled rows: a new request's pending forks sample from its prompt's last row
+        rows = [r for seq in seqs for r in [seq, *seq.forks]]
+        if len(rows) > len(seqs):
+            step.num_samples = [1 + len(seq.forks) for seq in seqs]
+            step.sampling = sampling_of(rows)
+        step.token_bitmask = step_bitmask(rows, self.model_config.vocab_size)
+        if is_prefill:
+            self.num_prefill_tokens += sum(step.query_lens)
+        token_ids, logprobs, top_logprobs = self.runner.execute(step)
+        assert len(token_ids) == len(rows), f"{len(token_ids)} tokens for {len(rows)} rows"
+        for seq in seqs:
             seq.num_cached = seq.num_tokens
-            seq.output_ids.append(token)
-            seq.output_logprobs.append(logprob)
-            reason = self._finish_reason(seq, token)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                self._seqs.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
-        return outputs
+            if seq.forks:
+                self.scheduler.fork(seq)
+        return [self._advance(*row) for row in zip(rows, token_ids, logprobs, top_logprobs,
+                                                   strict=True)]
+
+    def _advance(self, seq: Sequence, token: int, logprob: float, top: list) -> RequestOutput:
+        seq.output_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        seq.output_top_logprobs.append(top)
+        reason = self._finish_reason(seq, token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+        choices = self._requests.get(seq.request_id, [])
+        done = all(s.is_finished for s in choices)
+        if done:
+            self._requests.pop(seq.request_id, None)
+        return self._output(seq, done)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token in self.model_config.eos_token_ids:
+        if not p.ignore_eos and (token in self.model_config.eos_token_ids
+                                 or token in self.generation_eos_ids):
+            return "stop"
+        # the grammar refused a token (only a matcher error can let one through) or the
+        # document is complete: either way nothing valid may follow
+        if seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_stopped):
             return "stop"
         if p.stop and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids)
@@ -191,11 +273,13 @@ class LLMEngine:
             return "length"
         return None
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, request_finished: bool) -> RequestOutput:
         start, seq.num_emitted = seq.num_emitted, len(seq.output_ids)
         return RequestOutput(seq.request_id, seq.output_ids[start:], seq.output_logprobs[start:],
                              seq.is_finished, seq.finish_reason, len(seq.prompt_ids),
-                             len(seq.output_ids), seq.text)
+                             len(seq.output_ids), seq.text,
+                             new_top_logprobs=seq.output_top_logprobs[start:], index=seq.index,
+                             request_finished=request_finished)
 
     # ---- KV export / import (for migration between processes; the platform does not migrate yet)
 
@@ -215,7 +299,8 @@ class LLMEngine:
         self.kv.import_kv(self.blocks.block_table(seq.seq_id), kv, layers)
 
     def _running(self, request_id: str) -> Sequence:
-        seq = self._seqs.get(request_id)
+        """Choice 0 of a running request (KV export and import move one sequence)."""
+        seq = self._requests.get(request_id, [None])[0]
         if seq is None or seq.status is not SequenceStatus.RUNNING:
             raise RuntimeInputError(f"request {request_id!r} is not running", "request_id")
         return seq

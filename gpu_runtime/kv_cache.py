@@ -119,3 +119,14 @@ class KVCache:
         slots = self._slots(block_table, kv.shape[2])
         flat = self.data[local.start:local.stop].flatten(2, 3)  # view: blocks are contiguous
         flat.index_copy_(2, slots, kv.to(self.data.device, self.data.dtype))
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write of shared blocks (``BlockManager.append``): block ``dst`` gets ``src``'s
+        keys and values in every layer held. All sources are read before any destination is
+        written, so the order of the pairs does not matter."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.data.device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.data.device)
+        # (layers, 2, len(copies), block_size, kv_heads, head_dim): a gathered copy
+        self.data[:, :, dst] = self.data.index_select(2, src)

@@ -3,16 +3,17 @@ stage 0 of a pipeline whose other stages live in other processes (``gpu_runtime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from gpu_runtime.attention import AttentionMetadata, Scratch
 from gpu_runtime.block_manager import BlockManager
 from gpu_runtime.kv_cache import KVCache
-from gpu_runtime.sampling import SamplingBatch, sample
+from gpu_runtime.sampling import Sampled, SamplingBatch, sample
 from gpu_runtime.sequence import Sequence
 from gpu_runtime.stage import Stage
+from gpu_runtime.structured import apply_token_bitmask
 
 
 @dataclass(slots=True)
@@ -21,6 +22,11 @@ class StepBatch:
 
     input_ids, positions, slot_mapping: (num_tokens,) int64
     block_tables: (batch, max_blocks) int64
+    num_samples: tokens sampled from each sequence's last row (n choices of a new request take
+        n samples of its prompt's last row); None: one each
+    block_copies: copy-on-write (src, dst) blocks each stage copies before its forward
+    token_bitmask: (sample rows, ceil(vocab / 32)) int32, bit set = token allowed
+        (``gpu_runtime.structured``); None: no row is constrained
     """
 
     input_ids: torch.Tensor
@@ -30,6 +36,9 @@ class StepBatch:
     context_lens: list[int]
     query_lens: list[int]
     sampling: SamplingBatch
+    num_samples: list[int] | None = None
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    token_bitmask: torch.Tensor | None = None
 
     def metadata(self, block_size: int, device: torch.device,
                  scratch: Scratch | None = None) -> AttentionMetadata:
@@ -39,14 +48,16 @@ class StepBatch:
             query_lens=self.query_lens, block_size=block_size, scratch=scratch)
 
     def logits_rows(self) -> list[int] | None:
-        """Row of each sequence's last token in the flat token dimension; None when every row
-        is a last token (decode)."""
-        if max(self.query_lens) == 1:
+        """Row of each sample's last token in the flat token dimension (a sequence's row
+        repeated for each of its ``num_samples``); None when every row is a last token, once
+        (decode)."""
+        if max(self.query_lens) == 1 and self.num_samples is None:
             return None
+        counts = self.num_samples or [1] * len(self.query_lens)
         rows, end = [], 0
-        for n in self.query_lens:
+        for n, count in zip(self.query_lens, counts, strict=True):
             end += n
-            rows.append(end - 1)
+            rows += [end - 1] * count
         return rows
 
 
@@ -67,21 +78,30 @@ def prepare_step(seqs: list[Sequence], is_prefill: bool, blocks: BlockManager) -
     width = max(len(blocks.block_table(s.seq_id)) for s in seqs)
     tables = [blocks.block_table(s.seq_id) + [0] * (width - len(blocks.block_table(s.seq_id)))
               for s in seqs]
-    sampling = SamplingBatch.of([s.params for s in seqs], [len(s.output_ids) for s in seqs])
     return StepBatch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slots),
-                     torch.tensor(tables), context_lens, query_lens, sampling)
+                     torch.tensor(tables), context_lens, query_lens, sampling_of(seqs))
+
+
+def sampling_of(seqs: list[Sequence]) -> SamplingBatch:
+    """The sampler's settings, one row per sequence sampled from."""
+    return SamplingBatch.of([s.params for s in seqs], [len(s.output_ids) for s in seqs],
+                            [(s.prompt_ids, s.output_ids) for s in seqs])
 
 
 def run_stage(stage: Stage, kv: KVCache, x: torch.Tensor, step: StepBatch) -> torch.Tensor:
     """Forward of one stage on one step; on the last stage returns logits of last tokens."""
+    kv.copy_blocks(step.block_copies)  # before the forward: it may write the copies
     meta = step.metadata(kv.spec.block_size, stage.device, kv.scratch)
     h = stage(x.to(stage.device), meta, kv)
     if not stage.spec.is_last:
         return h
     rows = step.logits_rows()
     if rows is not None:
-        h = h.index_select(0, torch.tensor(rows, device=h.device))  # (batch, hidden)
-    return stage.compute_logits(h)
+        h = h.index_select(0, torch.tensor(rows, device=h.device))  # (samples, hidden)
+    logits = stage.compute_logits(h)
+    if step.token_bitmask is not None:
+        apply_token_bitmask(logits, step.token_bitmask)
+    return logits
 
 
 class LocalRunner:
@@ -92,7 +112,7 @@ class LocalRunner:
         self.stage, self.kv = stage, kv
 
     @torch.inference_mode()
-    def execute(self, step: StepBatch) -> tuple[list[int], list[float]]:
+    def execute(self, step: StepBatch) -> Sampled:
         logits = run_stage(self.stage, self.kv, step.input_ids, step)
         return sample(logits, step.sampling)
 

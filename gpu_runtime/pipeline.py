@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from gpu_runtime.channel import Channel, ChannelError, Message, to_device  # noqa: E402
 from gpu_runtime.kv_cache import KVCache, KVCacheSpec  # noqa: E402
 from gpu_runtime.model_runner import StepBatch, run_stage  # noqa: E402
-from gpu_runtime.sampling import SamplingBatch, sample  # noqa: E402
+from gpu_runtime.sampling import Sampled, SamplingBatch, sample  # noqa: E402
 from gpu_runtime.stage import Stage  # noqa: E402
 
 READY_TIMEOUT_S = 600.0
@@ -67,9 +67,12 @@ def ipc_addresses(pp: int) -> list[str]:
 def step_message(step: StepBatch, hidden: torch.Tensor) -> Message:
     s = step.sampling
     meta = {"context_lens": step.context_lens, "query_lens": step.query_lens,
-            "sampling": [s.temperatures, s.top_ps, s.top_ks, s.seeds, s.steps]}
+            "sampling": s.to_meta(),
+            "num_samples": step.num_samples, "block_copies": step.block_copies}
     tensors = {"hidden": hidden, "positions": step.positions, "slot_mapping": step.slot_mapping,
                "block_tables": step.block_tables}
+    if step.token_bitmask is not None:
+        tensors["token_bitmask"] = step.token_bitmask
     return Message("step", meta, tensors)
 
 
@@ -77,7 +80,9 @@ def step_from_message(msg: Message) -> tuple[StepBatch, torch.Tensor]:
     t, m = msg.tensors, msg.meta
     step = StepBatch(torch.empty(0, dtype=torch.long), t["positions"], t["slot_mapping"],
                      t["block_tables"], m["context_lens"], m["query_lens"],
-                     SamplingBatch(*m["sampling"]))
+                     SamplingBatch.from_meta(m["sampling"]), m.get("num_samples"),
+                     [(src, dst) for src, dst in m.get("block_copies", [])],
+                     t.get("token_bitmask"))
     return step, t["hidden"]
 
 
@@ -130,8 +135,8 @@ class StageWorker:
         hidden = to_device(hidden, self.stage.device).to(self.stage.dtype)
         out = run_stage(self.stage, self.kv, hidden, step)
         if self.stage.spec.is_last:
-            token_ids, logprobs = sample(out, step.sampling)
-            reply = Message("tokens", {"token_ids": token_ids, "logprobs": logprobs})
+            sampled = sample(out, step.sampling)
+            reply = Message("tokens", sampled._asdict())
         else:
             reply = step_message(step, out)
         self.compute_s += time.perf_counter() - start
@@ -205,14 +210,14 @@ class PipelineRunner:
         raise ChannelError(f"no answer from the pipeline within {timeout_s:.0f}s")
 
     @torch.inference_mode()
-    def execute(self, step: StepBatch) -> tuple[list[int], list[float]]:
+    def execute(self, step: StepBatch) -> Sampled:
         hidden = run_stage(self.stage, self.kv, step.input_ids, step)
         self.channel.send(step_message(step, hidden))
         start = time.perf_counter()
         reply = self._recv(READY_TIMEOUT_S)
         self.wait_s += time.perf_counter() - start
         assert reply.kind == "tokens", f"expected tokens from the last stage, got {reply.kind!r}"
-        return reply.meta["token_ids"], reply.meta["logprobs"]
+        return Sampled(**reply.meta)
 
     def stats(self) -> list[dict]:
         """Per-stage compute seconds and step counts of the other stages."""

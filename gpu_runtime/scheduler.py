@@ -4,6 +4,10 @@ A step is either a prefill step (new or preempted sequences, whole prompts) or a
 (one token for every running sequence). Waiting sequences are admitted first-come first-served
 when their blocks fit; when a running sequence cannot grow, the newest running sequence is
 preempted: its blocks are freed and it is recomputed later from its prompt plus its output.
+
+A request with ``n`` choices is admitted as one sequence with ``n - 1`` pending forks, counted
+against ``max_num_seqs`` as ``n``; once its prompt is prefilled the engine calls ``fork`` and
+the choices share the prompt's blocks (``BlockManager.fork``).
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and len(self.running) + len(scheduled) < self.config.max_num_seqs:
+        num_seqs = len(self.running)
+        while self.waiting:
             seq = self.waiting[0]
+            if num_seqs + 1 + len(seq.forks) > self.config.max_num_seqs:
+                break
             over = num_tokens + seq.num_tokens > self.config.max_num_batched_tokens
             if (over and scheduled) or not self.blocks.can_allocate(seq.num_tokens):
                 break
@@ -60,8 +67,19 @@ class Scheduler:
             seq.status, seq.num_cached = SequenceStatus.RUNNING, 0
             scheduled.append(seq)
             num_tokens += seq.num_tokens
+            num_seqs += 1 + len(seq.forks)
         self.running.extend(scheduled)
         return scheduled
+
+    def fork(self, parent: Sequence) -> list[Sequence]:
+        """Starts the parent's pending forks, right after its prompt was prefilled: each shares
+        the parent's blocks and cached tokens and runs from now on."""
+        forks, parent.forks = parent.forks, []
+        for child in forks:
+            self.blocks.fork(parent.seq_id, child.seq_id)
+            child.status, child.num_cached = SequenceStatus.RUNNING, parent.num_cached
+        self.running.extend(forks)
+        return forks
 
     def _schedule_decode(self) -> list[Sequence]:
         queue = list(self.running)
@@ -87,7 +105,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Marks ``seq`` finished and returns its blocks; works for waiting ones too (abort)."""
+        """Marks ``seq`` finished and returns its blocks; works for waiting ones too (abort),
+        whose pending forks finish with it."""
+        for child in seq.forks:
+            child.status, child.finish_reason = SequenceStatus.FINISHED, reason
+        seq.forks = []
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.blocks.free(seq.seq_id)
         if seq in self.running:

@@ -103,8 +103,9 @@ class StreamCursor:
         self.token_ids += new_ids
         self.text += new_text
         skipped = len(event["token_ids"]) - len(new_ids)
-        if "logprobs" in event:
-            out["logprobs"] = event["logprobs"][skipped:]
+        for key in ("logprobs", "top_logprobs", "text_offsets"):  # one entry per token
+            if key in event:
+                out[key] = event[key][skipped:]
         return out
 
     @staticmethod
@@ -123,14 +124,15 @@ class Waiter:
     """Follows one invocation: token events from the reply queue, Postgres as the fallback.
     Uses a short-lived session per look, so it outlives the request's own session (SSE).
     The worker's ``done`` event carries the row it has just committed; then ``load`` needs no
-    query."""
+    query. A request with ``n`` choices streams each choice's tokens with its ``choice`` index
+    (none: choice 0), and each choice has its own cursor: positions are per choice."""
 
     sessions: Callable[[], Session]
     listener: ReplyListener
     inv_id: str
     events: queue.Queue
     final: Invocation | None = None
-    cursor: StreamCursor = field(default_factory=StreamCursor)
+    cursors: dict[int, StreamCursor] = field(default_factory=dict)  # by choice
     diverged: str | None = None  # why the stream was ended early, if it was
     on_close: Callable[[], None] | None = None  # called once, by the first close()
 
@@ -178,7 +180,7 @@ class Waiter:
                     self.final = detached(event.pop("invocation"))
                 if event["type"] == "token":
                     try:
-                        event = self.cursor.advance(event)
+                        event = self.cursor(event.get("choice", 0)).advance(event)
                     except ReplayDiverged as exc:
                         yield self._diverged(str(exc))
                         return
@@ -194,6 +196,9 @@ class Waiter:
                     return
             yield None
 
+    def cursor(self, choice: int = 0) -> StreamCursor:
+        """What the client has been sent of one choice."""
+        return self.cursors.setdefault(choice, StreamCursor())
 
     def _diverged(self, why: str) -> dict:
         self.diverged = (f"the stream ends here: its worker stopped and {why}; GET "

@@ -246,11 +246,12 @@ def test_openai_client_streams_a_chat_from_a_cold_function(cluster: Cluster, sto
     assert "gpt" in {m.id for m in client.models.list()}
     stream = client.chat.completions.create(
         model="gpt", messages=[{"role": "user", "content": "Hello, how are you?"}],
-        max_tokens=8, temperature=0, stream=True)
-    chunks = list(stream)
+        max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True})
+    *chunks, last = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
-    assert chunks[-1].usage.completion_tokens == 8 or chunks[-1].choices[0].finish_reason == "stop"
+    assert last.choices == [] and all(c.usage is None for c in chunks)  # usage comes last
+    assert last.usage.completion_tokens == 8 or chunks[-1].choices[0].finish_reason == "stop"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     (cold, stored) = cluster.query("SELECT cold, output->>'text' FROM invocations i "
                                    "JOIN functions f ON f.id = i.function_id "

@@ -81,3 +81,13 @@ def test_the_waiter_ends_the_stream_with_an_error_when_a_retry_differs():
 ])
 def test_held_back_is_the_longest_end_that_starts_a_stop_string(text, stops, held):
     assert held_back(text, stops) == held
+
+
+def test_a_replay_slices_every_per_token_list():
+    c = StreamCursor()
+    c.advance(tok(0, [1, 2], 0, "ab"))
+    out = c.advance(tok(1, [2, 3], 1, "bc", logprobs=[-0.2, -0.3],
+                        top_logprobs=[[[2, -0.2]], [[3, -0.3]]], text_offsets=[1, 2]))
+    assert out["token_ids"] == [3]
+    assert (out["logprobs"], out["top_logprobs"], out["text_offsets"]) == (
+        [-0.3], [[[3, -0.3]]], [2])

@@ -73,6 +73,7 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
 def _accept(rt, name: str, body: InvokeRequest, kind: str, listener, stream: bool = False):
     target = functions.get_target(db(), g.principal, name)
     servable.refuse(target.version, target.unservable_reason)  # its starts kept failing
+    body = admission.with_model_defaults(target, body, rt.tokenizers)  # generation_config.json
     admission.check_input(target, body, rt.tokenizers)  # a 400 now, not after a cold start
     inv_id = invocations.new_id()
     events = listener.subscribe(inv_id) if listener else None

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gpu_runtime.channel import ChannelError
+from gpu_runtime.detokenize import IncrementalDetokenizer
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.sampling import SamplingParams
@@ -49,27 +50,50 @@ NOT_A_REQUESTS_DOING = (pika.exceptions.AMQPError, SQLAlchemyError, ChannelError
 
 
 @dataclass(slots=True)
+class Choice:
+    """One of an invocation's ``n`` choices: what it generated and what was streamed of it."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    sent_text: str = ""
+    text: str = ""  # the engine's text (cut before a stop string); "" until it has one
+    finish_reason: str | None = None
+    top_logprobs: list[list] = field(default_factory=list)  # per token: [[id, logprob], ...]
+    detok: IncrementalDetokenizer | None = None  # None: the model has no tokenizer
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
 class Active:
     """An invocation in the engine."""
 
     inv_id: str
     delivery_tag: int
     reply_to: str | None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    sent_text: str = ""
+    choices: list[Choice] = field(default_factory=lambda: [Choice()])
     first_token_at: datetime | None = None
     want_logprobs: bool = False
     stream: bool = True  # token events wanted; otherwise only the final one
     stop: tuple[str, ...] = ()
     claimed_at: float = field(default_factory=time.time)
 
+    @property
+    def token_ids(self) -> list[int]:
+        """Choice 0's tokens (every choice gets its first token in the same step)."""
+        return self.choices[0].token_ids
+
 
 def sampling_params(req: dict) -> SamplingParams:
     return SamplingParams(max_tokens=req.get("max_tokens", DEFAULT_MAX_TOKENS),
                           temperature=req.get("temperature", 0.0), top_p=req.get("top_p", 1.0),
                           top_k=req.get("top_k", 0), seed=req.get("seed"),
-                          stop=tuple(req.get("stop", ())))
+                          stop=tuple(req.get("stop", ())),
+                          top_logprobs=req.get("top_logprobs", 0),
+                          presence_penalty=req.get("presence_penalty", 0.0),
+                          frequency_penalty=req.get("frequency_penalty", 0.0),
+                          repetition_penalty=req.get("repetition_penalty", 1.0),
+                          logit_bias=tuple((int(t), float(b))
+                                           for t, b in (req.get("logit_bias") or {}).items()))
 
 
 @dataclass(slots=True)
@@ -172,11 +196,18 @@ class Server:
     def _start(self, ch, tag: int, reply_to: str | None, msg: dict) -> bool:
         """Feeds one claimed request to the engine; False if its input failed (recorded)."""
         inv_id, req = msg["id"], msg["request"]
-        active = Active(inv_id, tag, reply_to, want_logprobs=bool(req.get("logprobs")),
+        n = req.get("n", 1)
+        active = Active(inv_id, tag, reply_to, [Choice() for _ in range(n)],
+                        want_logprobs=bool(req.get("logprobs")),
                         stream=msg.get("stream", True), stop=tuple(req.get("stop", ())))
         try:
             prompt_ids = self._prompt_ids(req)
-            self.engine.add_request(inv_id, prompt_ids, sampling_params(req))
+            tok = self.engine.tokenizer
+            for c in active.choices:  # each choice's text, decoded after the prompt's
+                c.detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
+                c.stop = active.stop
+            self.engine.add_request(inv_id, prompt_ids, sampling_params(req), n=n,
+                                    response_format=req.get("response_format"))
         except RuntimeInputError as exc:
             self._finish_failed(ch, active, "invalid_request_error", exc.message, exc.param)
             return False
@@ -244,7 +275,7 @@ class Server:
             except Exception as exc:  # noqa: BLE001 - decoding one request's output: it fails alone
                 self._fail_running(ch, active, out, exc)
                 continue
-            if out.finished:
+            if out.request_finished:
                 finished.append((active, out))
         if finished:
             self._finish_ok(ch, finished)
@@ -256,59 +287,76 @@ class Server:
     def _take(self, active: Active, out) -> None:
         if out.new_token_ids and active.first_token_at is None:
             active.first_token_at = utcnow()
-        active.token_ids += out.new_token_ids
-        active.logprobs += out.new_logprobs
-        self._stream(active, out)
+        choice = active.choices[out.index]
+        choice.token_ids += out.new_token_ids
+        choice.logprobs += out.new_logprobs
+        choice.top_logprobs += out.new_top_logprobs
+        if choice.detok is not None:
+            choice.detok.add(out.new_token_ids)
+            if out.finished:
+                choice.detok.finish()
+        choice.text, choice.finish_reason = out.text, out.finish_reason
+        self._stream(active, choice, out)
 
     def _fail_running(self, ch, active: Active, out, exc: Exception) -> None:
         log.warning("invocation %s: its output could not be processed (%s)", active.inv_id,
                     type(exc).__name__)
-        if not out.finished:
+        if not out.request_finished:
             self.engine.abort(active.inv_id)
         self._finish_failed(ch, active, "internal_error",
                             f"the output of this request could not be decoded: {describe(exc)}",
                             None)
 
-    def _stream(self, active: Active, out) -> None:
+    def _stream(self, active: Active, choice: Choice, out) -> None:
         if not active.reply_to or not active.stream or not out.new_token_ids:
             return
-        text = self._text(active, out)
+        text = self._text(choice)
         if not out.finished:  # hold back a split UTF-8 sequence and a possible stop string
             text = text.rstrip(INCOMPLETE)
             text = text[:len(text) - held_back(text, active.stop)]
-        sent = active.sent_text
+        sent = choice.sent_text
         if len(text) < len(sent):
             text = sent  # what was held back can only grow the text, never take it back
-        delta, active.sent_text = text[len(sent):], text
-        # where this event starts, so that a client fed by a retry skips what it has seen
-        index = len(active.token_ids) - len(out.new_token_ids)
+        delta, choice.sent_text = text[len(sent):], text
+        # where this event starts in its choice, so that a client fed by a retry skips what it
+        # has seen
+        index = len(choice.token_ids) - len(out.new_token_ids)
         self._event(active.reply_to, active.inv_id, {
-            "type": "token", "token_ids": out.new_token_ids, "text": delta, "index": index,
-            "text_offset": len(sent),
-            **({"logprobs": out.new_logprobs} if active.want_logprobs else {})})
+            "type": "token", "choice": out.index, "token_ids": out.new_token_ids,
+            "text": delta, "index": index, "text_offset": len(sent),
+            **(self._logprob_fields(choice, out) if active.want_logprobs else {})})
 
-    def _text(self, active: Active, out) -> str:
-        if out.text:
-            return out.text
+    @staticmethod
+    def _logprob_fields(choice: Choice, out) -> dict:
+        """Per new token: its logprob, the top ones asked for, and where its text starts."""
+        new = len(out.new_token_ids)
+        offsets = choice.detok.offsets[-new:] if choice.detok is not None else [0] * new
+        return {"logprobs": out.new_logprobs, "top_logprobs": out.new_top_logprobs,
+                "text_offsets": offsets}
+
+    def _text(self, choice: Choice) -> str:
+        if choice.detok is not None:  # incremental, with the prompt's context: see detokenize
+            return before_stop(choice.detok.text, choice.stop)
+        if choice.text:
+            return choice.text
         tok = self.engine.tokenizer
-        return tok.decode(active.token_ids) if tok is not None else ""
+        return tok.decode(choice.token_ids) if tok is not None else ""
 
     def _finish_ok(self, ch, finished: list) -> None:
         """Records a step's finished requests in one transaction, then acks and tells the API."""
         outcomes, done = [], []
         for active, out in finished:
             try:
-                text = self._text(active, out)
+                choices = [self._choice_output(active, i) for i in range(len(active.choices))]
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 self._fail_running(ch, active, out, exc)
                 continue
             done.append((active, out))
-            output = {"text": text, "token_ids": active.token_ids,
-                      "finish_reason": out.finish_reason}
-            if active.want_logprobs:
-                output["logprobs"] = active.logprobs
+            # choice 0 at the top level, as before ``n``; every choice under "choices"
+            output = {k: v for k, v in choices[0].items() if k != "index"} | {"choices": choices}
+            tokens_out = sum(len(c.token_ids) for c in active.choices)
             outcomes.append(ledger.Outcome(active.inv_id, output, out.num_prompt_tokens,
-                                            out.num_output_tokens, active.first_token_at))
+                                            tokens_out, active.first_token_at))
         recorded = self.ledger.run(ledger.complete, outcomes)
         for (active, _out), outcome in zip(done, outcomes, strict=True):
             ch.basic_ack(active.delivery_tag)
@@ -319,6 +367,17 @@ class Server:
             self._event(active.reply_to, active.inv_id, {
                 "type": "done", **outcome.output,
                 **({"invocation": jsonable(row)} if row else {})})
+
+    def _choice_output(self, active: Active, index: int) -> dict:
+        choice = active.choices[index]
+        out = {"index": index, "text": self._text(choice), "token_ids": choice.token_ids,
+               "finish_reason": choice.finish_reason}
+        if active.want_logprobs:
+            out["logprobs"] = choice.logprobs
+            out["top_logprobs"] = choice.top_logprobs
+            out["text_offsets"] = (choice.detok.offsets if choice.detok is not None
+                                   else [0] * len(choice.token_ids))
+        return out
 
     def _finish_failed(self, ch, active: Active, kind: str, message: str, param: str | None) -> None:
         self.ledger.run(ledger.fail, active.inv_id, kind, message, param)
@@ -355,6 +414,12 @@ def fault_prompt() -> list[int] | None:
     while prefilling it, as a crash in native code would."""
     value = os.environ.get("HYDRA_FAULT_ABORT_PROMPT", "")
     return [int(t) for t in value.split(",")] if value else None
+
+
+def before_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` cut before the earliest stop string in it (the engine stops there)."""
+    hits = [text.find(s) for s in stops if s in text]
+    return text[:min(hits)] if hits else text
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -418,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     p = prepare(args.instance_id)
     a = p.assignment
     engine = LLMEngine(EngineConfig(
-        model=a.model_dir(), pp=a.pp, num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
+        # a sequential-policy start hands over the fresh copy its node agent downloaded
+        model=os.environ.get("HYDRA_MODEL_DIR") or a.model_dir(), pp=a.pp,
+        num_threads=args.threads, kv_cache_bytes=a.kv_cache_bytes,
         stage_addresses=a.addresses if a.pp > 1 else None))
     timeline["load_end"] = timeline["ready"] = time.time()
     try:
