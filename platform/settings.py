@@ -17,6 +17,9 @@ from pathlib import Path
 DEFAULT_API_THREADS = 64
 
 
+POLICIES = ("hydra", "pp1", "sequential")  # scheduler/policies.py
+
+
 class SettingsError(ValueError):
     """A ``HYDRA_*`` variable holds a value we cannot use."""
 
@@ -68,6 +71,8 @@ class Settings:
     # signs the console's session cookie; unset: derived from admin_key (docs/console.md)
     console_secret: str | None = None
     console_idle_minutes: int = 30  # a console session unused this long must log in again
+    # how the scheduler starts functions (scheduler/policies.py): hydra, pp1 or sequential
+    scheduler_policy: str = "hydra"
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -80,6 +85,9 @@ class Settings:
                 "use amqp://user:password@host:5672//")
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise SettingsError("HYDRA_ADMIN_KEY must be at least 16 characters long")
+        if self.scheduler_policy not in POLICIES:
+            raise SettingsError(f"HYDRA_SCHEDULER_POLICY={self.scheduler_policy!r} is not a "
+                                f"policy; allowed: {', '.join(POLICIES)}")
         if self.console_secret is not None and len(self.console_secret) < 32:
             raise SettingsError("HYDRA_CONSOLE_SECRET must be at least 32 characters long; "
                                 "make one with: python -c 'import secrets; "
@@ -126,6 +134,7 @@ class Settings:
             "cluster_max_in_flight": _env_int("HYDRA_CLUSTER_MAX_IN_FLIGHT", 512, 0, 10_000_000),
             "console_secret": env.get("HYDRA_CONSOLE_SECRET") or None,
             "console_idle_minutes": _env_int("HYDRA_CONSOLE_IDLE_MINUTES", 30, 1, 7 * 24 * 60),
+            "scheduler_policy": env.get("HYDRA_SCHEDULER_POLICY", "hydra"),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

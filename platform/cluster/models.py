@@ -57,6 +57,8 @@ class Plan(Base):
     predicted_tpot_ms: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     reason: Mapped[str] = mapped_column(String(512), default="")
+    # the scheduler policy it was made under (scheduler/policies.py)
+    policy: Mapped[str] = mapped_column(String(16), default="hydra", server_default="hydra")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

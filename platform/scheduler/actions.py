@@ -80,13 +80,15 @@ def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float
     return plan or plan_cold_start(req, nodes, cfg)
 
 
-def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan) -> int:
-    """Records the plan, its instances and their usage records, then starts every stage."""
+def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan,
+           policy: str = "hydra") -> int:
+    """Records the plan (made under ``policy``), its instances and their usage records, then
+    starts every stage."""
     deadline = {node: r.seconds_left for node, r in plan.reservations.items()}
     stages = [StageRecord(s.stage, s.node_id, s.device_id, s.memory_bytes, s.full_share,
                           s.fetch_bytes, deadline.get(s.node_id, 0)) for s in plan.stages]
     instances = cluster.record_group(session, fv, plan.pp, stages, plan.reason,
-                                     plan.predicted_ttft_s, plan.predicted_tpot_s)
+                                     plan.predicted_ttft_s, plan.predicted_tpot_s, policy)
     try:
         for inst in instances:
             sender.start_stage(inst.node_id, inst.id)

@@ -27,7 +27,7 @@ from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, mus
 from hydraserve.functions import servable
 from hydraserve.functions.models import Function, FunctionVersion
 from hydraserve.invocations import service as invocations
-from hydraserve.scheduler import actions, profiles
+from hydraserve.scheduler import actions, policies, profiles
 from hydraserve.scheduler.actions import Profile, Sender
 from hydraserve.scheduler.planner import PlannerConfig
 from hydraserve.settings import Settings
@@ -77,7 +77,9 @@ class Scheduler:
                  sessions: sessionmaker | None = None,
                  presence_grace_s: float = PRESENCE_GRACE_S) -> None:
         self.settings = settings
-        self.cfg, self.profile = cfg or PlannerConfig(), profile or Profile()
+        self.policy = settings.scheduler_policy  # scheduler/policies.py
+        self.cfg = policies.planner_config(self.policy, cfg or PlannerConfig())
+        self.profile = profile or Profile()
         if sender is None:
             from hydraserve.tasks.celery_app import celery_app
 
@@ -226,7 +228,7 @@ class Scheduler:
             if plan is None:
                 log.info("function version %s: no node fits now; %d request(s) wait", fv_id, queued)
                 continue
-            actions.launch(s, self.sender, fv, plan)
+            actions.launch(s, self.sender, fv, plan, self.policy)
 
     def may_start(self, s: Session, fv: FunctionVersion) -> bool:
         """False while the version backs off from failed starts, or once it is unservable

@@ -36,6 +36,7 @@ class PlannerConfig:
     hop_s: float = 0.002  # per-token cost of one pipeline hop
     kv_reserve_fraction: float = 0.25  # KV cache reserve, as a fraction of model bytes
     max_pp: int = MAX_PP
+    use_cache: bool = True  # restart where the node caches hold the model (no fetch)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_pp <= MAX_PP:
@@ -134,7 +135,7 @@ def inflation(pp: int, n_full: int) -> float:
 
 def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = PlannerConfig()) -> Plan | None:
     """Chooses how to start one more instance of ``req``'s model; see the module docstring."""
-    cached = _plan_from_cache(req, nodes, cfg)
+    cached = _plan_from_cache(req, nodes, cfg) if cfg.use_cache else None
     if cached is not None and cached.slo_met:
         return cached
     open_nodes = [n for n in nodes if n.link.admits_one_more()]

@@ -31,6 +31,7 @@ def test_environment_overrides(monkeypatch, tmp_path):
     ("HYDRA_DATABASE_URL", "mysql://x", "not a PostgreSQL URL"),
     ("HYDRA_BROKER_URL", "redis://x", "not an AMQP URL"),
     ("HYDRA_ADMIN_KEY", "short", "at least 16"),
+    ("HYDRA_SCHEDULER_POLICY", "fastest", "allowed: hydra, pp1, sequential"),
 ])
 def test_bad_values_are_named(monkeypatch, var, value, fragment):
     monkeypatch.setenv(var, value)

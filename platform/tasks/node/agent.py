@@ -14,20 +14,23 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from gpu_runtime.store.link import LinkConfig, NodeLink
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.presence import Presence
 from hydraserve.cluster.service import DeviceSpec
 from hydraserve.db import make_engine, make_session_factory
 from hydraserve.invocations import quarantine
 from hydraserve.settings import Settings
-from hydraserve.tasks.node import prefill_marker
+from hydraserve.tasks.node import prefill_marker, sequential
 from hydraserve.tasks.node.assignment import load_assignment
 
 log = logging.getLogger("hydraserve.node")
@@ -71,6 +74,12 @@ class NodeAgent:
             self.coldstart = ColdStarter(f"{self.settings.queue_prefix}{self.node_id}",
                                          self.cache_bytes, self.link_mbps, self.num_prestarted,
                                          self.threads_per_worker)
+        # the node's one (emulated) link: the prefetcher's, which sequential-policy downloads
+        # share; fresh copies of those downloads, by instance
+        self.link = self.coldstart.prefetcher.link if self.coldstart else NodeLink(
+            self.node_id, LinkConfig(bandwidth_mb_s=self.link_mbps / 8 if self.link_mbps else None))
+        self.scratch = Path(tempfile.gettempdir()) / f"hydra-fresh-{self.settings.queue_prefix}{self.node_id}"
+        self.fresh_dirs: dict[int, Path] = {}
 
     # ---- life cycle -----------------------------------------------------------------------
 
@@ -94,7 +103,7 @@ class NodeAgent:
                 "idle_workers": cs.pool.num_booted if cs else 0,
                 **({"metrics_port": self.metrics_port} if self.metrics_port else {}),
                 **({"presence_key": self.presence.key} if self.presence else {}),
-                **(link_use(cs.prefetcher.link) if cs else {})}
+                **link_use(self.link)}
 
     def _boot_pool(self) -> None:
         """Reports the node fully warm once its pre-started workers have booted."""
@@ -172,6 +181,7 @@ class NodeAgent:
         with self._lock:
             self.children.pop(instance_id, None)
             self.signalled.discard(instance_id)
+        sequential.remove(self.fresh_dirs.pop(instance_id, None))
         log.info("instance %s exited with %s", instance_id, code)
 
     def _suspect(self, instance_id: int, cause: str | None) -> None:
@@ -199,7 +209,9 @@ class NodeAgent:
                 return
             a = load_assignment(s, instance_id)
         try:
-            proc = self.coldstart.launch(self.sessions, a) if self.coldstart else self._spawn(a)
+            proc: Any = (self._start_sequential(a) if a.policy == "sequential"
+                         else self.coldstart.launch(self.sessions, a) if self.coldstart
+                         else self._spawn(a))
         except Exception as exc:  # noqa: BLE001 - any start failure is recorded for a re-plan
             log.warning("instance %s could not start: %s", instance_id, exc)
             with self.sessions() as s:
@@ -212,12 +224,22 @@ class NodeAgent:
         log.info("instance %s: stage %d/%d started as pid %d", instance_id, a.stage_index, a.pp,
                  proc.pid)
 
-    def _spawn(self, a) -> subprocess.Popen:
+    def _start_sequential(self, a) -> subprocess.Popen:
+        """The sequential policy: the whole checkpoint over the link first, then a fresh
+        worker that loads it from the files (tasks/node/sequential.py)."""
+        dest, phases = sequential.download(a, self.link, self.scratch)
+        self.fresh_dirs[a.instance_id] = dest
+        with self.sessions() as s:
+            cluster.add_timeline(s, a.instance_id, phases | {"node": self.node_id})
+            s.commit()
+        return self._spawn(a, {"HYDRA_MODEL_DIR": str(dest)})
+
+    def _spawn(self, a, env: dict[str, str] | None = None) -> subprocess.Popen:
         log_path = os.path.join(self.log_dir, f"instance-{a.instance_id}.log") if self.log_dir \
             else os.devnull
         with open(log_path, "ab") as out:  # the child keeps its own descriptor
             return subprocess.Popen(self._argv(a), stdout=out, stderr=subprocess.STDOUT,
-                                    env=os.environ.copy(), stdin=subprocess.DEVNULL,
+                                    env=os.environ | (env or {}), stdin=subprocess.DEVNULL,
                                     preexec_fn=_die_with_parent)
 
     def _argv(self, a) -> list[str]:

@@ -36,6 +36,7 @@ class Assignment:
     memory_bytes: int  # this stage's device memory share
     model_bytes: int
     plan_time: float
+    policy: str = "hydra"  # the scheduler policy of its plan (scheduler/policies.py)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -63,7 +64,7 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
         weight_files=tuple(sorted(model.file_sizes)), dtype=model.dtype, pp=plan.pp,
         stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
         group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
-        model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp())
+        model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp(), policy=plan.policy)
 
 
 def model_index(session: Session, model_id: int) -> CheckpointIndex:

@@ -232,3 +232,19 @@ def test_smallest_feasible_pipeline_is_chosen(req, nodes):
         narrower = PlannerConfig(CFG.init_overhead_s, CFG.hop_s, CFG.kv_reserve_fraction, smaller)
         other = plan_cold_start(one, nodes, narrower)
         assert other is None or not other.slo_met, (smaller, other)
+
+
+def test_the_baseline_policies_plan_one_whole_model_and_sequential_ignores_the_caches():
+    from hydraserve.scheduler.policies import planner_config
+
+    nodes = [node(n) for n in "abcd"]
+    assert plan_cold_start(request(ttft_slo_s=7.5), nodes, planner_config("hydra", CFG)).pp == 4
+    pp1 = plan_cold_start(request(ttft_slo_s=7.5), nodes, planner_config("pp1", CFG))
+    assert pp1.pp == 1 and not pp1.slo_met  # the closest it has: one stage over one link
+    cached = [node("a", mbps=1000), node("b", mbps=10, cached=[7])]
+    assert plan_cold_start(request(ttft_slo_s=5), cached,
+                           planner_config("pp1", CFG)).stages[0].fetch_bytes == 0
+    fresh = plan_cold_start(request(ttft_slo_s=5), cached, planner_config("sequential", CFG))
+    assert fresh.pp == 1 and fresh.stages[0].node_id == "a" and fresh.stages[0].fetch_bytes > 0
+    with pytest.raises(ValueError, match="unknown scheduler policy"):
+        planner_config("fastest", CFG)
