@@ -21,6 +21,7 @@ from hydraserve.metrics import RATE_LIMITED
 from hydraserve.settings import Settings
 from hydraserve.tenants.fairness import Congestion, RequestSlots
 from hydraserve.tenants.guard import AuthFailures
+from hydraserve.tenants.keycache import KeyCache
 from hydraserve.tenants.service import bootstrap_admin_key
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Extension:
     session_factory: sessionmaker
     tokenizers: Tokenizers = field(default_factory=Tokenizers)  # for checks before queueing
     auth_failures: AuthFailures = field(init=False)
+    keys: KeyCache = field(default_factory=KeyCache)  # recently authenticated API keys
     slots: RequestSlots = field(init=False)  # request threads, shared fairly between tenants
     congestion: Congestion = field(init=False)  # how many of them the cluster serves at once
     _publisher: Publisher | None = None

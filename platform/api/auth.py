@@ -6,7 +6,7 @@ from flask import request
 
 from hydraserve.api.context import db, extension
 from hydraserve.errors import AuthenticationFailed, PermissionDenied
-from hydraserve.tenants.service import Principal, authenticate
+from hydraserve.tenants.service import Principal, authenticate, hash_key
 
 
 def bearer_key() -> str:
@@ -26,11 +26,17 @@ def require(role: str) -> Principal:
     failures = extension().auth_failures
     address = request.remote_addr or "unknown"
     failures.check(address)
-    try:
-        who = authenticate(db(), bearer_key())
-    except AuthenticationFailed:
-        failures.failed(address)
-        raise
+    key = bearer_key()
+    digest = hash_key(key)
+    keys = extension().keys
+    who = keys.get(digest)
+    if who is None:
+        try:
+            who = authenticate(db(), key)
+        except AuthenticationFailed:
+            failures.failed(address)
+            raise
+        keys.put(digest, who)
     if role == "admin" and not who.is_admin:
         raise PermissionDenied("this endpoint needs an admin key; this key is a tenant key")
     return who

@@ -41,6 +41,11 @@ def over_share(held: int, in_use: int, capacity: int, holders: int) -> int | Non
     return share if held >= share else None
 
 
+def fair_part(capacity: int, holders: int) -> float:
+    """The part of a short pool each of ``holders`` users may have, unrounded."""
+    return (capacity - capacity // 4) / max(1, holders)
+
+
 class Congestion:
     """How many invocations this API process should have in flight at once to keep the cluster
     out of queueing, from the TTFT of the warm invocations it follows (additive increase,
@@ -53,7 +58,7 @@ class Congestion:
 
     STEP_S, WINDOW_S, BEST_S = 0.25, 1.0, 30.0
 
-    def __init__(self, ceiling: int, floor: int = 8, clock=time.monotonic) -> None:
+    def __init__(self, ceiling: int, floor: int = 2, clock=time.monotonic) -> None:
         self.ceiling, self.floor, self.clock = ceiling, min(floor, ceiling), clock
         self.limit = ceiling
         self._best: dict[int, tuple[float, float, float]] = {}  # version -> (cur, prev, since)
@@ -97,8 +102,8 @@ class RequestSlots:
     A tenant that took a slot within the last ``ACTIVE_S`` counts as a holder even between its
     requests: a trickle of short requests holds a slot only now and then, and would otherwise
     leave its part to a tenant that keeps every slot it can get. And a tenant over its part
-    now, but whose slots averaged over the last seconds (``AVERAGE_S``) are under half of it, is
-    let in: a trickle's two requests that happen to overlap are not a tenant taking too much."""
+    now, but whose slots averaged over the last seconds (``AVERAGE_S``) are under half of its
+    part (unrounded, ``fair_part``: half a slot at a congestion limit of 2) is let in: a trickle's two requests that happen to overlap are not a tenant taking too much."""
 
     ACTIVE_S = 5.0
     AVERAGE_S = 2.0
@@ -120,7 +125,8 @@ class RequestSlots:
             if len(active) > 1 and self.congestion is not None:
                 capacity = min(capacity, self.congestion.current())
             share = over_share(held, sum(self._held.values()), capacity, len(active))
-            if share is None or self._averaged(tenant_id, now) < share / 2:
+            part = fair_part(capacity, len(active))
+            if share is None or self._averaged(tenant_id, now) < part / 2:
                 self._change(tenant_id, now, +1)
                 self._seen[tenant_id] = now
                 return

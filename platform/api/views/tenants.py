@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from hydraserve.api.context import db
+from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
 from hydraserve.functions import servable
 from hydraserve.functions.schemas import FunctionOut, function_out
@@ -49,7 +49,9 @@ def get_tenant(tenant: str):
            auth="admin", body=TenantPatch, response=TenantOut, path_params=TENANT)
 def patch_tenant(tenant: str, body: TenantPatch):
     limits = body.limits.model_dump(exclude_none=True)
-    return tenant_out(service.set_limits(db(), tenant, limits)).model_dump(mode="json")
+    out = tenant_out(service.set_limits(db(), tenant, limits)).model_dump(mode="json")
+    extension().keys.clear()  # the cached principals carry the old limits
+    return out
 
 
 @operation(bp, "/v1/admin/tenants/<tenant>/keys", "POST", summary="Issue an API key",
@@ -73,6 +75,7 @@ def list_keys(tenant: str):
                                     "maximum": service.MAX_ID}})
 def revoke_key(key_id: int):
     row = service.revoke_key(db(), key_id)
+    extension().keys.clear()  # refused from now on in this process, within TTL_S in the others
     return key_out(row, row.tenant.name).model_dump(mode="json")
 
 

@@ -241,3 +241,28 @@ def test_a_trickles_overlapping_requests_are_let_in_a_hog_is_not():
     for _ in range(4):  # the trickle's overlapping requests: over 3 now, but it averages ~0
         slots.acquire(2)
     assert slots.held(2) == 4
+
+
+def test_at_a_small_congestion_limit_a_trickle_still_gets_its_overlapping_requests_in():
+    """At the congestion floor of 2 the parts are one slot each: a trickle averaging under
+    half a slot is let in when two of its requests overlap; the hog holding both is not."""
+    clock = Clock()
+    c = Congestion(ceiling=64, floor=2, clock=clock)
+    slots = RequestSlots(64, c, clock=clock)
+    slots.acquire(1)  # the hog takes two slots and keeps them
+    slots.acquire(1)
+    for _ in range(10):  # a trickle: a short request every half second
+        clock.now += 0.45
+        slots.acquire(2)
+        clock.now += 0.05
+        slots.release(2)
+    clock.now += 0.1
+    c.current()
+    c.limit = 2  # as after a long congested spell (no step is due before the next 0.25 s)
+    with pytest.raises(RateLimited):
+        slots.acquire(1)
+    slots.acquire(2)
+    slots.acquire(2)  # two of the trickle's requests overlap: both in
+    assert slots.held(2) == 2
+    with pytest.raises(RateLimited):
+        slots.acquire(1)
