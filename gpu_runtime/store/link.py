@@ -113,8 +113,9 @@ class NodeLink:
         with self._lock:
             return list(self._history)
 
-    def recent_rate(self, last: int = 8) -> float | None:
-        """Bytes per second of the last ``last`` fetches together; None before any."""
-        recent = self.recent()[-last:]
+    def recent_rate(self, last: int = 8, min_bytes: int = 0) -> float | None:
+        """Bytes per second of the last ``last`` fetches of at least ``min_bytes`` together;
+        None before any."""
+        recent = [f for f in self.recent() if f.bytes >= min_bytes][-last:]
         seconds = sum(f.seconds for f in recent)
         return sum(f.bytes for f in recent) / seconds if seconds > 0 else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from gpu_runtime.checkpoint import CheckpointError, Source
 from gpu_runtime.errors import RuntimeInputError
@@ -80,17 +81,18 @@ def load_tokenizer(uri: str) -> Tokenizer | None:
                                  f"({type(exc).__name__}); retry shortly") from None
 
 
-def with_model_defaults(target: Target, body: InvokeRequest,
-                        tokenizers: Tokenizers) -> InvokeRequest:
+def with_model_defaults(target: Target, body: InvokeRequest, tokenizers: Tokenizers,
+                        fallback: Mapping[str, object] | None = None) -> InvokeRequest:
     """``body`` with the model's sampling defaults (its ``generation_config.json``:
     temperature, top_p, top_k) in the fields the request did not set. Applied here, before the
     request is stored, so that the stored request is what the worker runs and a sampled one
-    gets its seed (``service.accept``). The OpenAI-compatible endpoints set every field from
-    OpenAI's own defaults, so these apply to native invocations only (not yet to those)."""
+    gets its seed (``service.accept``). ``fallback`` fills what is still unset after them (the
+    OpenAI-compatible endpoints pass OpenAI's documented defaults)."""
     if body.model_fields_set >= SAMPLING_DEFAULTS:
         return body
     tok = tokenizers.get(target)  # read once per model with its tokenizer (cached)
-    defaults = tok.generation.sampling_defaults() if tok is not None else {}
+    defaults = dict(fallback or {}) | (tok.generation.sampling_defaults() if tok is not None
+                                       else {})
     unset = {k: v for k, v in defaults.items() if k not in body.model_fields_set}
     return body.model_copy(update=unset) if unset else body
 

@@ -13,6 +13,9 @@ from hydraserve.invocations.models import Invocation, Status
 from hydraserve.validation import NonEmptyText, Strict, Text
 
 DEFAULT_MAX_TOKENS = 64  # an invocation that does not say
+# OpenAI's documented defaults, for what neither the request nor the model's
+# generation_config.json sets (admission.with_model_defaults)
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
 OPENAI_DEFAULT_MAX_TOKENS = 16  # an OpenAI-compatible request that does not say (OpenAI's own)
 MAX_TOKENS = 4096  # the most new tokens one request may ask for
 MAX_SEED = 2**31 - 1
@@ -215,10 +218,12 @@ class OpenAIBase(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stop) > 4:
             raise InvalidRequest(f"stop has {len(stop)} strings; at most 4 are allowed", "stop")
-        fields = self.model_dump(include={
-            "temperature", "top_p", "top_k", "seed", "n", "presence_penalty",
-            "frequency_penalty", "repetition_penalty", "logit_bias", "response_format"},
-            exclude_none=True)
+        # temperature, top_p and top_k only when the client set them: the model's
+        # generation_config.json defaults come first, then OpenAI's (OPENAI_SAMPLING)
+        chosen = {"temperature", "top_p", "top_k"} & self.model_fields_set
+        fields = self.model_dump(include=chosen | {
+            "seed", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
+            "logit_bias", "response_format"}, exclude_none=True)
         return fields | self.logprob_fields() | {
             "max_tokens": self.max_new_tokens or default_max_tokens, "stop": stop}
 

@@ -18,11 +18,12 @@ UNCAPPED_BYTES_PER_S = 1.25e9  # the first guess for a node without an emulated 
 
 
 def link_of(node: Node, fetches: list[Reservation]) -> Link:
-    """The node's link as the planner sees it: what its last fetches achieved (the node agent
-    reports their rate in each heartbeat, ``info.link_mb_per_s``), never above its emulated
-    cap; before any fetch, the cap, or the first guess for an uncapped node."""
+    """The node's link as the planner sees it: what its last fetches of 8 MiB or more achieved
+    (the node agent reports their rate in each heartbeat, ``info.link_bandwidth_mb_per_s``),
+    never above its emulated cap; before any such fetch, the cap, or the first guess for an
+    uncapped node."""
     cap = node.link_mbps * 125_000 if node.link_mbps else None
-    measured = (node.info or {}).get("link_mb_per_s")
+    measured = (node.info or {}).get("link_bandwidth_mb_per_s")
     bps = measured * 1e6 if isinstance(measured, int | float) and measured > 0 else None
     if bps is None:
         bps = cap or UNCAPPED_BYTES_PER_S

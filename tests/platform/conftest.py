@@ -68,3 +68,20 @@ def queued(client, acme, register):
                 for _ in range(n)]
 
     return make
+
+
+@pytest.fixture
+def fn(acme, register):
+    """acme's function "fn" (the tiny Llama); returns acme's headers."""
+    assert register(acme, "fn").status_code == 201
+    return acme
+
+
+def invocation_count(db_session) -> int:
+    """Invocations stored so far (a request refused before queueing adds none)."""
+    from sqlalchemy import func, select
+
+    from hydraserve.invocations.models import Invocation
+
+    return db_session.scalar(select(func.count()).select_from(Invocation))
+

@@ -4,27 +4,12 @@ choice (positions are per choice)."""
 
 from __future__ import annotations
 
-import queue
-
-from hydraserve.invocations.replies import Waiter
+from tests.platform.test_stream_resume import follow
 
 
 def tok(choice: int, index: int, ids: list[int], text: str, text_offset: int) -> dict:
     return {"type": "token", "choice": choice, "token_ids": ids, "text": text,
             "index": index, "text_offset": text_offset}
-
-
-class Listener:
-    def unsubscribe(self, _inv_id: str) -> None:
-        pass
-
-
-def follow(events: list[dict]) -> tuple[list[dict], Waiter]:
-    q: queue.Queue = queue.Queue()
-    for e in events:
-        q.put(e)
-    waiter = Waiter(lambda: None, Listener(), "inv_n", q)  # sessions unused: events end it
-    return [e for e in waiter.follow(5.0) if e is not None], waiter
 
 
 def test_each_choice_has_its_own_cursor_across_a_retry():

@@ -44,16 +44,17 @@ def sync_deadline_s() -> float:
     return value
 
 
-def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool = False):
+def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool = False,
+          fallback: dict | None = None):
     """Accepts an invocation; with ``follow``, subscribes to its events first (every token with
     ``stream``, else only the outcome), holding one of this process's request slots until the
     waiter closes (a 429 when the tenant is over its fair share of them)."""
     rt, who = extension(), g.principal
     if not follow:
-        return _accept(rt, name, body, kind, None)
+        return _accept(rt, name, body, kind, None, fallback=fallback)
     rt.slots.acquire(who.tenant_id)
     try:
-        function, inv, waiter = _accept(rt, name, body, kind, rt.listener(), stream)
+        function, inv, waiter = _accept(rt, name, body, kind, rt.listener(), stream, fallback)
     except BaseException:
         rt.slots.release(who.tenant_id)
         raise
@@ -70,10 +71,11 @@ def start(name: str, body: InvokeRequest, kind: str, follow: bool, stream: bool 
     return function, inv, waiter
 
 
-def _accept(rt, name: str, body: InvokeRequest, kind: str, listener, stream: bool = False):
+def _accept(rt, name: str, body: InvokeRequest, kind: str, listener, stream: bool = False,
+            fallback: dict | None = None):
     target = functions.get_target(db(), g.principal, name)
     servable.refuse(target.version, target.unservable_reason)  # its starts kept failing
-    body = admission.with_model_defaults(target, body, rt.tokenizers)  # generation_config.json
+    body = admission.with_model_defaults(target, body, rt.tokenizers, fallback)
     admission.check_input(target, body, rt.tokenizers)  # a 400 now, not after a cold start
     inv_id = invocations.new_id()
     events = listener.subscribe(inv_id) if listener else None

@@ -23,6 +23,7 @@ from hydraserve.invocations import service as invocations
 from hydraserve.invocations.replies import Waiter
 from hydraserve.invocations.schemas import (
     OPENAI_DEFAULT_MAX_TOKENS,
+    OPENAI_SAMPLING,
     ChatRequest,
     CompletionRequest,
     InvokeRequest,
@@ -80,7 +81,8 @@ def run(body: OpenAIBase, kind: str, inputs: dict):
         raise validation_error(exc) from None
     tok = tokenizer(body) if request.logprobs or echoes_ids(body) else None
     try:
-        _fn, inv, waiter = start(body.model, request, kind, follow=True, stream=body.stream)
+        _fn, inv, waiter = start(body.model, request, kind, follow=True, stream=body.stream,
+                                 fallback=OPENAI_SAMPLING)
     except NotFound:
         raise missing_model(body.model) from None
     shape = Shape(kind, inv.id, body.model, int(time.time()), tok, echo_text(body, tok),

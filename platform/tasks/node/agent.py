@@ -264,11 +264,17 @@ class NodeAgent:
             cluster.instance_exited(s, instance_id, 0)
 
 
+# a fetch smaller than this says more about its fixed costs than about the link's bandwidth
+BANDWIDTH_SAMPLE_BYTES = 8 << 20
+
+
 def link_use(link) -> dict:
-    """What the node's link has carried: bytes since start, and its last fetches' rate."""
-    rate = link.recent_rate()
+    """What the node's link has carried: bytes since start, its last fetches' rate, and the
+    bandwidth the planner reads (the rate of its last fetches big enough to show it)."""
+    rate, bandwidth = link.recent_rate(), link.recent_rate(min_bytes=BANDWIDTH_SAMPLE_BYTES)
     return {"link_bytes": link.total_bytes,
-            "link_mb_per_s": round(rate / 1e6, 2) if rate is not None else None}
+            "link_mb_per_s": round(rate / 1e6, 2) if rate is not None else None,
+            "link_bandwidth_mb_per_s": round(bandwidth / 1e6, 2) if bandwidth else None}
 
 
 _agent: NodeAgent | None = None

@@ -7,9 +7,8 @@ import uuid
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
 
-from hydraserve.invocations.models import Invocation
+from tests.platform.conftest import invocation_count as count
 
 LONG = "hello world " * 400  # well over the tiny model's 512-token context
 
@@ -17,16 +16,6 @@ LONG = "hello world " * 400  # well over the tiny model's 512-token context
 @pytest.fixture
 def settings(settings):
     return replace(settings, queue_prefix=f"a{uuid.uuid4().hex[:8]}.", sync_deadline_s=0)
-
-
-@pytest.fixture
-def fn(acme, register):
-    assert register(acme, "fn").status_code == 201
-    return acme
-
-
-def count(db_session) -> int:
-    return db_session.scalar(select(func.count()).select_from(Invocation))
 
 
 @pytest.mark.parametrize("path,body,param,fragment", [

@@ -26,12 +26,6 @@ def settings(settings):
                    max_body_bytes=64 << 10)
 
 
-@pytest.fixture
-def fn(acme, register):
-    assert register(acme, "fn").status_code == 201
-    return acme
-
-
 def post(client, headers, path: str, raw: str):
     return client.post(path, data=raw, headers=headers | {"Content-Type": "application/json"})
 

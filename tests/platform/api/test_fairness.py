@@ -220,6 +220,15 @@ def test_slots_follow_congestion_only_when_tenants_share_the_process():
     assert slots.held(2) == 2
 
 
+def trickle(slots: RequestSlots, clock: Clock, tenant: int, n: int) -> None:
+    """``n`` short requests of ``tenant``, one every half second, each 50 ms long."""
+    for _ in range(n):
+        clock.now += 0.45
+        slots.acquire(tenant)
+        clock.now += 0.05
+        slots.release(tenant)
+
+
 def test_a_trickles_overlapping_requests_are_let_in_a_hog_is_not():
     clock = Clock()
     slots = RequestSlots(8, clock=clock)  # 2 kept free; with 2 tenants, 3 each
@@ -228,11 +237,7 @@ def test_a_trickles_overlapping_requests_are_let_in_a_hog_is_not():
     slots.acquire(2)
     clock.now += 0.5
     slots.release(2)
-    for _ in range(20):  # a trickle: one short request every half second
-        clock.now += 0.45
-        slots.acquire(2)
-        clock.now += 0.05
-        slots.release(2)
+    trickle(slots, clock, 2, 20)
     for _ in range(3):
         slots.acquire(1)  # the hog now holds 6 of 8 (short), held for a while
     clock.now += 5
@@ -251,11 +256,7 @@ def test_at_a_small_congestion_limit_a_trickle_still_gets_its_overlapping_reques
     slots = RequestSlots(64, c, clock=clock)
     slots.acquire(1)  # the hog takes two slots and keeps them
     slots.acquire(1)
-    for _ in range(10):  # a trickle: a short request every half second
-        clock.now += 0.45
-        slots.acquire(2)
-        clock.now += 0.05
-        slots.release(2)
+    trickle(slots, clock, 2, 10)
     clock.now += 0.1
     c.current()
     c.limit = 2  # as after a long congested spell (no step is due before the next 0.25 s)

@@ -109,7 +109,7 @@ def test_invalid_bodies(client, acme, register, body, param):
 def test_openai_validation(client, acme, register):
     register(acme, "fn")
     resp = client.post("/v1/chat/completions", headers=acme,
-                       json={"model": "fn", "messages": [{"role": "user", "content": "x"}], "n": 2})
+                       json={"model": "fn", "messages": [{"role": "user", "content": "x"}], "n": 9})
     assert resp.status_code == 400 and resp.json["error"]["param"] == "n"
     resp = client.post("/v1/completions", headers=acme, json={"model": "nope", "prompt": "x"})
     assert resp.status_code == 404 and resp.json["error"]["param"] == "model"

@@ -28,12 +28,6 @@ def settings(settings):
     return replace(settings, queue_prefix=f"l{uuid.uuid4().hex[:8]}.", sync_deadline_s=0)
 
 
-@pytest.fixture
-def fn(acme, register):
-    assert register(acme, "fn").status_code == 201
-    return acme
-
-
 def set_limits(client, admin, tenant: str, **limits):
     return client.patch(f"/v1/admin/tenants/{tenant}", json={"limits": limits}, headers=admin)
 

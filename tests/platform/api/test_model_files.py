@@ -101,3 +101,28 @@ def test_without_generation_config_the_api_defaults_stay(client, acme, register,
                        headers=acme | ASYNC)
     req = db_session.get(Invocation, resp.json["id"]).request
     assert (req["temperature"], req["top_p"], req["top_k"]) == (0.0, 1.0, 0)
+
+
+def test_openai_requests_take_the_models_defaults_then_openais(client, acme, register, variant,
+                                                              db_session):
+    uri = variant("sampling-oai", lambda m: (m / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.8})))
+    assert register(acme, "sampled", model=uri).status_code == 201
+    assert register(acme, "plain").status_code == 201
+
+    def stored(body: dict) -> dict:
+        """The request an OpenAI completion stored (a stream, closed at once: no worker)."""
+        resp = client.post("/v1/completions", headers=acme, buffered=False,
+                           json={"prompt": "hello", "stream": True} | body)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        inv = db_session.scalars(select(Invocation).order_by(Invocation.queued_at.desc())
+                                 .limit(1)).one()
+        resp.close()  # the client goes away: the invocation is cancelled
+        return inv.request
+
+    req = stored({"model": "sampled"})  # the model's generation_config.json
+    assert (req["temperature"], req["top_p"]) == (0.7, 0.8) and isinstance(req["seed"], int)
+    req = stored({"model": "sampled", "temperature": 0.2})  # what the request sets wins
+    assert (req["temperature"], req["top_p"]) == (0.2, 0.8)
+    req = stored({"model": "plain"})  # no generation_config.json: OpenAI's own defaults
+    assert (req["temperature"], req["top_p"], req["top_k"]) == (1.0, 1.0, 0)

@@ -7,10 +7,9 @@ import uuid
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
 
-from hydraserve.invocations.models import Invocation
 from hydraserve.invocations.schemas import ChatRequest, CompletionRequest, InvokeRequest
+from tests.platform.conftest import invocation_count as count
 
 CHAT = {"model": "fn", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "fn", "prompt": "hi"}
@@ -19,16 +18,6 @@ COMPLETION = {"model": "fn", "prompt": "hi"}
 @pytest.fixture
 def settings(settings):
     return replace(settings, queue_prefix=f"o{uuid.uuid4().hex[:8]}.", sync_deadline_s=0)
-
-
-@pytest.fixture
-def fn(acme, register):
-    assert register(acme, "fn").status_code == 201
-    return acme
-
-
-def count(db_session) -> int:
-    return db_session.scalar(select(func.count()).select_from(Invocation))
 
 
 @pytest.mark.parametrize("path,body,param,fragment", [

@@ -103,7 +103,7 @@ def test_an_unmeasured_model_plans_with_the_first_guesses(s, function):
 
 def test_a_links_measured_rate_is_what_the_planner_sees_under_its_cap(s):
     add_nodes(s, "n0")
-    cluster.heartbeat(s, "n0", {"link_mb_per_s": 40.0})
+    cluster.heartbeat(s, "n0", {"link_mb_per_s": 3.0, "link_bandwidth_mb_per_s": 40.0})
     s.commit()
     (node,) = state.nodes_snapshot(s)
     assert node.link.bytes_per_s == pytest.approx(40e6)  # uncapped: measured, not 10 Gb/s
