@@ -26,11 +26,10 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hydraserve.cluster.models import Device, Instance, Plan
+from hydraserve.cluster.models import Device, Instance, ModelProfile, Plan, PlannerMeasurement
 from hydraserve.db import utcnow
 from hydraserve.functions.models import FunctionVersion
 from hydraserve.invocations.models import Invocation
-from hydraserve.scheduler.models import ModelProfile, PlannerMeasurement
 from hydraserve.scheduler.planner import PlannerConfig, inflation
 
 REFRESH_EVERY_S = 10.0

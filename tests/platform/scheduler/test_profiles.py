@@ -11,13 +11,12 @@ import pytest
 from sqlalchemy import select
 
 from hydraserve.cluster import service as cluster
-from hydraserve.cluster.models import Device
+from hydraserve.cluster.models import Device, ModelProfile, PlannerMeasurement
 from hydraserve.cluster.service import StageRecord
 from hydraserve.db import utcnow
 from hydraserve.functions.models import Function
 from hydraserve.invocations.models import Invocation
 from hydraserve.scheduler import actions, profiles, state
-from hydraserve.scheduler.models import ModelProfile, PlannerMeasurement
 from hydraserve.scheduler.planner import PlannerConfig, inflation
 from tests.platform.scheduler.test_decisions import add_nodes
 
