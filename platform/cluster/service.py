@@ -205,19 +205,22 @@ class StartFailures:
 
 
 def start_failures(session: Session, fv: FunctionVersion) -> StartFailures:
-    """The version's failed starts since it last had an instance ready (or an admin cleared
-    them), with the latest one's time and cause."""
+    """The version's failed starts (plans whose instances failed before they were ready) since
+    it last had an instance ready (or an admin cleared them), with the latest one's time and
+    cause."""
     since = session.scalar(select(func.max(Instance.ready_at)).where(
         Instance.function_version_id == fv.id))
     if fv.starts_cleared_at is not None and (since is None or fv.starts_cleared_at > since):
         since = fv.starts_cleared_at
-    q = select(Instance.released_at, Instance.error).where(
+    q = select(Instance.plan_id, Instance.released_at, Instance.error).where(
         Instance.function_version_id == fv.id, Instance.status == "failed",
         Instance.timeline.has_key("start_failed"))
     if since is not None:
         q = q.where(Instance.released_at > since)
     rows = session.execute(q.order_by(Instance.released_at.desc())).all()
-    return StartFailures(len(rows), rows[0][0] if rows else None, rows[0][1] if rows else None)
+    starts = {r.plan_id for r in rows}  # a pipeline's stages failing together are one start
+    return StartFailures(len(starts), rows[0].released_at if rows else None,
+                         rows[0].error if rows else None)
 
 
 def instance_exited(session: Session, instance_id: int, returncode: int) -> str | None:

@@ -498,3 +498,20 @@ def test_requests_queued_past_max_queue_s_fail_as_service_unavailable(sched, s, 
     assert "not started within 30 s (HYDRA_MAX_QUEUE_S)" in got[old].error["message"]
     assert got[old].finished_at is not None
     assert (got[young].status, got[young].error) == ("queued", None)
+
+
+def test_a_pipeline_whose_stages_fail_together_is_one_failed_start(s, function):
+    from hydraserve.cluster.models import Device
+    from hydraserve.cluster.service import StageRecord
+
+    add_nodes(s, "a", "b")
+    fv = function()
+    devices = [s.scalars(select(Device).where(Device.node_id == n)).one() for n in ("a", "b")]
+    group = cluster.record_group(s, fv, 2, [StageRecord(i, d.node_id, d.id, 1 << 20, i == 0,
+                                                         1 << 20, 5.0)
+                                            for i, d in enumerate(devices)], "test", 1.0, 0.01)
+    for inst in group:
+        cluster.fail_start(s, inst.id, "ChecksumError: the store served changed bytes")
+    s.commit()
+    failed = cluster.start_failures(s, s.get(FunctionVersion, fv.id))
+    assert failed.count == 1 and "ChecksumError" in failed.last_error
