@@ -184,6 +184,10 @@ def test_messages_with_names_text_parts_and_the_developer_role(client):
                                             {"type": "text", "text": "brief."}]}, *CHAT]
     assert say(parts) == say([{"role": "system", "content": "Be\nbrief."}, *CHAT])
     assert isinstance(say([{"role": "user", "name": "ann", "content": "hi"}]), str)
+    short = client.chat.completions.create(model="gpt", messages=CHAT, temperature=0,
+                                           max_completion_tokens=3, max_tokens=50)
+    assert short.usage.completion_tokens <= 3  # the newer field wins over max_tokens
+    assert short.choices[0].finish_reason == "length" or short.usage.completion_tokens < 3
 
 
 def test_what_would_change_the_result_is_refused(client):
