@@ -59,6 +59,13 @@ class IncrementalDetokenizer:
         return delta
 
 
+def before_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` cut before the earliest stop string in it (the engine stops there); the text
+    itself when none is in it."""
+    hits = [text.find(s) for s in stops if s in text]
+    return text[:min(hits)] if hits else text
+
+
 def context_window(tok: Decoder, prompt_ids: list[int]) -> tuple[int, int]:
     """``prompt_ids[start:end]``: up to CONTEXT_TOKENS prompt tokens that decode to whole
     characters, ending as late as possible (at most 3 tokens before the prompt's end, the

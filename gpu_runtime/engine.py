@@ -26,6 +26,7 @@ import torch
 
 from gpu_runtime.block_manager import BlockManager
 from gpu_runtime.config import ModelConfig
+from gpu_runtime.detokenize import before_stop
 from gpu_runtime.errors import (
     DuplicateRequestError,
     PromptTooLongError,
@@ -264,10 +265,9 @@ class LLMEngine:
         if seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.is_stopped):
             return "stop"
         if p.stop and self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids)
-            hits = [seq.text.find(s) for s in p.stop if s in seq.text]
-            if hits:
-                seq.text = seq.text[:min(hits)]
+            text = self.tokenizer.decode(seq.output_ids)
+            seq.text = before_stop(text, p.stop)
+            if seq.text != text:
                 return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
             return "length"

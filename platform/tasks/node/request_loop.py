@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gpu_runtime.channel import ChannelError
-from gpu_runtime.detokenize import IncrementalDetokenizer
+from gpu_runtime.detokenize import INCOMPLETE, IncrementalDetokenizer, before_stop
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.sampling import SamplingParams
@@ -44,7 +44,6 @@ from hydraserve.tasks.node.prefill_marker import PrefillMarker, marker_path
 log = logging.getLogger("hydraserve.serving")
 CANCEL_CHECK_S = 0.5
 TOUCH_S = 2.0
-INCOMPLETE = "\ufffd"  # what decoding shows for a UTF-8 sequence cut between tokens
 # the loop's own connections (broker, database, another stage) failed: no request's doing
 NOT_A_REQUESTS_DOING = (pika.exceptions.AMQPError, SQLAlchemyError, ChannelError, OSError)
 
@@ -60,7 +59,6 @@ class Choice:
     finish_reason: str | None = None
     top_logprobs: list[list] = field(default_factory=list)  # per token: [[id, logprob], ...]
     detok: IncrementalDetokenizer | None = None  # None: the model has no tokenizer
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -205,7 +203,6 @@ class Server:
             tok = self.engine.tokenizer
             for c in active.choices:  # each choice's text, decoded after the prompt's
                 c.detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
-                c.stop = active.stop
             self.engine.add_request(inv_id, prompt_ids, sampling_params(req), n=n,
                                     response_format=req.get("response_format"))
         except RuntimeInputError as exc:
@@ -310,7 +307,7 @@ class Server:
     def _stream(self, active: Active, choice: Choice, out) -> None:
         if not active.reply_to or not active.stream or not out.new_token_ids:
             return
-        text = self._text(choice)
+        text = self._text(choice, active.stop)
         if not out.finished:  # hold back a split UTF-8 sequence and a possible stop string
             text = text.rstrip(INCOMPLETE)
             text = text[:len(text) - held_back(text, active.stop)]
@@ -334,9 +331,9 @@ class Server:
         return {"logprobs": out.new_logprobs, "top_logprobs": out.new_top_logprobs,
                 "text_offsets": offsets}
 
-    def _text(self, choice: Choice) -> str:
+    def _text(self, choice: Choice, stop: tuple[str, ...]) -> str:
         if choice.detok is not None:  # incremental, with the prompt's context: see detokenize
-            return before_stop(choice.detok.text, choice.stop)
+            return before_stop(choice.detok.text, stop)
         if choice.text:
             return choice.text
         tok = self.engine.tokenizer
@@ -370,7 +367,8 @@ class Server:
 
     def _choice_output(self, active: Active, index: int) -> dict:
         choice = active.choices[index]
-        out = {"index": index, "text": self._text(choice), "token_ids": choice.token_ids,
+        out = {"index": index, "text": self._text(choice, active.stop),
+               "token_ids": choice.token_ids,
                "finish_reason": choice.finish_reason}
         if active.want_logprobs:
             out["logprobs"] = choice.logprobs
@@ -414,12 +412,6 @@ def fault_prompt() -> list[int] | None:
     while prefilling it, as a crash in native code would."""
     value = os.environ.get("HYDRA_FAULT_ABORT_PROMPT", "")
     return [int(t) for t in value.split(",")] if value else None
-
-
-def before_stop(text: str, stops: tuple[str, ...]) -> str:
-    """``text`` cut before the earliest stop string in it (the engine stops there)."""
-    hits = [text.find(s) for s in stops if s in text]
-    return text[:min(hits)] if hits else text
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
