@@ -2,7 +2,10 @@
 
 Pure bookkeeping, no tensors: the engine asks it for room before every step, and every pipeline
 stage indexes its own KV tensors with the same block tables, so blocks are also the unit KV
-export and import move between processes (migration during consolidation: not yet).
+export and import move between processes (KV migration during consolidation moves whole
+blocks, ``gpu_runtime.consolidate``). ``epochs`` counts how often each block was taken: a
+block copied elsewhere while it held epoch e still holds the same bytes while its epoch is e
+and it is full (full blocks are never written again).
 
 Blocks are reference-counted so that the ``n`` sequences of one request share their prompt's
 blocks (``fork``). A shared block is never written: before a sequence writes into one (the last,
@@ -27,6 +30,7 @@ class BlockManager:
         self._free: list[int] = list(range(num_blocks))
         self._tables: dict[int, list[int]] = {}
         self._refs = [0] * num_blocks  # how many block tables hold each block
+        self.epochs = [0] * num_blocks  # bumped each time a block is taken
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the next step
 
     @property
@@ -111,6 +115,7 @@ class BlockManager:
     def _take(self) -> int:
         block = heapq.heappop(self._free)
         self._refs[block] = 1
+        self.epochs[block] += 1
         return block
 
     def slots(self, seq_id: int, start: int, end: int) -> list[int]:

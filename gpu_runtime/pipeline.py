@@ -108,6 +108,8 @@ class StageWorker:
                 self._step(msg)
             elif msg.kind == "init":
                 self._init(msg)
+            elif msg.kind == "kv_pull":
+                self._kv_pull(msg)
             elif msg.kind == "stats":
                 msg.meta.setdefault("stages", []).append(
                     {"stage": self.stage.spec.index, "compute_s": self.compute_s,
@@ -125,6 +127,15 @@ class StageWorker:
                                       msg.meta["block_size"], c.num_kv_heads, c.head_dim,
                                       self.stage.dtype), self.stage.device)
         msg.meta.setdefault("ready", []).append(spec.index)
+        self.channel.send(msg)
+
+    def _kv_pull(self, msg: Message) -> None:
+        """Adds this stage's keys and values of ``meta["blocks"]`` (every layer it holds) to
+        the message and passes it on; stage 0 gets it back with every stage's (consolidation's
+        KV migration, ``gpu_runtime.consolidate``)."""
+        assert self.kv is not None, f"stage {self.stage.spec.index} got kv_pull before init"
+        blocks = torch.tensor(msg.meta["blocks"], dtype=torch.long, device=self.kv.data.device)
+        msg.tensors[f"kv{self.stage.spec.index}"] = self.kv.data.index_select(2, blocks)
         self.channel.send(msg)
 
     @torch.inference_mode()
@@ -211,13 +222,34 @@ class PipelineRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepBatch) -> Sampled:
+        return self.execute_then(step, None)[0]
+
+    @torch.inference_mode()
+    def execute_then(self, step: StepBatch, then: Message | None) -> tuple[Sampled,
+                                                                          Message | None]:
+        """Runs a step and, right behind it on the ring, the message ``then`` (each stage
+        handles it once it has passed the step on); returns the step's tokens and ``then`` as
+        it came back."""
         hidden = run_stage(self.stage, self.kv, step.input_ids, step)
         self.channel.send(step_message(step, hidden))
+        if then is not None:
+            self.channel.send(then)
         start = time.perf_counter()
         reply = self._recv(READY_TIMEOUT_S)
         self.wait_s += time.perf_counter() - start
         assert reply.kind == "tokens", f"expected tokens from the last stage, got {reply.kind!r}"
-        return Sampled(**reply.meta)
+        back = None
+        if then is not None:
+            back = self._recv(READY_TIMEOUT_S)
+            assert back.kind == then.kind, f"expected {then.kind!r} back, got {back.kind!r}"
+        return Sampled(**reply.meta), back
+
+    def request(self, msg: Message, timeout_s: float = READY_TIMEOUT_S) -> Message:
+        """Sends ``msg`` around the ring (between steps) and returns it as it came back."""
+        self.channel.send(msg)
+        back = self._recv(timeout_s)
+        assert back.kind == msg.kind, f"expected {msg.kind!r} back, got {back.kind!r}"
+        return back
 
     def stats(self) -> list[dict]:
         """Per-stage compute seconds and step counts of the other stages."""

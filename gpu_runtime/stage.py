@@ -173,6 +173,17 @@ class Stage(nn.Module):
                 f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected)}")
             owner._parameters[leaf] = param
 
+    def adopt(self, other: Stage) -> int:
+        """Takes every loaded parameter of ``other`` (a stage of the same model) that this
+        stage needs, as the same tensor (no copy); returns how many."""
+        taken = 0
+        for path, param in other.model.named_parameters(remove_duplicate=False):
+            if path in self._needed and not param.is_meta:
+                owner_path, _, leaf = path.rpartition(".")
+                self.model.get_submodule(owner_path)._parameters[leaf] = param
+                taken += 1
+        return taken
+
     def missing(self) -> list[str]:
         """Parameter paths this stage needs that are still on ``meta``."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
