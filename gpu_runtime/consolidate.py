@@ -3,7 +3,8 @@ keeps serving (docs/consolidation.md).
 
     c = Consolidator(engine, whole_spec, buffers_loader(sources))  # or files_loader(model_dir)
     while serving:
-        c.tick()           # between steps: True once the engine runs the whole model here
+        if c.tick() and not released:   # between steps: True once the whole model runs here
+            c.release()    # the other stages stop
         engine.step()
 
 1. **Load while serving.** A thread builds the whole model's skeleton on ``meta``, adopts
@@ -17,7 +18,7 @@ keeps serving (docs/consolidation.md).
 3. **Switch.** At a step boundary with no full block left to copy (or after ``max_rounds``
    rounds), one last ``kv_pull`` moves what was written since: the last, partial block of each
    running sequence. The engine then runs a ``LocalRunner`` on the whole model and its own KV
-   cache; the other stages are told to stop.
+   cache; ``release()`` then tells the other stages to stop.
 
 A failed load leaves the pipeline serving (``failed`` says why). Requests that finished before
 the switch never move; requests that arrive meanwhile are served by the pipeline, then here.
@@ -285,8 +286,15 @@ class Consolidator:
         self.engine.specs = [self._whole.spec]
         s.switch_s = time.perf_counter() - started
         s.switched_at, s.state = time.time(), "consolidated"
-        # the other stages stop behind the switch, off this process's critical path
-        threading.Thread(target=self.pipeline.close, daemon=True, name="pipeline-close").start()
+
+    def release(self) -> threading.Thread:
+        """After the switch: stops the other stages (they are told on the ring and exit), on a
+        thread, off the serving loop's critical path. The caller first records that their exit
+        is a release, not a failure."""
+        assert self.consolidated, f"release before the switch (state {self.stats.state})"
+        t = threading.Thread(target=self.pipeline.close, daemon=True, name="pipeline-close")
+        t.start()
+        return t
 
 
 class _MigratingRunner:

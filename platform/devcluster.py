@@ -193,7 +193,8 @@ def child_env(layout: Layout, settings: Settings, key: str) -> dict[str, str]:
         "HYDRA_ADMIN_KEY": key, "HYDRA_STORE_ROOT": settings.store_root,
         "HYDRA_DATABASE_URL": settings.database_url, "HYDRA_BROKER_URL": settings.broker_url,
         "HYDRA_QUEUE_PREFIX": settings.queue_prefix, "HYDRA_LOG_DIR": str(layout.run),
-        "HYDRA_SCHEDULER_POLICY": settings.scheduler_policy}
+        "HYDRA_SCHEDULER_POLICY": settings.scheduler_policy,
+        "HYDRA_CONSOLIDATION": "on" if settings.consolidation else "off"}
 
 
 def process_names(spec: ClusterSpec) -> list[str]:

@@ -37,6 +37,19 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+SWITCH = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
+
+
+def _env_switch(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw not in SWITCH:
+        raise SettingsError(f"{name}={raw!r} is not a switch; allowed: on, off (or 1, 0, "
+                            "true, false)")
+    return SWITCH[raw]
+
+
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/hydraserve"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -73,6 +86,8 @@ class Settings:
     console_idle_minutes: int = 30  # a console session unused this long must log in again
     # how the scheduler starts functions (scheduler/policies.py): hydra, pp1 or sequential
     scheduler_policy: str = "hydra"
+    # whether pipelines consolidate into standalone replicas once ready (docs/consolidation.md)
+    consolidation: bool = True
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith("postgresql"):
@@ -135,6 +150,7 @@ class Settings:
             "console_secret": env.get("HYDRA_CONSOLE_SECRET") or None,
             "console_idle_minutes": _env_int("HYDRA_CONSOLE_IDLE_MINUTES", 30, 1, 7 * 24 * 60),
             "scheduler_policy": env.get("HYDRA_SCHEDULER_POLICY", "hydra"),
+            "consolidation": _env_switch("HYDRA_CONSOLIDATION", True),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import queue
+import threading
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gpu_runtime.coldstart.errors import AssignmentError
@@ -27,9 +30,34 @@ class StageServer(Protocol):
         """Runs in a thread of the worker while the stage loads (connections, lookups), so its
         cost is off the cold start's critical path; its result is handed to ``serve``."""
 
-    def serve(self, engine: LLMEngine, report: dict[str, Any], prepared: Any) -> None:
+    def serve(self, engine: LLMEngine, report: dict[str, Any], prepared: Any,
+              control: ControlInbox | None = None) -> None:
         """Serves with ``engine`` until done; ``report`` is the stage's load report (init,
-        load and ready times). Returning ends the worker."""
+        load and ready times); ``control`` brings the node's messages (the rest of the model
+        to consolidate into). Returning ends the worker."""
+
+
+class ControlInbox:
+    """What the node sends a serving stage 0 over the pool's pipe, e.g. ``("consolidate",
+    {...})``: a thread reads the pipe, the serving loop polls between steps."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(conn,), daemon=True, name="control").start()
+
+    def _read(self, conn: Connection) -> None:
+        while True:
+            try:
+                self._queue.put(conn.recv())
+            except (EOFError, OSError):  # the node closed the pipe: nothing more will come
+                return
+
+    def poll(self) -> list[tuple]:
+        """The messages that arrived since the last poll, oldest first."""
+        out = []
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
 
 
 def check_server(server: object) -> StageServer:
@@ -39,8 +67,9 @@ def check_server(server: object) -> StageServer:
         missing = [m for m in ("prepare", "serve") if not callable(getattr(server, m, None))]
         raise AssignmentError(f"stage server {server!r} of type {type(server).__name__} lacks "
                               f"{missing}; it must implement gpu_runtime.coldstart.StageServer "
-                              "(prepare() and serve(engine, report, prepared))", "server")
-    for name, args in (("prepare", ()), ("serve", (None, {}, None))):
+                              "(prepare() and serve(engine, report, prepared, control))",
+                              "server")
+    for name, args in (("prepare", ()), ("serve", (None, {}, None, None))):
         try:
             inspect.signature(getattr(server, name)).bind(*args)
         except TypeError as exc:

@@ -104,28 +104,32 @@ class StageAssignment:
 
 
 def kv_blocks(index: CheckpointIndex, specs: Sequence[StageSpec], kv_cache_bytes: int,
-              block_size: int, dtype: str | None) -> int:
+              block_size: int, dtype: str | None, whole_model: bool = False) -> int:
     """Blocks that fit ``kv_cache_bytes`` on the stage with the most layers (all stages share
-    one block numbering, as the engine does)."""
+    one block numbering, as the engine does); ``whole_model``: on every layer at once, so the
+    block numbering survives consolidation into the whole model on one share."""
     config = parse_config(index.config)
     torch_dtype: torch.dtype = DTYPES[dtype or config.torch_dtype]
-    return blocks_for_budget(kv_cache_bytes, [len(s.layers) for s in specs], block_size,
-                             config.num_kv_heads, config.head_dim, torch_dtype, AssignmentError)
+    layers = [config.num_layers] if whole_model else [len(s.layers) for s in specs]
+    return blocks_for_budget(kv_cache_bytes, layers, block_size, config.num_kv_heads,
+                             config.head_dim, torch_dtype, AssignmentError)
 
 
 def plan_group(model: str, index: CheckpointIndex, pp: int, *, kv_cache_bytes: int = 256 << 20,
                block_size: int = 16, dtype: str | None = None, num_threads: int | None = None,
                addresses: Sequence[str] | None = None, uri: str | None = None,
-               plan_time: float | None = None) -> list[StagePlan]:
+               plan_time: float | None = None, kv_whole_model: bool = False) -> list[StagePlan]:
     """One ``StagePlan`` per stage of a ``pp``-stage cold start of ``index``'s checkpoint.
 
     ``addresses`` defaults to ``ipc://`` paths (one machine); give ``tcp://host:port`` ones
     when stages run on different hosts. ``uri`` defaults to the index's own URI.
+    ``kv_whole_model``: ``kv_cache_bytes`` holds the blocks on every layer (a group that will
+    consolidate; see ``kv_blocks``).
     """
     config = parse_config(index.config)
     # frozen TensorEntry fields are read-only, which mypy's Protocol check does not accept
     specs = split_stages(config, index.tensors, pp)  # type: ignore[arg-type]
-    blocks = kv_blocks(index, specs, kv_cache_bytes, block_size, dtype)
+    blocks = kv_blocks(index, specs, kv_cache_bytes, block_size, dtype, kv_whole_model)
     shape = EngineShape(dtype, blocks, block_size, num_threads)
     addrs = tuple(addresses) if addresses is not None else (
         tuple(ipc_addresses(pp)) if pp > 1 else ())

@@ -116,7 +116,11 @@ class _Worker:
     def poll_boot(self) -> bool:
         """True once the boot report arrived (non-blocking); raises if the boot failed."""
         if self.booted is None and self.conn.poll(0):
-            msg = self.conn.recv()
+            try:
+                msg = self.conn.recv()
+            except EOFError:  # it died before it could say anything (killed, out of memory)
+                raise WorkerStartError(f"worker {self.pid} exited (code {self.proc.exitcode}) "
+                                       "during boot") from None
             if msg[0] == "error":
                 raise WorkerStartError(f"worker {self.pid} failed to boot: {msg[1]['type']}: "
                                        f"{msg[1]['message']}")
@@ -181,6 +185,10 @@ class StageHandle:
             msg = self._worker.recv(timeout_s, "generating")
         assert msg[0] == "result", f"worker {self.pid} answered {msg[0]!r} to generate"
         return msg[1]
+
+    def control(self, msg: tuple) -> None:
+        """Sends a serving stage 0's stage server a message (its ``ControlInbox``)."""
+        self._worker.conn.send(msg)
 
     def wait_stopped(self, timeout_s: float | None = 600.0) -> None:
         """Blocks until the worker ends by itself (its stage server's ``serve`` returned); a
@@ -276,9 +284,16 @@ class WorkerPool:
 
     @property
     def num_booted(self) -> int:
-        """Idle workers that have finished booting: stages they take start at once."""
+        """Idle workers that have finished booting: stages they take start at once (one that
+        died booting is dropped: the heartbeat that asks must not die with it)."""
         with self._lock:
-            return sum(w.booted is not None or w.poll_boot() for w in self._idle)
+            booted = 0
+            for w in list(self._idle):
+                try:
+                    booted += self._poll(w)
+                except WorkerStartError:
+                    continue
+            return booted
 
     def assign(self, assignment: StageAssignment) -> StageHandle:
         """Hands ``assignment`` to a free worker (booted ones first), or to a new process."""

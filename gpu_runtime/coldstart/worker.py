@@ -6,6 +6,7 @@ Protocol on the pool's pipe (tuples, pickled)::
     worker -> pool   ("idle", {pid, spawned, booted})        after boot
     pool -> worker   ("assign", StageAssignment, prestarted, assigned_at) or ("stop",)
     worker -> pool   ("ready", report)                       stage loaded and serving
+    pool -> worker   ("consolidate", {...})  to a stage server: read by a ControlInbox thread
     pool -> worker   ("generate", [(request_id, prompt_ids, SamplingParams), ...])   stage 0
     worker -> pool   ("result", {outputs, first_token, finished})
     pool -> worker   ("stop",)  stage 0 stops the ring; other stages stop when the ring does
@@ -135,7 +136,9 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     try:
         if plan.server is not None:
             assert prepared is not None, "a stage server's prepare was not started"
-            plan.server.serve(engine, report, prepared.result())
+            from gpu_runtime.coldstart.handoff import ControlInbox
+
+            plan.server.serve(engine, report, prepared.result(), ControlInbox(conn))
         else:
             _serve_requests(conn, engine)
     finally:

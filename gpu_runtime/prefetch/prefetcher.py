@@ -7,6 +7,7 @@ request for the same (model, stage, layout) shares the entry: a cache hit, no ne
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -108,11 +109,13 @@ class Prefetcher:
         self._threads: list[threading.Thread] = []
 
     def prefetch(self, model: str, stage: str, uri: str,
-                 entries: Sequence[TensorEntry]) -> FetchJob:
+                 entries: Sequence[TensorEntry], background: bool = False) -> FetchJob:
         """Starts fetching ``entries`` of checkpoint ``uri`` (unless cached) and returns at once.
 
         ``model`` and ``stage`` name the buffer (e.g. a model id and ``"pp2-s0"``); the key also
         holds a digest of the layout, so two different splits never share a buffer.
+        ``background`` (the rest of a consolidating pipeline): the fetch yields the node's link
+        to every foreground fetch, which is every other one.
         """
         layout = plan_stage(entries, self.config.max_gap_bytes)
         key = f"{model}/{stage}/{layout.digest()[:16]}"
@@ -126,13 +129,13 @@ class Prefetcher:
                 self.cache.counters["hits"] += 1
             entry.pins += 1
             if not hit:
-                t = threading.Thread(target=self._run, args=(entry, uri), daemon=True,
+                t = threading.Thread(target=self._run, args=(entry, uri, background), daemon=True,
                                      name=f"prefetch-{stage}")
                 self._threads = [x for x in self._threads if x.is_alive()] + [t]
                 t.start()
         return FetchJob(entry, self.cache, hit)
 
-    def _run(self, entry: Entry, uri: str) -> None:
+    def _run(self, entry: Entry, uri: str, background: bool = False) -> None:
         layout, h = entry.layout, entry.handle
         base = h.extent_offset + DATA_OFFSET
         data = memoryview(self.pool.mm)[base:base + layout.size]
@@ -144,9 +147,10 @@ class Prefetcher:
         try:
             reader = open_reader(uri, self.config.fetch.retry)
             try:
-                stats = fetch_chunks(reader, chunks, data, config=self.config.fetch,
-                                     link=self.link, on_progress=progress.add,
-                                     cancel=entry.cancel)
+                with contextlib.nullcontext() if background else self.link.foreground():
+                    stats = fetch_chunks(reader, chunks, data, config=self.config.fetch,
+                                         link=self.link, on_progress=progress.add,
+                                         cancel=entry.cancel, background=background)
             finally:
                 reader.close()
             verifier.join()

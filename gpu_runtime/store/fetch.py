@@ -70,8 +70,9 @@ def split_chunks(layout: StageLayout, chunk_bytes: int) -> list[Chunk]:
 def fetch_chunks(reader: RangeReader, chunks: list[Chunk], dest: memoryview, *,
                  config: FetchConfig, link: NodeLink | None = None,
                  on_progress: Callable[[int, int], None] = lambda i, n: None,
-                 cancel: threading.Event | None = None) -> FetchStats:
-    """Downloads every chunk into ``dest`` (indexed by buffer offset) with parallel connections.
+                 cancel: threading.Event | None = None, background: bool = False) -> FetchStats:
+    """Downloads every chunk into ``dest`` (indexed by buffer offset) with parallel connections;
+    ``background``: yields the link to foreground fetches (``NodeLink.background_throttle``).
 
     Raises the first error any connection hit (after its retries); the other connections stop
     at their next piece. Returns the bytes moved, the wall time and the request counters.
@@ -79,7 +80,8 @@ def fetch_chunks(reader: RangeReader, chunks: list[Chunk], dest: memoryview, *,
     stop = cancel or threading.Event()
     state = _SharedState()
     lock = threading.Lock()
-    throttle = link.throttle if link is not None else (lambda n: None)
+    throttle = (lambda n: None) if link is None else (
+        link.background_throttle if background else link.throttle)
     requests_before, retries_before = reader.counters.requests, reader.counters.retries
 
     def worker() -> None:

@@ -3,13 +3,19 @@
 On one test machine every emulated node shares loopback, so the fetcher itself enforces each
 node's link: all fetches of a node draw from that node's token bucket, whatever the number of
 connections they use. Off by default (``LinkConfig()`` has no cap). MB means 10**6 bytes.
+
+A background fetch (the rest of a model a pipeline consolidates into, docs/consolidation.md)
+throttles through ``NodeLink.background_throttle``: it waits while any foreground fetch (a cold
+start, inside ``foreground()``) is on the link, so it only takes what cold starts leave.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gpu_runtime.limits import MB
@@ -96,11 +102,33 @@ class NodeLink:
         self.total_bytes = 0  # every network fetch's, since the node started
         self.total_seconds = 0.0
         self._lock = threading.Lock()
+        self._foreground = 0  # foreground fetches on the link now
+        self.background_wait_s = 0.0  # what background fetches spent yielding to them
 
     def throttle(self, n: int) -> None:
         """Blocks until the link can carry ``n`` more bytes (no-op without a cap)."""
         if self.bucket is not None:
             self.bucket.consume(n)
+
+    @contextlib.contextmanager
+    def foreground(self) -> Iterator[None]:
+        """Marks a fetch that background fetches yield to while it runs."""
+        with self._lock:
+            self._foreground += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._foreground -= 1
+
+    def background_throttle(self, n: int) -> None:
+        """``throttle`` for a background fetch: first waits until no foreground fetch is on the
+        link (polled every 10 ms), then takes its bytes from the same bucket."""
+        started = time.monotonic()
+        while self._foreground > 0:
+            time.sleep(0.01)
+        self.background_wait_s += time.monotonic() - started
+        self.throttle(n)
 
     def record(self, stats: FetchStats) -> None:
         with self._lock:

@@ -65,7 +65,15 @@ def create_app(settings: Settings | None = None,
                session_factory: sessionmaker | None = None) -> Flask:
     """Builds the API. Tests pass a ``session_factory`` bound to a rolled-back transaction."""
     from hydraserve.api import console
-    from hydraserve.api.views import billing, functions, invocations, meta, openai, tenants
+    from hydraserve.api.views import (
+        billing,
+        functions,
+        instances,
+        invocations,
+        meta,
+        openai,
+        tenants,
+    )
 
     settings = settings or Settings.from_env()
     session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
@@ -74,7 +82,7 @@ def create_app(settings: Settings | None = None,
     app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["hydraserve"] = Extension(settings, session_factory)
     for bp in (meta.bp, functions.bp, invocations.bp, openai.bp, tenants.bp, billing.bp,
-               console.bp):
+               instances.bp, console.bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
     app.teardown_appcontext(close_session)

@@ -14,6 +14,7 @@ from hydraserve.db import Base, utcnow
 # An instance goes starting -> ready -> stopping -> released, or to failed from any state.
 LIVE = ("starting", "ready", "stopping")  # holds device memory (and is billed)
 CLOSED = ("released", "failed")  # ended for good
+CONSOLIDATION = ("consolidating", "consolidated", "skipped", "failed")
 # Requests stage 0 of a group runs at once (its broker prefetch); the scheduler adds a group
 # when more than this many per group wait.
 MAX_BATCH = 16
@@ -60,6 +61,15 @@ class Plan(Base):
     # the scheduler policy it was made under (scheduler/policies.py)
     policy: Mapped[str] = mapped_column(String(16), default="hydra", server_default="hydra")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # consolidation (docs/consolidation.md): None until decided, then one of CONSOLIDATION
+    consolidation_state: Mapped[str | None] = mapped_column(String(16))
+    consolidation_target: Mapped[int | None]  # the pipeline size it turns into
+    consolidation_reason: Mapped[str | None] = mapped_column(String(512))
+    consolidation_started_at: Mapped[datetime | None]
+    consolidated_at: Mapped[datetime | None]
+    # what the switch did: blocks and bytes migrated, the pause, the fetch of the rest
+    consolidation: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict,
+                                                          server_default="{}")
 
 
 class Instance(Base):

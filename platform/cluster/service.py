@@ -105,10 +105,14 @@ def mark_silent_nodes_down(session: Session, timeout_s: float) -> list[str]:
 
 def record_group(session: Session, fv: FunctionVersion, pp: int, stages: Sequence[StageRecord],
                  reason: str, predicted_ttft_s: float, predicted_tpot_s: float,
-                 policy: str = "hydra") -> list[Instance]:
-    """Records a plan, one starting instance per stage (with its channel address) and one
-    open usage record per instance, and commits; returns the instances by stage."""
+                 policy: str = "hydra",
+                 consolidation: tuple[int | None, str] = (None, "")) -> list[Instance]:
+    """Records a plan (with its consolidation target and why, cluster/consolidation.py), one
+    starting instance per stage (with its channel address) and one open usage record per
+    instance, and commits; returns the instances by stage."""
+    target, why = consolidation
     row = Plan(function_version_id=fv.id, pp=pp, status="started", reason=reason, policy=policy,
+               consolidation_target=target, consolidation_reason=(why or None) if pp > 1 else None,
                predicted_ttft_ms=predicted_ttft_s * 1000,
                predicted_tpot_ms=predicted_tpot_s * 1000,
                stages=[{"stage": s.stage, "node_id": s.node_id, "device_id": s.device_id,

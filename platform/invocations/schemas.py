@@ -8,6 +8,7 @@ from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hydraserve.cluster.schemas import GroupOut
 from hydraserve.errors import ErrorDetail, InvalidRequest
 from hydraserve.invocations.models import Invocation, Status
 from hydraserve.validation import NonEmptyText, Strict, Text
@@ -144,6 +145,8 @@ class InvocationOut(BaseModel):
     attempts: int
     instance_ids: list[int]
     timings: Timings
+    group: GroupOut | None = Field(default=None, description="the group of its last instance "
+                                   "and what became of that pipeline (consolidation)")
 
 
 # Fields that would change the result and that we cannot honour: a 400 naming the field, never
@@ -308,8 +311,9 @@ class ChatRequest(OpenAIBase):
         return self.max_completion_tokens or self.max_tokens
 
 
-def invocation_out(inv: Invocation, function: str, version: int) -> InvocationOut:
-    return InvocationOut(
+def invocation_out(inv: Invocation, function: str, version: int,
+                   group: GroupOut | None = None) -> InvocationOut:
+    return InvocationOut(group=group,
         id=inv.id, function=function, version=version, status=cast(Status, inv.status),
         cold=inv.cold, output=inv.output,
         error=ErrorDetail.model_validate(inv.error) if inv.error else None, tokens_in=inv.tokens_in, tokens_out=inv.tokens_out,

@@ -12,9 +12,11 @@ from sqlalchemy.orm import Session
 
 from gpu_runtime.limits import MAX_PP
 from hydraserve.broker import node_queue
+from hydraserve.cluster import consolidation as consolidations
 from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import Instance
+from hydraserve.cluster.models import Plan as PlanRow
 from hydraserve.cluster.service import StageRecord
 from hydraserve.functions.models import FunctionVersion
 from hydraserve.scheduler import profiles, state
@@ -50,6 +52,10 @@ class Sender:
         self.app.send_task("node.start_stage", args=[instance_id],
                            queue=node_queue(node_id, self.prefix))
 
+    def consolidate(self, node_id: str, instance_id: int) -> None:
+        self.app.send_task("node.consolidate", args=[instance_id],
+                           queue=node_queue(node_id, self.prefix))
+
     def stop_stage(self, node_id: str, instance_id: int, kill: bool = False) -> None:
         self.app.send_task("node.stop_stage", args=[instance_id, kill],
                            queue=node_queue(node_id, self.prefix))
@@ -81,14 +87,19 @@ def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float
 
 
 def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan,
-           policy: str = "hydra") -> int:
-    """Records the plan (made under ``policy``), its instances and their usage records, then
-    starts every stage."""
+           policy: str = "hydra", consolidation: bool = True) -> int:
+    """Records the plan (made under ``policy``, with its consolidation target when
+    ``consolidation`` is on), its instances and their usage records, then starts every
+    stage."""
     deadline = {node: r.seconds_left for node, r in plan.reservations.items()}
     stages = [StageRecord(s.stage, s.node_id, s.device_id, s.memory_bytes, s.full_share,
                           s.fetch_bytes, deadline.get(s.node_id, 0)) for s in plan.stages]
+    target = consolidations.target_of(
+        [{"full_share": s.full_share, "memory_bytes": s.memory_bytes} for s in plan.stages],
+        fv.model.total_bytes, consolidation)
     instances = cluster.record_group(session, fv, plan.pp, stages, plan.reason,
-                                     plan.predicted_ttft_s, plan.predicted_tpot_s, policy)
+                                     plan.predicted_ttft_s, plan.predicted_tpot_s, policy,
+                                     target)
     try:
         for inst in instances:
             sender.start_stage(inst.node_id, inst.id)
@@ -102,6 +113,21 @@ def launch(session: Session, sender: Sender, fv: FunctionVersion, plan: Plan,
     log.info("function version %s: plan %s pp=%d on %s (%s)", fv.id, plan_id, plan.pp,
              [s.node_id for s in plan.stages], plan.reason)
     return plan_id
+
+
+def consolidate(session: Session, sender: Sender, head: Instance, plan: PlanRow) -> None:
+    """A group that is ready: starts its planned consolidation (the stage-0 node fetches the
+    rest of the model) or records why it stays a pipeline. Committed once the task is sent."""
+    if plan.consolidation_target is None:
+        consolidations.set_state(session, plan.id, "skipped")
+        session.commit()
+        return
+    consolidations.set_state(session, plan.id, "consolidating")
+    session.flush()
+    sender.consolidate(head.node_id, head.id)
+    session.commit()
+    log.info("plan %s: consolidating pp=%d -> %d on node %s", plan.id, plan.pp,
+             plan.consolidation_target, head.node_id)
 
 
 def stop_group(session: Session, sender: Sender, group: list[Instance], kill: bool) -> None:

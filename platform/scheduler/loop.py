@@ -2,7 +2,8 @@
 
 Each tick applies, in order: dead nodes out; requests queued past ``HYDRA_MAX_QUEUE_S``
 failed; broken or stuck groups stopped; requests of dead groups back to ``queued``; idle groups
-past keep-alive stopped (down to ``min_instances``); new groups planned for queued demand or
+past keep-alive stopped (down to ``min_instances``); pipelines that became ready start to
+consolidate (docs/consolidation.md); new groups planned for queued demand or
 ``min_instances``. A cold start that cannot be placed stays queued and is planned again on the
 next tick, until ``HYDRA_MAX_QUEUE_S``.
 """
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
-from hydraserve.cluster.models import MAX_BATCH, Instance
+from hydraserve.cluster.models import MAX_BATCH, Instance, Plan
 from hydraserve.db import EVENTS_CHANNEL, make_engine, make_session_factory, must_get, utcnow
 from hydraserve.functions import servable
 from hydraserve.functions.models import Function, FunctionVersion
@@ -134,6 +135,7 @@ class Scheduler:
         self.stop_broken_groups(s)
         invocations.requeue_orphans(s)
         self.scale_in(s)
+        self.consolidate(s)
         if time.monotonic() - self._profiled_at >= profiles.REFRESH_EVERY_S:
             profiles.refresh(s)  # the planner's measured inputs
             self._profiled_at = time.monotonic()
@@ -199,6 +201,19 @@ class Scheduler:
                          fv.keep_alive_s)
                 actions.stop_group(s, self.sender, group, kill=False)
 
+    def consolidate(self, s: Session) -> None:
+        """Pipeline groups that have just become ready start consolidating, or record why
+        they stay pipelines (actions.consolidate)."""
+        for group in cluster.live_groups(s).values():
+            head = group[0]
+            if head.stage_index != 0 or head.num_stages < 2 or head.plan_id is None:
+                continue
+            if len(group) < head.num_stages or any(i.status != "ready" for i in group):
+                continue
+            plan = must_get(s, Plan, head.plan_id)
+            if plan.consolidation_state is None:
+                actions.consolidate(s, self.sender, head, plan)
+
     def min_instances(self, s: Session, fv: FunctionVersion) -> int:
         fn = must_get(s, Function, fv.function_id)
         live_alias = fn.deleted_at is None and fn.alias_version == fv.version
@@ -228,7 +243,7 @@ class Scheduler:
             if plan is None:
                 log.info("function version %s: no node fits now; %d request(s) wait", fv_id, queued)
                 continue
-            actions.launch(s, self.sender, fv, plan, self.policy)
+            actions.launch(s, self.sender, fv, plan, self.policy, self.settings.consolidation)
 
     def may_start(self, s: Session, fv: FunctionVersion) -> bool:
         """False while the version backs off from failed starts, or once it is unservable

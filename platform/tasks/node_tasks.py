@@ -16,3 +16,10 @@ def start_stage(instance_id: int) -> None:
 def stop_stage(instance_id: int, kill: bool = False) -> None:
     """Stop a worker: gracefully (finish in-flight requests), or at once when its group broke."""
     agent().stop_stage(instance_id, kill)
+
+
+@celery_app.task(name="node.consolidate")
+def consolidate(instance_id: int) -> None:
+    """Fetch the rest of the model for a ready pipeline's stage 0 here, which then turns the
+    pipeline into a standalone replica (docs/consolidation.md)."""
+    agent().consolidate(instance_id)

@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import requests
@@ -93,19 +93,22 @@ class Cluster:
 
 
 def start(layout, database_url: str, store_root, api_port: int, store_port: int,
-          model_hosts: tuple[str, ...] = (), policy: str = "hydra") -> Cluster:
+          model_hosts: tuple[str, ...] = (), policy: str = "hydra",
+          spec: dict | None = None, consolidation: bool = True) -> Cluster:
     """The cluster; ``model_hosts`` are http(s) stores registration may read besides the
-    cluster's own (a fault-injecting proxy in front of it, say); ``policy`` the scheduler's."""
+    cluster's own (a fault-injecting proxy in front of it, say); ``policy`` the scheduler's;
+    ``spec`` overrides fields of the nodes' ``ClusterSpec`` (links, device memory)."""
     settings = Settings(database_url=database_url, store_root=str(store_root),
                         admin_key=ADMIN_KEY, api_port=api_port,
                         queue_prefix=f"t{uuid.uuid4().hex[:8]}.",
                         model_hosts=(*Settings().model_hosts, *model_hosts),
-                        scheduler_policy=policy)
+                        scheduler_policy=policy, consolidation=consolidation)
     # 12 MiB per device: the tiny models fit whole, llama-small (16 MB) needs two stages.
-    spec = devcluster.ClusterSpec(num_nodes=4, link_mbps=None, device_mem="12MiB",
-                                  worker_threads=1, store_port=store_port, cache_mem="64MiB")
-    base = devcluster.start_cluster(layout, settings, ADMIN_KEY, spec)
-    return Cluster(base, settings, layout, spec)
+    nodes = devcluster.ClusterSpec(num_nodes=4, link_mbps=None, device_mem="12MiB",
+                                   worker_threads=1, store_port=store_port, cache_mem="64MiB")
+    nodes = replace(nodes, **(spec or {}))
+    base = devcluster.start_cluster(layout, settings, ADMIN_KEY, nodes)
+    return Cluster(base, settings, layout, nodes)
 
 
 def reference_tokens(model_dir, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -121,7 +124,8 @@ def reference_tokens(model_dir, prompt_ids: list[int], max_tokens: int) -> list[
 
 @contextlib.contextmanager
 def running_cluster(store_root, tmp_path_factory, tag: str,
-                    model_hosts: tuple[str, ...] = (), policy: str = "hydra") -> Iterator[Cluster]:
+                    model_hosts: tuple[str, ...] = (), policy: str = "hydra",
+                    spec: dict | None = None, consolidation: bool = True) -> Iterator[Cluster]:
     """A migrated throwaway database and a whole local cluster on it, stopped and dropped
     after (and no node cache pool left behind)."""
     from hydraserve.cli.db import drop_database, upgrade
@@ -130,7 +134,8 @@ def running_cluster(store_root, tmp_path_factory, tag: str,
     url = fresh_database_url(tag)
     upgrade(url)
     layout = devcluster.Layout(tmp_path_factory.mktemp(tag))
-    c = start(layout, url, store_root, free_port(), free_port(), model_hosts, policy)
+    c = start(layout, url, store_root, free_port(), free_port(), model_hosts, policy, spec,
+              consolidation)
     try:
         yield c
     finally:

@@ -48,7 +48,8 @@ def run(model_dir, pp: int, consolidate: bool, fill=None, chunk_blocks: int = 2)
                 if about_to_switch and "c" not in got:
                     engine.add_request("c", PROMPTS[1], LONG)  # joins at the switch
                     got["c"] = [[], []]
-                c.tick()
+                if c.tick():
+                    c.release().join(30)
             for out in engine.step():
                 toks, lps = got.setdefault(out.request_id, [[], []])
                 toks += out.new_token_ids

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, g, request
 
 from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
+from hydraserve.cluster.schemas import GroupOut, group_of_instance
 from hydraserve.errors import InvalidRequest
 from hydraserve.functions import servable
 from hydraserve.functions import service as functions
@@ -116,7 +117,7 @@ def accepted(function: tuple[str, int], inv):
 
 
 def finished(function: tuple[str, int], inv):
-    out = invocation_out(inv, *function).model_dump(mode="json")
+    out = invocation_out(inv, *function, group_of(inv)).model_dump(mode="json")
     if inv.status == "failed" and (inv.error or {}).get("type") == "invalid_request_error":
         return {"error": inv.error}, 400, {"X-Invocation-Id": inv.id}
     return out, 200, {"X-Invocation-Id": inv.id}
@@ -149,7 +150,13 @@ def sse(function: tuple[str, int], waiter: Waiter, deadline_s: float) -> Respons
            response=InvocationOut, path_params=ID)
 def get_invocation(id: str):  # noqa: A002 (the path parameter's name)
     inv = invocations.get(db(), g.principal, id)
-    return invocation_out(inv, *invocations.function_of(db(), inv)).model_dump(mode="json")
+    return invocation_out(inv, *invocations.function_of(db(), inv),
+                          group_of(inv)).model_dump(mode="json")
+
+
+def group_of(inv) -> GroupOut | None:
+    """Where the invocation last ran, and what became of that group's pipeline."""
+    return group_of_instance(db(), inv.instance_ids[-1] if inv.instance_ids else None)
 
 
 @operation(bp, "/v1/invocations/<id>/cancel", "POST", summary="Cancel an invocation",

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from gpu_runtime.store.link import LinkConfig, NodeLink
+from hydraserve.cluster import consolidation
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.presence import Presence
 from hydraserve.cluster.service import DeviceSpec
@@ -182,6 +183,8 @@ class NodeAgent:
             self.children.pop(instance_id, None)
             self.signalled.discard(instance_id)
         sequential.remove(self.fresh_dirs.pop(instance_id, None))
+        if self.coldstart is not None:
+            self.coldstart.release_rest(instance_id)
         log.info("instance %s exited with %s", instance_id, code)
 
     def _suspect(self, instance_id: int, cause: str | None) -> None:
@@ -250,6 +253,35 @@ class NodeAgent:
         return [sys.executable, "-m", "gpu_runtime.pipeline", "--model", a.model_dir(),
                 "--pp", str(a.pp), "--stage", str(a.stage_index),
                 "--addresses", ",".join(a.addresses), *threads]
+
+    def consolidate(self, instance_id: int) -> None:
+        """The scheduler's go for a ready group whose stage 0 runs here: fetch the rest of the
+        model into the node cache (background priority) and hand it to the worker, on a
+        thread. A node without a cache and worker pool cannot: the group stays a pipeline."""
+        with self._lock:
+            proc = self.children.get(instance_id)
+        from hydraserve.tasks.node.coldstart import PooledChild
+
+        if self.coldstart is None or not isinstance(proc, PooledChild):
+            why = ("this node loads from files (--loader files): consolidation needs the node "
+                   "cache" if self.coldstart is None else "its worker is not running here")
+            with self.sessions() as s:
+                a = load_assignment(s, instance_id)
+                consolidation.give_up(s, a.plan_id, why)
+            return
+        threading.Thread(target=self._consolidate, args=(instance_id, proc), daemon=True,
+                         name=f"consolidate-{instance_id}").start()
+
+    def _consolidate(self, instance_id: int, proc) -> None:
+        assert self.coldstart is not None
+        try:
+            self.coldstart.consolidate(self.sessions, instance_id, proc)
+        except Exception as exc:  # noqa: BLE001 - a failed hand-over leaves the pipeline serving
+            log.exception("instance %s: consolidation could not start", instance_id)
+            with self.sessions() as s:
+                a = load_assignment(s, instance_id)
+                consolidation.give_up(s, a.plan_id, f"the hand-over to the worker failed: "
+                                      f"{type(exc).__name__}: {exc}")
 
     def stop_stage(self, instance_id: int, kill: bool = False) -> None:
         """Signals the worker; with no worker here (never started, or gone) the instance is

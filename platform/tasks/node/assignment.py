@@ -37,11 +37,22 @@ class Assignment:
     model_bytes: int
     plan_time: float
     policy: str = "hydra"  # the scheduler policy of its plan (scheduler/policies.py)
+    consolidation_target: int | None = None  # the pipeline size the group will turn into
+    head_memory_bytes: int = 0  # stage 0's share
+
+    @property
+    def consolidates(self) -> bool:
+        return self.pp > 1 and self.consolidation_target == 1
 
     @property
     def kv_cache_bytes(self) -> int:
         """What the share leaves after this stage's weights, with a 1 MiB floor so that a tiny
-        model still holds a useful context (the floor is not billed)."""
+        model still holds a useful context (the floor is not billed). A group that will
+        consolidate sizes every stage's KV by what stage 0's share leaves after the whole
+        model (on every layer, ``plan_group(kv_whole_model=True)``): the blocks of the
+        pipeline are then the blocks of the whole model, and nothing outgrows a share."""
+        if self.consolidates:
+            return max(self.head_memory_bytes - self.model_bytes, KV_FLOOR_BYTES)
         return max(self.memory_bytes - self.model_bytes // self.pp, KV_FLOOR_BYTES)
 
     def model_dir(self) -> str:
@@ -64,7 +75,9 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
         weight_files=tuple(sorted(model.file_sizes)), dtype=model.dtype, pp=plan.pp,
         stage_index=inst.stage_index, addresses=tuple(i.address for i in group),
         group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
-        model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp(), policy=plan.policy)
+        model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp(), policy=plan.policy,
+        consolidation_target=plan.consolidation_target,
+        head_memory_bytes=group[0].memory_bytes if group else inst.memory_bytes)
 
 
 def model_index(session: Session, model_id: int) -> CheckpointIndex:

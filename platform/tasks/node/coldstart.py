@@ -27,8 +27,14 @@ from gpu_runtime.coldstart import (
 )
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
 from gpu_runtime.store import LinkConfig
+from hydraserve.cluster import consolidation
 from hydraserve.cluster import service as cluster
-from hydraserve.tasks.node.assignment import Assignment, cache_model, model_index
+from hydraserve.tasks.node.assignment import (
+    Assignment,
+    cache_model,
+    load_assignment,
+    model_index,
+)
 from hydraserve.tasks.node.request_loop import RequestLoop
 
 log = logging.getLogger("hydraserve.node")
@@ -92,6 +98,7 @@ class ColdStarter:
                                                 device=device, num_threads=threads,
                                                 preload=(RequestLoop,), refill=False))
         self.threads = threads
+        self.rest: dict[int, list] = {}  # instance -> the fetch jobs of its consolidation
 
     def launch(self, sessions: sessionmaker, a: Assignment) -> PooledChild:
         with sessions() as s:
@@ -135,6 +142,46 @@ class ColdStarter:
         with contextlib.suppress(PoolClosedError):  # the node is shutting down
             self.pool.replenish()
 
+    def consolidate(self, sessions: sessionmaker, instance_id: int, child: PooledChild) -> None:
+        """Fetches the stages a consolidating stage 0 lacks into this node's cache, at
+        background priority (a cached stage is a hit: no network), then hands them to the
+        worker. A fetch that fails leaves the group a pipeline, with the cause recorded.
+        Blocks until handed over (run it on a thread)."""
+        with sessions() as s:
+            a = load_assignment(s, instance_id)
+            index = model_index(s, a.model_id)
+        plans = plan_group(cache_model(a), index, a.pp, kv_cache_bytes=a.kv_cache_bytes,
+                           addresses=a.addresses, kv_whole_model=True)
+        whole = plan_group(cache_model(a), index, 1, kv_cache_bytes=a.kv_cache_bytes)[0]
+        started = time.time()
+        jobs = [self.prefetcher.prefetch(p.model, p.cache_stage, p.uri, p.entries,
+                                         background=True) for p in plans[1:]]
+        self.rest[instance_id] = jobs  # pinned until the worker exits (release_rest)
+        try:
+            for job in jobs:
+                job.wait(READY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the group stays a pipeline, with the cause
+            log.warning("instance %s: the rest of the model could not be fetched: %s",
+                        instance_id, exc)
+            with sessions() as s:
+                consolidation.give_up(s, a.plan_id, f"fetching the rest of the model failed: "
+                                      f"{type(exc).__name__}: {exc}")
+            self.release_rest(instance_id)
+            return
+        fetch = {"fetch_start": started, "fetch_end": time.time(),
+                 "fetch_bytes": sum(j.layout.fetch_bytes for j in jobs if not j.cache_hit),
+                 "cache_hits": sum(j.cache_hit for j in jobs), "node": self.prefetcher.config.node_id}
+        with sessions() as s:
+            consolidation.add_stats(s, a.plan_id, fetch)
+        child.launched.handle.control(("consolidate", {
+            "spec": whole.spec, "sources": [(j.handle, j.layout) for j in jobs]}))
+
+    def release_rest(self, instance_id: int) -> None:
+        """Unpins what was fetched for an instance's consolidation (its worker has exited, or
+        holds its own mapping)."""
+        for job in self.rest.pop(instance_id, []):
+            job.release()
+
     def cached(self) -> list[list[int]]:
         """[model_id, pp, stage] of every complete stage in the node cache, for the heartbeat
         (the planner restarts a pipeline where its stages already are)."""
@@ -155,7 +202,8 @@ def stage_plan(session: Session, a: Assignment, threads: int | None) -> StagePla
     request loop once loaded."""
     plans = plan_group(cache_model(a), model_index(session, a.model_id),
                        a.pp, kv_cache_bytes=a.kv_cache_bytes, num_threads=threads,
-                       addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time)
+                       addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time,
+                       kv_whole_model=a.consolidates)
     plan = plans[a.stage_index]
     if a.stage_index == 0:
         plan = replace(plan, server=RequestLoop(a.instance_id))

@@ -25,11 +25,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gpu_runtime.channel import ChannelError
+from gpu_runtime.coldstart.handoff import ControlInbox
+from gpu_runtime.consolidate import ConsolidationError, Consolidator, buffers_loader
 from gpu_runtime.detokenize import INCOMPLETE, IncrementalDetokenizer, before_stop
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.errors import RuntimeInputError
 from gpu_runtime.sampling import SamplingParams
 from hydraserve.broker import Publisher, connect, request_queue
+from hydraserve.cluster import consolidation
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import ERROR_CHARS, MAX_BATCH
 from hydraserve.db import make_engine, make_session_factory, utcnow
@@ -129,14 +132,19 @@ class RequestLoop:
     def prepare(self) -> Prepared:
         return prepare(self.instance_id)
 
-    def serve(self, engine: LLMEngine, report: dict, prepared: Prepared) -> None:
+    def serve(self, engine: LLMEngine, report: dict, prepared: Prepared,
+              control: ControlInbox | None = None) -> None:
         phases = ("init_start", "init_end", "load_end", "ready")
-        serve(engine, prepared, {k: report[k] for k in phases if report.get(k)})
+        serve(engine, prepared, {k: report[k] for k in phases if report.get(k)}, control)
 
 
 class Server:
-    def __init__(self, p: Prepared, engine: LLMEngine, ready_at: datetime) -> None:
+    def __init__(self, p: Prepared, engine: LLMEngine, ready_at: datetime,
+                 control: ControlInbox | None = None) -> None:
         self.settings, self.a, self.engine = p.settings, p.assignment, engine
+        self.sessions = p.sessions
+        self.control = control  # the node's messages (consolidation's hand-over)
+        self.consolidator: Consolidator | None = None
         self.ready_at = ready_at  # requests queued before this found no instance: cold
         self.ledger = p.ledger
         self.publisher = Publisher(p.settings.broker_url, confirm=False)
@@ -245,6 +253,8 @@ class Server:
             if not self._isolate(ch) and self.inbox:
                 self._admit(ch)
                 self._isolate(ch)  # a suspect just claimed starts now if nothing else prefills
+            if self.consolidator is not None:
+                self._consolidation_step()  # a step boundary: the switch happens here
             if self.engine.has_unfinished():
                 prefilling = self._prefilling()
                 self.marker.mark(prefilling)  # read by the node agent if this dies
@@ -384,8 +394,48 @@ class Server:
         self._event(active.reply_to, active.inv_id,
                     {"type": "error", "error": {"type": kind, "message": message, "param": param}})
 
+    # ---- consolidation (docs/consolidation.md) ----------------------------------------------
+
+    def _take_control(self) -> None:
+        """Starts consolidating when the node hands over the rest of the model."""
+        for kind, body in self.control.poll() if self.control is not None else ():
+            if kind != "consolidate" or self.consolidator is not None:
+                log.warning("instance %s: ignored control message %r", self.a.instance_id, kind)
+                continue
+            try:
+                self.consolidator = Consolidator(self.engine, body["spec"],
+                                                 buffers_loader(body["sources"]))
+            except ConsolidationError as exc:
+                with self.sessions() as s:
+                    consolidation.give_up(s, self.a.plan_id, exc.message)
+                continue
+            log.info("instance %s: consolidating pp=%d -> 1", self.a.instance_id, self.a.pp)
+
+    def _consolidation_step(self) -> None:
+        """Between steps: switches to the whole model when the consolidator is ready, then
+        releases the other stages (recorded first, so their exit is a release); a failed load
+        leaves the pipeline serving, with the cause recorded."""
+        c = self.consolidator
+        assert c is not None
+        if c.failed or not c.tick():
+            if c.failed:
+                self.consolidator = None
+                with self.sessions() as s:
+                    consolidation.give_up(s, self.a.plan_id, f"loading the rest of the model "
+                                          f"failed: {c.stats.error}", c.stats.to_dict())
+            return
+        self.consolidator = None
+        with self.sessions() as s:
+            released = consolidation.switched(s, self.a.group, c.stats.to_dict())
+        c.release()
+        log.info("instance %s consolidated (moved %d blocks at the switch, %.1f ms); released "
+                 "%s", self.a.instance_id, c.stats.switch_blocks, c.stats.switch_s * 1000,
+                 released)
+
     def _housekeeping(self, ch) -> None:
         now = time.monotonic()
+        if self.control is not None:
+            self._take_control()
         if now - self._last_cancel_check >= CANCEL_CHECK_S and self.active:
             self._last_cancel_check = now
             gone = self.ledger.run(ledger.cancelled, list(self.active))
@@ -446,13 +496,14 @@ def jsonable(row: dict) -> dict:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
 
 
-def serve(engine: LLMEngine, p: Prepared, timeline: dict) -> None:
+def serve(engine: LLMEngine, p: Prepared, timeline: dict,
+          control: ControlInbox | None = None) -> None:
     """Marks the group ready with this stage's timeline and serves until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     with p.sessions() as s:
         ready_at = cluster.mark_ready(s, p.assignment.group, timeline)
-    server = Server(p, engine, ready_at)
+    server = Server(p, engine, ready_at, control)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
     a = p.assignment
     log.info("instance %s serving function %s (pp=%s)", a.instance_id, a.function_id, a.pp)

@@ -24,7 +24,7 @@ class RecordingServer:
         return {"started": started, "thread": threading.current_thread().name,
                 "pid": os.getpid()}
 
-    def serve(self, engine, report: dict, prepared: dict) -> None:
+    def serve(self, engine, report: dict, prepared: dict, control=None) -> None:
         from gpu_runtime.sampling import SamplingParams
 
         engine.add_request("r", [1, 5, 9], SamplingParams(max_tokens=3, ignore_eos=True))

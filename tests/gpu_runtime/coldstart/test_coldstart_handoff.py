@@ -33,7 +33,7 @@ class Unpicklable:
     def prepare(self) -> None:
         return None
 
-    def serve(self, engine, report, prepared) -> None:
+    def serve(self, engine, report, prepared, control=None) -> None:
         return None
 
 

@@ -24,6 +24,11 @@ class Recorder:
     def start_stage(self, node_id: str, instance_id: int) -> None:
         self.sent.append(("start", node_id, instance_id))
 
+    def consolidate(self, node_id: str, instance_id: int) -> None:
+        if self.broker_down:
+            raise OperationalError("[Errno 111] Connection refused")
+        self.sent.append(("consolidate", node_id, instance_id))
+
     def stop_stage(self, node_id: str, instance_id: int, kill: bool = False) -> None:
         if self.broker_down:
             raise OperationalError("[Errno 111] Connection refused")

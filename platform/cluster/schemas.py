@@ -1,0 +1,88 @@
+"""Response schemas of the instance API (``GET /v1/admin/instances``) and the group block of
+an invocation: where a request ran, and what became of its pipeline (consolidation)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hydraserve.cluster.consolidation import record_of
+from hydraserve.cluster.models import LIVE, Instance, Plan
+from hydraserve.functions.models import FunctionVersion
+
+
+class Consolidation(BaseModel):
+    state: Literal["pending", "consolidating", "consolidated", "skipped", "failed"] = Field(
+        description="pending until the group is ready; then consolidating and consolidated, "
+                    "or skipped / failed (the group stays a pipeline; reason says why)")
+    target_pp: int | None = Field(description="the pipeline size it turns into (1: standalone)")
+    reason: str | None
+    started_at: str | None
+    consolidated_at: str | None
+    stats: dict[str, Any] = Field(description="the fetch of the rest and the switch: blocks and "
+                                              "bytes migrated, the pause, timestamps")
+
+
+class GroupOut(BaseModel):
+    plan_id: int
+    pp: int = Field(description="the pipeline size it was started with")
+    policy: str
+    consolidation: Consolidation | None
+
+
+class InstanceOut(BaseModel):
+    object: Literal["instance"] = "instance"
+    id: int
+    function: str
+    version: int
+    node_id: str
+    stage_index: int
+    num_stages: int = Field(description="stages of its group now (1 once consolidated)")
+    memory_bytes: int
+    status: str
+    created_at: datetime
+    ready_at: datetime | None
+    released_at: datetime | None
+    error: str | None
+    group: GroupOut | None
+
+
+class InstanceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[InstanceOut]
+
+
+def group_out(plan: Plan | None) -> GroupOut | None:
+    if plan is None:
+        return None
+    record = record_of(plan)
+    return GroupOut(plan_id=plan.id, pp=plan.pp, policy=plan.policy,
+                    consolidation=Consolidation(**record) if record else None)
+
+
+def group_of_instance(session: Session, instance_id: int | None) -> GroupOut | None:
+    """The group of an invocation's last instance (None before it ran anywhere)."""
+    if instance_id is None:
+        return None
+    plan = session.scalar(select(Plan).join(Instance, Instance.plan_id == Plan.id)
+                          .where(Instance.id == instance_id))
+    return group_out(plan)
+
+
+def list_instances(session: Session, live_only: bool, limit: int) -> list[InstanceOut]:
+    """Instances, newest first: the live ones, or every one (closed too)."""
+    q = select(Instance, FunctionVersion, Plan).join(
+        FunctionVersion, FunctionVersion.id == Instance.function_version_id).outerjoin(
+        Plan, Plan.id == Instance.plan_id).order_by(Instance.id.desc()).limit(limit)
+    if live_only:
+        q = q.where(Instance.status.in_(LIVE))
+    return [InstanceOut(id=i.id, function=fv.function.name, version=fv.version,
+                        node_id=i.node_id, stage_index=i.stage_index, num_stages=i.num_stages,
+                        memory_bytes=i.memory_bytes, status=i.status, created_at=i.created_at,
+                        ready_at=i.ready_at, released_at=i.released_at, error=i.error,
+                        group=group_out(plan))
+            for i, fv, plan in session.execute(q)]
