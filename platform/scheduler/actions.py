@@ -130,6 +130,18 @@ def consolidate(session: Session, sender: Sender, head: Instance, plan: PlanRow)
              plan.consolidation_target, head.node_id)
 
 
+def broke_while_consolidating(session: Session, plan_id: int | None, live: int,
+                              stages: int) -> None:
+    """A group that breaks before its switch ends its consolidation as failed (its requests
+    go back to the queue with the group, as for any broken group); no commit."""
+    if plan_id is None:
+        return
+    plan = session.get(PlanRow, plan_id)
+    if plan is not None and plan.consolidation_state == "consolidating":
+        consolidations.set_state(session, plan_id, "failed", f"the group broke while "
+                                 f"consolidating ({live} of {stages} stages live)")
+
+
 def stop_group(session: Session, sender: Sender, group: list[Instance], kill: bool) -> None:
     """Marks a group stopping. Graceful: only stage 0 is signalled; it finishes what it holds
     and stops the ring, so the other stages end after it. ``kill``: every stage at once."""

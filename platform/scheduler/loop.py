@@ -181,6 +181,8 @@ class Scheduler:
             if stuck or len(group) < group[0].num_stages:
                 log.warning("plan %s is broken (%d of %d stages live): stopping it",
                             group[0].plan_id, len(group), group[0].num_stages)
+                actions.broke_while_consolidating(s, group[0].plan_id, len(group),
+                                                  group[0].num_stages)
                 actions.stop_group(s, self.sender, [i for i in group if i not in stuck], kill=True)
 
     def scale_in(self, s: Session) -> None:

@@ -8,7 +8,10 @@ request gives the tokens of the model run alone, and no stream repeats a token."
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -21,11 +24,18 @@ PROMPTS = [[1, 5, 9, 13, 200, 31], [1, 400, 17, 3], [2, 7, 1, 8, 2, 8, 1, 8]]
 MAX_TOKENS = 48
 
 
+HOLD_S = 3.0  # the rest of the model is held back this long: a window to break a group in
+
+
 @pytest.fixture(scope="module")
 def cluster(store_root, tmp_path_factory):
-    with running_cluster(store_root, tmp_path_factory, "cons",
-                         spec={"link_mbps": LINK_MBPS, "device_mem": DEVICE}) as c:
-        yield c
+    os.environ["HYDRA_FAULT_CONSOLIDATION_HOLD_S"] = str(HOLD_S)  # the node agents inherit it
+    try:
+        with running_cluster(store_root, tmp_path_factory, "cons",
+                             spec={"link_mbps": LINK_MBPS, "device_mem": DEVICE}) as c:
+            yield c
+    finally:
+        del os.environ["HYDRA_FAULT_CONSOLIDATION_HOLD_S"]
 
 
 def pipeline_slo(model_bytes: int) -> dict:
@@ -110,11 +120,27 @@ def plan_of(cluster: Cluster, name: str):
     return rows[-1] if rows else None
 
 
+def register(cluster: Cluster, name: str, model) -> None:
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    fn = cluster.register(name, model, keep_alive_s=120, slo=pipeline_slo(size))
+    assert fn["name"] == name
+
+
+def check_outputs(clients: Clients, expected: dict) -> None:
+    """Every request gave the model's own tokens, and no stream repeated one."""
+    assert not clients.errors, clients.errors[:3]
+    assert clients.results and clients.streams
+    for r in clients.results:
+        assert r["status"] == "succeeded", r
+        assert r["output"]["token_ids"] == expected[tuple(r["prompt"])], r["id"]
+    for streamed, final in clients.streams:
+        assert final["status"] == "succeeded", final
+        assert streamed == final["output"]["token_ids"] == expected[tuple(final["prompt"])]
+
+
 def test_a_pipeline_consolidates_while_serving(cluster: Cluster, store_root):
     model = store_root / "llama-small"
-    fn = cluster.register("cons", model, keep_alive_s=120,
-                          slo=pipeline_slo(sum(f.stat().st_size for f in model.glob("*.safetensors"))))
-    assert fn["name"] == "cons"
+    register(cluster, "cons", model)
     expected = {tuple(p): reference_tokens(model, p, MAX_TOKENS) for p in PROMPTS}
     clients = Clients(cluster, "cons").start()
     try:
@@ -127,7 +153,6 @@ def test_a_pipeline_consolidates_while_serving(cluster: Cluster, store_root):
         cluster.wait_for(lambda: len(clients.results) >= done + 3, 120, "requests after it")
     finally:
         clients.finish()
-    assert not clients.errors, clients.errors[:3]
     assert plan.pp >= 2 and plan.consolidation_target == 1, plan
     assert plan.consolidation_state == "consolidated", (plan.consolidation_state,
                                                         plan.consolidation_reason)
@@ -140,13 +165,7 @@ def test_a_pipeline_consolidates_while_serving(cluster: Cluster, store_root):
     assert stats["switch_blocks"] <= stats["switch_sequences"], stats
     assert stats["migrated_layers"] >= 1 and stats["precopy_rounds"] >= 0, stats
 
-    # every request gave the model's own tokens, and a stream repeated none
-    for r in clients.results:
-        assert r["status"] == "succeeded", r
-        assert r["output"]["token_ids"] == expected[tuple(r["prompt"])], r["id"]
-    for streamed, final in clients.streams:
-        assert final["status"] == "succeeded", final
-        assert streamed == final["output"]["token_ids"] == expected[tuple(final["prompt"])]
+    check_outputs(clients, expected)
 
     # stage 0 is a standalone instance now; the others were released and stopped billing
     def group():
@@ -185,3 +204,45 @@ def test_the_instance_api_names_a_bad_status(cluster: Cluster):
     resp = requests.get(f"{cluster.base}/v1/admin/instances?status=bogus", headers=HEADERS,
                         timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "status"
+
+
+def test_a_node_killed_mid_consolidation_loses_no_request(cluster: Cluster, store_root):
+    """kill -9 the node agent (and so the worker) of a later stage while the group waits for
+    the rest of the model: the group breaks as any pipeline would, its consolidation ends
+    failed with the cause, and every request still gives the model's own tokens (retried on
+    a new group, a stream resumed, never repeated)."""
+    copy = store_root / "llama-small-copy"  # another URI: another model, nothing cached
+    if not copy.exists():
+        copy.mkdir()
+        for f in (store_root / "llama-small").iterdir():
+            os.link(f, copy / f.name)
+    register(cluster, "cons-kill", copy)
+    expected = {tuple(p): reference_tokens(copy, p, MAX_TOKENS) for p in PROMPTS}
+    clients = Clients(cluster, "cons-kill").start()
+    victim = None
+    try:
+        plan = cluster.wait_for(lambda: (p := plan_of(cluster, "cons-kill")) is not None
+                                and p.consolidation_state == "consolidating" and p, 240,
+                                "the pipeline to start consolidating", every_s=0.05)
+        (victim,) = cluster.query("SELECT node_id FROM instances WHERE plan_id = :p AND "
+                                  "stage_index = 1", p=plan.id)
+        agent = int(cluster.layout.pidfile(f"node-{victim.node_id}").read_text())
+        os.killpg(agent, signal.SIGKILL)
+        failed = cluster.wait_for(lambda: (p := cluster.query(
+            "SELECT * FROM plans WHERE id = :p", p=plan.id)[0]).consolidation_state != \
+            "consolidating" and p, 60, "the consolidation to end")
+        done = len(clients.results)
+        cluster.wait_for(lambda: len(clients.results) >= done + 3, 180, "requests after it")
+    finally:
+        clients.finish()
+        if victim is not None:  # the killed agent left its pid file and cache pool behind
+            from gpu_runtime.prefetch import PrefetchConfig
+
+            pool = PrefetchConfig(node_id=f"{cluster.settings.queue_prefix}{victim.node_id}")
+            cluster.layout.pidfile(f"node-{victim.node_id}").unlink(missing_ok=True)
+            Path(pool.pool_path).unlink(missing_ok=True)
+    assert failed.consolidation_state == "failed", failed
+    assert "broke while consolidating" in failed.consolidation_reason, failed
+    check_outputs(clients, expected)
+    assert any(r["attempts"] > 1 for r in clients.results + [f for _, f in clients.streams]), \
+        "no request was in the broken group"

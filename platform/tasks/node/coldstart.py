@@ -173,6 +173,7 @@ class ColdStarter:
                  "cache_hits": sum(j.cache_hit for j in jobs), "node": self.prefetcher.config.node_id}
         with sessions() as s:
             consolidation.add_stats(s, a.plan_id, fetch)
+        time.sleep(fault_hold_s())
         child.launched.handle.control(("consolidate", {
             "spec": whole.spec, "sources": [(j.handle, j.layout) for j in jobs]}))
 
@@ -195,6 +196,13 @@ class ColdStarter:
     def close(self) -> None:
         self.pool.close()
         self.prefetcher.close()
+
+
+def fault_hold_s() -> float:
+    """Fault injection for tests (0 unless set): ``HYDRA_FAULT_CONSOLIDATION_HOLD_S`` holds the
+    rest of the model back this long after its fetch, so a test can break a group while it
+    is consolidating."""
+    return float(os.environ.get("HYDRA_FAULT_CONSOLIDATION_HOLD_S") or 0)
 
 
 def stage_plan(session: Session, a: Assignment, threads: int | None) -> StagePlan:

@@ -1,0 +1,108 @@
+"""The scheduler's consolidation decisions against real Postgres (docs/consolidation.md): the
+target a plan records, the go it gives a ready group, the reason a group stays a pipeline, and
+a group that breaks while consolidating."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hydraserve.cluster import consolidation
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.models import Instance, Plan
+from hydraserve.scheduler.loop import Scheduler
+from tests.platform.scheduler.test_decisions import add_nodes, enqueue, group, read, step
+
+
+def test_a_ready_pipeline_with_a_full_share_on_stage_0_starts_consolidating(sched, s,
+                                                                           function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    insts = group(sched, s, fv, demand=2)  # two requests over two nodes: pp = 2, full shares
+    (plan,) = read(s, Plan)
+    assert plan.pp == 2 and plan.consolidation_target == 1, plan.consolidation_reason
+    assert "becomes a standalone replica" in plan.consolidation_reason
+    assert plan.consolidation_state is None  # decided at plan time, started once ready
+    step(sched, "consolidate")
+    (plan,) = read(s, Plan)
+    assert plan.consolidation_state == "consolidating"
+    assert plan.consolidation_started_at is not None
+    assert sched.sender.take() == [("consolidate", insts[0].node_id, insts[0].id)]
+    step(sched, "consolidate")  # once: a later pass sends nothing more
+    assert sched.sender.take() == []
+
+
+def test_a_starting_group_is_not_told_yet(sched, s, function):
+    add_nodes(s, "a", "b")
+    group(sched, s, function(), demand=2, ready=False)
+    step(sched, "consolidate")
+    assert sched.sender.take() == []
+    assert read(s, Plan)[0].consolidation_state is None
+
+
+def test_a_pipeline_of_part_shares_is_skipped_with_the_reason(sched, s, function):
+    fv = function()
+    # room for half the model's share on each device, not for the whole of it
+    add_nodes(s, "a", "b", memory=int(fv.model.total_bytes * 1.25 * 0.75))
+    group(sched, s, fv)
+    step(sched, "consolidate")
+    (plan,) = read(s, Plan)
+    assert plan.pp == 2 and plan.consolidation_target is None
+    assert plan.consolidation_state == "skipped"
+    assert "no worker holds the whole model" in plan.consolidation_reason
+    assert sched.sender.take() == []
+
+
+def test_turned_off_the_group_stays_a_pipeline_and_says_so(settings, session_factory, sender,
+                                                           s, function):
+    sched = Scheduler(replace(settings, consolidation=False), sender=sender,
+                      sessions=session_factory, heartbeat_timeout_s=10, start_timeout_s=60)
+    add_nodes(s, "a", "b")
+    enqueue(s, function(), 2)
+    step(sched, "scale_out")  # as the scheduler plans: its own setting
+    cluster.mark_ready(s, tuple(i.id for i in read(s, Instance)), {})
+    step(sched, "consolidate")
+    (plan,) = read(s, Plan)
+    assert plan.pp == 2
+    assert (plan.consolidation_target, plan.consolidation_state) == (None, "skipped")
+    assert "turned off" in plan.consolidation_reason
+
+
+def test_a_broker_outage_leaves_the_decision_for_the_next_pass(sched, s, function):
+    add_nodes(s, "a", "b")
+    group(sched, s, function(), demand=2)
+    sched.sender.broker_down = True
+    sched.tick()  # the pass is skipped, its writes rolled back
+    assert read(s, Plan)[0].consolidation_state is None
+    sched.sender.broker_down = False
+    step(sched, "consolidate")
+    assert read(s, Plan)[0].consolidation_state == "consolidating"
+
+
+def test_a_group_that_breaks_while_consolidating_ends_it_failed(sched, s, function):
+    add_nodes(s, "a", "b")
+    insts = group(sched, s, function(), demand=2)
+    step(sched, "consolidate")
+    with sched.sessions() as fresh:  # stage 1's worker dies
+        cluster.fail_instance(fresh, insts[1].id, "worker process exited with code -9")
+    step(sched, "stop_broken_groups")
+    (plan,) = read(s, Plan)
+    assert plan.consolidation_state == "failed"
+    assert plan.consolidation_reason == "the group broke while consolidating (1 of 2 stages live)"
+
+
+def test_the_switch_releases_the_other_stages_and_makes_stage_0_standalone(sched, s,
+                                                                          function):
+    add_nodes(s, "a", "b")
+    insts = group(sched, s, function(), demand=2)
+    step(sched, "consolidate")
+    with sched.sessions() as fresh:
+        released = consolidation.switched(fresh, [i.id for i in insts], {"switch_blocks": 3})
+    assert released == [insts[1].id]
+    head, tail = read(s, Instance)
+    assert (head.status, head.num_stages) == ("ready", 1)
+    assert tail.status == "stopping"  # its process's exit is now a release
+    (plan,) = read(s, Plan)
+    assert plan.consolidation_state == "consolidated" and plan.consolidated_at is not None
+    assert plan.consolidation == {"switch_blocks": 3}
+    step(sched, "stop_broken_groups")  # a consolidated group is not a broken pipeline
+    assert [i.status for i in read(s, Instance)] == ["ready", "stopping"]
