@@ -15,10 +15,9 @@ from sqlalchemy import cast, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from gpu_runtime.limits import GB
 from hydraserve.cluster.models import CONSOLIDATION, LIVE, Instance, Plan
 from hydraserve.db import must_get, notify, utcnow
-
-GB = 1e9
 
 
 def target_of(stages: Sequence[dict], model_bytes: int, enabled: bool) -> tuple[int | None, str]:

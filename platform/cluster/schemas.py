@@ -7,11 +7,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from hydraserve.cluster.consolidation import record_of
-from hydraserve.cluster.models import LIVE, Instance, Plan
+from hydraserve.cluster.models import Instance, Plan
 from hydraserve.functions.models import FunctionVersion
 
 
@@ -64,25 +62,9 @@ def group_out(plan: Plan | None) -> GroupOut | None:
                     consolidation=Consolidation(**record) if record else None)
 
 
-def group_of_instance(session: Session, instance_id: int | None) -> GroupOut | None:
-    """The group of an invocation's last instance (None before it ran anywhere)."""
-    if instance_id is None:
-        return None
-    plan = session.scalar(select(Plan).join(Instance, Instance.plan_id == Plan.id)
-                          .where(Instance.id == instance_id))
-    return group_out(plan)
-
-
-def list_instances(session: Session, live_only: bool, limit: int) -> list[InstanceOut]:
-    """Instances, newest first: the live ones, or every one (closed too)."""
-    q = select(Instance, FunctionVersion, Plan).join(
-        FunctionVersion, FunctionVersion.id == Instance.function_version_id).outerjoin(
-        Plan, Plan.id == Instance.plan_id).order_by(Instance.id.desc()).limit(limit)
-    if live_only:
-        q = q.where(Instance.status.in_(LIVE))
-    return [InstanceOut(id=i.id, function=fv.function.name, version=fv.version,
-                        node_id=i.node_id, stage_index=i.stage_index, num_stages=i.num_stages,
-                        memory_bytes=i.memory_bytes, status=i.status, created_at=i.created_at,
-                        ready_at=i.ready_at, released_at=i.released_at, error=i.error,
-                        group=group_out(plan))
-            for i, fv, plan in session.execute(q)]
+def instance_out(i: Instance, fv: FunctionVersion, plan: Plan | None) -> InstanceOut:
+    return InstanceOut(id=i.id, function=fv.function.name, version=fv.version,
+                       node_id=i.node_id, stage_index=i.stage_index, num_stages=i.num_stages,
+                       memory_bytes=i.memory_bytes, status=i.status, created_at=i.created_at,
+                       ready_at=i.ready_at, released_at=i.released_at, error=i.error,
+                       group=group_out(plan))

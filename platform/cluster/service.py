@@ -270,6 +270,25 @@ def add_timeline(session: Session, instance_id: int, phases: dict[str, Any]) -> 
         timeline=Instance.timeline.op("||")(cast(phases, JSONB))))
 
 
+def plan_of_instance(session: Session, instance_id: int | None) -> Plan | None:
+    """The plan of an instance's group (None for no instance)."""
+    if instance_id is None:
+        return None
+    return session.scalar(select(Plan).join(Instance, Instance.plan_id == Plan.id)
+                          .where(Instance.id == instance_id))
+
+
+def instances_with_plans(session: Session, live_only: bool,
+                         limit: int) -> list[tuple[Instance, FunctionVersion, Plan | None]]:
+    """Instances, newest first (the live ones, or every one), with their version and plan."""
+    q = select(Instance, FunctionVersion, Plan).join(
+        FunctionVersion, FunctionVersion.id == Instance.function_version_id).outerjoin(
+        Plan, Plan.id == Instance.plan_id).order_by(Instance.id.desc()).limit(limit)
+    if live_only:
+        q = q.where(Instance.status.in_(LIVE))
+    return [(i, fv, plan) for i, fv, plan in session.execute(q)]
+
+
 def instances_by_status(session: Session) -> dict[str, int]:
     """How many instances are in each status (the live ones and those closed so far)."""
     rows = session.execute(select(Instance.status, func.count()).group_by(Instance.status))

@@ -6,7 +6,8 @@ from flask import Blueprint, request
 
 from hydraserve.api.context import db
 from hydraserve.api.openapi import operation
-from hydraserve.cluster.schemas import InstanceList, list_instances
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.schemas import InstanceList, instance_out
 from hydraserve.errors import InvalidRequest
 
 bp = Blueprint("instances", __name__)
@@ -24,5 +25,5 @@ def get_instances():
     raw = request.args.get("limit", "100")
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
         raise InvalidRequest(f"limit={raw!r}; allowed: an integer 1..{MAX_LIMIT}", "limit")
-    rows = list_instances(db(), status == "live", int(raw))
-    return InstanceList(data=rows).model_dump(mode="json")
+    rows = cluster.instances_with_plans(db(), status == "live", int(raw))
+    return InstanceList(data=[instance_out(*row) for row in rows]).model_dump(mode="json")

@@ -9,7 +9,8 @@ from flask import Blueprint, Response, g, request
 
 from hydraserve.api.context import db, extension
 from hydraserve.api.openapi import operation
-from hydraserve.cluster.schemas import GroupOut, group_of_instance
+from hydraserve.cluster import service as cluster
+from hydraserve.cluster.schemas import GroupOut, group_out
 from hydraserve.errors import InvalidRequest
 from hydraserve.functions import servable
 from hydraserve.functions import service as functions
@@ -156,7 +157,8 @@ def get_invocation(id: str):  # noqa: A002 (the path parameter's name)
 
 def group_of(inv) -> GroupOut | None:
     """Where the invocation last ran, and what became of that group's pipeline."""
-    return group_of_instance(db(), inv.instance_ids[-1] if inv.instance_ids else None)
+    return group_out(cluster.plan_of_instance(
+        db(), inv.instance_ids[-1] if inv.instance_ids else None))
 
 
 @operation(bp, "/v1/invocations/<id>/cancel", "POST", summary="Cancel an invocation",

@@ -44,3 +44,14 @@ def test_admin_errors(client, admin):
     resp = client.post("/v1/admin/tenants/acme/keys", json={"role": "root"}, headers=admin)
     assert resp.status_code == 400 and "'tenant' or 'admin'" in resp.json["error"]["message"]
     assert client.delete("/v1/admin/keys/99999", headers=admin).status_code == 404
+
+
+def test_instance_list_is_admin_only_and_names_bad_filters(client, admin, acme):
+    assert client.get("/v1/admin/instances", headers=acme).status_code == 403
+    ok = client.get("/v1/admin/instances", headers=admin)
+    assert ok.status_code == 200 and ok.json == {"object": "list", "data": []}
+    for query, param in (("status=closed", "status"), ("limit=0", "limit"),
+                         ("limit=501", "limit"), ("limit=ten", "limit")):
+        resp = client.get(f"/v1/admin/instances?{query}", headers=admin)
+        assert resp.status_code == 400 and resp.json["error"]["param"] == param, query
+        assert query.split("=")[1] in resp.json["error"]["message"]
