@@ -153,6 +153,58 @@ def warm_up(stage: Stage, block_size: int) -> None:
     stage.compute_logits(h[-1:])
 
 
+@dataclass(slots=True)
+class Whole:
+    """The whole model loaded beside a stage, with its own KV cache."""
+
+    stage: Stage
+    kv: KVCache
+    keep: list  # what must stay alive with the weights (mapped buffers)
+    load_start: float
+    load_end: float
+
+
+def load_whole(part: Stage, spec: StageSpec, fill_rest: RestLoader, num_blocks: int,
+               block_size: int) -> Whole:
+    """The whole model around the loaded stage ``part`` (its parameters adopted, the rest from
+    ``fill_rest``), warmed, with a KV cache of ``num_blocks`` blocks on every layer."""
+    started = time.time()
+    whole, keep = assemble(part, spec, fill_rest)
+    warm_up(whole, block_size)
+    c = part.config
+    kv = KVCache(KVCacheSpec(0, len(spec.layers), num_blocks, block_size, c.num_kv_heads,
+                             c.head_dim, part.dtype), part.device)
+    return Whole(whole, kv, keep, started, time.time())
+
+
+class ReplicaLoader:
+    """A later stage that will stand alone once its pipeline has consolidated: loads the whole
+    model on a thread while the stage serves its part of the ring (docs/consolidation.md)."""
+
+    def __init__(self, part: Stage, spec: StageSpec, fill_rest: RestLoader, num_blocks: int,
+                 block_size: int) -> None:
+        self.whole: Whole | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="replica-load",
+                                        args=(part, spec, fill_rest, num_blocks, block_size))
+        self._thread.start()
+
+    def _run(self, *args) -> None:
+        try:
+            self.whole = load_whole(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised by result() in the worker
+            self.error = exc
+
+    def result(self, timeout_s: float | None = None) -> Whole:
+        self._thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
+        if self.whole is None:
+            raise ConsolidationError(f"the whole model was not loaded within {timeout_s} s",
+                                     "model")
+        return self.whole
+
+
 class Consolidator:
     """Turns ``engine``'s pipeline into the whole model on this process; see the module doc."""
 
@@ -187,15 +239,11 @@ class Consolidator:
 
     def _load(self) -> None:
         try:
-            stage0, kv0 = self.pipeline.stage, self.pipeline.kv
-            whole, keep = assemble(stage0, self.spec, self.fill_rest)
-            warm_up(whole, kv0.spec.block_size)
-            s = kv0.spec
-            self._kv = KVCache(KVCacheSpec(0, len(self.spec.layers), s.num_blocks,
-                                           s.block_size, s.num_kv_heads, s.head_dim, s.dtype),
-                               stage0.device)
-            self._whole, self._keep = whole, keep
-            self.stats.load_end = time.time()
+            kv0 = self.pipeline.kv.spec
+            loaded = load_whole(self.pipeline.stage, self.spec, self.fill_rest, kv0.num_blocks,
+                                kv0.block_size)
+            self._whole, self._kv, self._keep = loaded.stage, loaded.kv, loaded.keep
+            self.stats.load_end = loaded.load_end
             self.stats.state = "precopy"
         except BaseException as exc:  # noqa: BLE001 - the pipeline keeps serving; tick() says so
             self._error = exc
@@ -292,7 +340,8 @@ class Consolidator:
         thread, off the serving loop's critical path. The caller first records that their exit
         is a release, not a failure."""
         assert self.consolidated, f"release before the switch (state {self.stats.state})"
-        t = threading.Thread(target=self.pipeline.close, daemon=True, name="pipeline-close")
+        t = threading.Thread(target=self.pipeline.close, args=({"consolidated": True},),
+                             daemon=True, name="pipeline-close")
         t.start()
         return t
 

@@ -94,6 +94,7 @@ class StageWorker:
         self.kv: KVCache | None = None
         self.compute_s = 0.0
         self.num_steps = 0
+        self.stopped_with: dict = {}  # the meta of the ``stop`` that ended the ring
 
     def serve(self, parent_pid: int | None = None) -> None:
         """Handles messages until ``stop``; with ``parent_pid``, also returns once that process
@@ -116,6 +117,7 @@ class StageWorker:
                      "steps": self.num_steps})
                 self.channel.send(msg)
             elif msg.kind == "stop":
+                self.stopped_with = msg.meta
                 self.channel.send(msg)
                 return
             else:
@@ -256,9 +258,10 @@ class PipelineRunner:
         self.channel.send(Message("stats"))
         return self._recv(60.0).meta.get("stages", [])
 
-    def close(self) -> None:
+    def close(self, why: dict | None = None) -> None:
+        """Stops the ring; ``why`` travels with the ``stop`` (e.g. that it consolidated)."""
         try:
-            self.channel.send(Message("stop"))
+            self.channel.send(Message("stop", why or {}))
             self._recv(10.0)
         except ChannelError:
             pass  # a stage already gone; the join below cleans up

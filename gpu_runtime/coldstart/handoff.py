@@ -13,6 +13,7 @@ import inspect
 import pickle
 import queue
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -41,16 +42,21 @@ class ControlInbox:
     """What the node sends a serving stage 0 over the pool's pipe, e.g. ``("consolidate",
     {...})``: a thread reads the pipe, the serving loop polls between steps."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection,
+                 on_message: Callable[[tuple], None] | None = None) -> None:
+        """``on_message``: called on the reading thread for each message instead of queueing
+        it (a later stage has no loop between steps to poll from)."""
         self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._on_message = on_message or self._queue.put
         threading.Thread(target=self._read, args=(conn,), daemon=True, name="control").start()
 
     def _read(self, conn: Connection) -> None:
         while True:
             try:
-                self._queue.put(conn.recv())
+                msg = conn.recv()
             except (EOFError, OSError):  # the node closed the pipe: nothing more will come
                 return
+            self._on_message(msg)
 
     def poll(self) -> list[tuple]:
         """The messages that arrived since the last poll, oldest first."""

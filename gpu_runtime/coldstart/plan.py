@@ -59,6 +59,9 @@ class StagePlan:
     # Stage 0 only: what takes over once the engine is up, instead of serving the pool's pipe
     # (the platform's request loop; see handoff.py). Its ``prepare`` runs while the stage loads.
     server: StageServer | None = None
+    # A later stage with a full share: what serves requests once its pipeline consolidated
+    # and it stands alone as a replica (docs/consolidation.md); prepared only then.
+    replica: StageServer | None = None
 
     def __post_init__(self) -> None:
         pp = self.spec.num_stages
@@ -72,6 +75,11 @@ class StagePlan:
                 raise AssignmentError(f"stage {self.spec.index} got a stage server; only "
                                       "stage 0 serves requests", "server")
             check_server(self.server)
+        if self.replica is not None:
+            if self.spec.is_first:
+                raise AssignmentError("stage 0 serves requests already (server); a replica "
+                                      "server is for a later stage", "replica")
+            check_server(self.replica)
 
     @property
     def pp(self) -> int:

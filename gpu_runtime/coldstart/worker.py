@@ -123,11 +123,15 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
               "load_end": loaded.stats.load_end, "load": loaded.stats.to_dict()}
     if not plan.spec.is_first:
         assert parts.channel is not None, f"stage {plan.spec.index} has no channel"
+        replica = _ReplicaControl(conn, loaded.stage, plan) if plan.replica else None
         conn.send(("ready", report | {"ready": time.time()}))
+        worker = PreparedStageWorker(loaded.stage, parts.channel, parts.kv)
         try:
-            PreparedStageWorker(loaded.stage, parts.channel, parts.kv).serve()
+            worker.serve()
         finally:
             parts.channel.close()
+        if replica is not None and worker.stopped_with.get("consolidated"):
+            _serve_replica(replica, plan, report)
         conn.send(("stopped", {}))
         return
     engine = engine_for(loaded.stage, parts, plan)  # pp > 1: waits for the whole ring
@@ -144,6 +148,62 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     finally:
         engine.close()
     conn.send(("stopped", {}))
+
+
+class _ReplicaControl:
+    """A later stage with a full share: starts loading the whole model when its node hands
+    over the rest (``("consolidate", {...})``), while the stage keeps serving the ring."""
+
+    def __init__(self, conn: Connection, stage, plan) -> None:
+        from gpu_runtime.coldstart.handoff import ControlInbox
+
+        self.stage, self.plan = stage, plan
+        self.loader: Any = None  # a ReplicaLoader once the rest was handed over
+        self.refused: str | None = None  # why the node could not hand it over
+        self.inbox = ControlInbox(conn, self._on_message)
+
+    def _on_message(self, msg: tuple) -> None:
+        from gpu_runtime.consolidate import ReplicaLoader, buffers_loader
+
+        if msg[0] == "no_replica":
+            self.refused = msg[1]
+        elif msg[0] == "consolidate" and self.loader is None:
+            shape = self.plan.engine
+            self.loader = ReplicaLoader(self.stage, msg[1]["spec"],
+                                        buffers_loader(msg[1]["sources"]), shape.num_kv_blocks,
+                                        shape.block_size)
+
+
+REPLICA_LOAD_TIMEOUT_S = 600.0
+
+
+def _serve_replica(replica: _ReplicaControl, plan, report: dict) -> None:
+    """After the ring stopped: the whole model, once loaded, serves requests on its own."""
+    from gpu_runtime.coldstart.runtime import load_tokenizer
+    from gpu_runtime.engine import EngineConfig, LLMEngine
+    from gpu_runtime.model_runner import LocalRunner
+
+    deadline = time.monotonic() + REPLICA_LOAD_TIMEOUT_S
+    while replica.loader is None:  # the node is still fetching the rest for this stage
+        if replica.refused is not None:
+            raise RuntimeError(f"no replica: {replica.refused}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the rest of the model did not arrive within "
+                               f"{REPLICA_LOAD_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+    whole = replica.loader.result(max(deadline - time.monotonic(), 1.0))
+    shape = plan.engine
+    config = EngineConfig(model=plan.uri, dtype=shape.dtype, device=str(whole.stage.device),
+                          block_size=shape.block_size, num_kv_blocks=shape.num_kv_blocks,
+                          num_threads=shape.num_threads)
+    engine = LLMEngine.from_loaded(config, [whole.stage.spec], whole.kv,
+                                   LocalRunner(whole.stage, whole.kv), load_tokenizer(plan.uri))
+    report = report | {"replica_load_start": whole.load_start,
+                       "replica_load_end": whole.load_end, "ready": time.time()}
+    try:
+        plan.replica.serve(engine, report, plan.replica.prepare(), replica.inbox)
+    finally:
+        engine.close()
 
 
 def _start_prepare(plan) -> Future | None:

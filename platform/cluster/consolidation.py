@@ -38,9 +38,9 @@ def target_of(stages: Sequence[dict], model_bytes: int, enabled: bool) -> tuple[
 
 
 def set_state(session: Session, plan_id: int, state: str, reason: str | None = None,
-              stats: dict[str, Any] | None = None) -> None:
+              stats: dict[str, Any] | None = None, only_from: str | None = None) -> None:
     """Moves the plan's consolidation to ``state`` (stamping its start or end) and merges
-    ``stats``; no commit."""
+    ``stats`` (``only_from``: only if it is in that state now); no commit."""
     assert state in CONSOLIDATION, f"consolidation state {state!r}; allowed {CONSOLIDATION}"
     values: dict[str, Any] = {"consolidation_state": state}
     if reason is not None:
@@ -51,7 +51,10 @@ def set_state(session: Session, plan_id: int, state: str, reason: str | None = N
         values["consolidated_at"] = utcnow()
     if stats:
         values["consolidation"] = Plan.consolidation.op("||")(cast(stats, JSONB))
-    session.execute(update(Plan).where(Plan.id == plan_id).values(**values))
+    q = update(Plan).where(Plan.id == plan_id)
+    if only_from is not None:
+        q = q.where(Plan.consolidation_state == only_from)
+    session.execute(q.values(**values))
 
 
 def add_stats(session: Session, plan_id: int, stats: dict[str, Any]) -> None:
@@ -62,20 +65,24 @@ def add_stats(session: Session, plan_id: int, stats: dict[str, Any]) -> None:
 
 
 def give_up(session: Session, plan_id: int, cause: str, stats: dict | None = None) -> None:
-    """The group tried and stays a pipeline; commits."""
-    set_state(session, plan_id, "failed", cause, stats)
+    """The group tried and stays a pipeline (unless its consolidation ended otherwise first:
+    the first cause is kept); commits."""
+    set_state(session, plan_id, "failed", cause, stats, only_from="consolidating")
     session.commit()
 
 
 def switched(session: Session, group: Sequence[int], stats: dict[str, Any]) -> list[int]:
     """Stage 0 (``group[0]``) now holds the whole model: it becomes a standalone instance and
     the other stages go ``stopping``, so that their exit is a release (their usage records
-    close when their processes end). Commits before any stage is told to stop; returns the
-    stages released."""
+    close when their processes end), except the stages that become replicas (they move to
+    plans of their own, ``become_replica``). Commits before any stage is told to stop;
+    returns the stages released."""
     head = must_get(session, Instance, group[0])
     assert head.plan_id is not None, f"instance {head.id} has no plan"
-    rest = list(session.scalars(select(Instance).where(
-        Instance.id.in_(group[1:]), Instance.status.in_(LIVE))))
+    plan = must_get(session, Plan, head.plan_id)
+    keep = set((plan.consolidation or {}).get("replica_stages", []))
+    rest = [i for i in session.scalars(select(Instance).where(
+        Instance.id.in_(group[1:]), Instance.status.in_(LIVE))) if i.stage_index not in keep]
     for inst in rest:
         inst.status = "stopping"
     head.num_stages = 1
@@ -83,6 +90,42 @@ def switched(session: Session, group: Sequence[int], stats: dict[str, Any]) -> l
     notify(session, f"consolidated:{head.plan_id}")
     session.commit()
     return [i.id for i in rest]
+
+
+def become_replica(session: Session, instance_id: int) -> bool:
+    """A later full-share stage of a consolidated group stands alone: it moves to a plan of
+    its own (``pp = 1``, the same policy, its placement as stage 0), keeping its instance row
+    and usage record. False (nothing changed) unless its group consolidated and it is still
+    ``ready`` (a group stopped before the switch makes no replica). Commits."""
+    inst = session.get(Instance, instance_id, with_for_update=True)
+    if inst is None or inst.status != "ready" or inst.plan_id is None:
+        session.rollback()
+        return False
+    old = must_get(session, Plan, inst.plan_id)
+    if old.consolidation_state != "consolidated" or inst.stage_index == 0:
+        session.rollback()
+        return False
+    stage = next(s for s in old.stages if s["stage"] == inst.stage_index)
+    plan = Plan(function_version_id=old.function_version_id, pp=1, status="started",
+                policy=old.policy, reason=f"replica of plan {old.id}: its stage "
+                f"{inst.stage_index} held a full share and stands alone since the pipeline "
+                "consolidated", predicted_ttft_ms=old.predicted_ttft_ms,
+                predicted_tpot_ms=old.predicted_tpot_ms, stages=[stage | {"stage": 0}])
+    session.add(plan)
+    session.flush()
+    inst.plan_id, inst.stage_index, inst.num_stages = plan.id, 0, 1
+    replicas = dict(old.consolidation or {}).get("replica_plans", []) + [plan.id]
+    set_state(session, old.id, "consolidated", stats={"replica_plans": replicas})
+    notify(session, f"replica:{plan.id}")
+    session.commit()
+    return True
+
+
+def replica_stages(stages: Sequence[dict], model_bytes: int) -> list[int]:
+    """The later stages of a group that become replicas when it consolidates: those holding a
+    full share (the whole model fits their memory)."""
+    return [s["stage"] for s in stages[1:]
+            if s["full_share"] and s["memory_bytes"] >= model_bytes]
 
 
 def record_of(plan: Plan) -> dict[str, Any] | None:

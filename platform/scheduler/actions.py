@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from kombu.exceptions import KombuError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpu_runtime.limits import MAX_PP
@@ -18,6 +19,7 @@ from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import Instance
 from hydraserve.cluster.models import Plan as PlanRow
 from hydraserve.cluster.service import StageRecord
+from hydraserve.db import must_get
 from hydraserve.functions.models import FunctionVersion
 from hydraserve.scheduler import profiles, state
 from hydraserve.scheduler.planner import Plan, PlannerConfig, Request, plan_cold_start
@@ -122,9 +124,15 @@ def consolidate(session: Session, sender: Sender, head: Instance, plan: PlanRow)
         consolidations.set_state(session, plan.id, "skipped")
         session.commit()
         return
-    consolidations.set_state(session, plan.id, "consolidating")
+    model_bytes = must_get(session, FunctionVersion, plan.function_version_id).model.total_bytes
+    replicas = consolidations.replica_stages(plan.stages, model_bytes)
+    consolidations.set_state(session, plan.id, "consolidating",
+                             stats={"replica_stages": replicas})
     session.flush()
-    sender.consolidate(head.node_id, head.id)
+    group = {i.stage_index: i for i in session.scalars(
+        select(Instance).where(Instance.plan_id == plan.id))}
+    for stage in [0, *replicas]:  # stage 0 consolidates, the other full shares become replicas
+        sender.consolidate(group[stage].node_id, group[stage].id)
     session.commit()
     log.info("plan %s: consolidating pp=%d -> %d on node %s", plan.id, plan.pp,
              plan.consolidation_target, head.node_id)

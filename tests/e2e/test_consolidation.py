@@ -113,11 +113,16 @@ class Clients:
             t.join(300)
 
 
-def plan_of(cluster: Cluster, name: str):
+def plan_of(cluster: Cluster, name: str, first: bool = False):
+    """The function's latest plan (``first``: its first)."""
     rows = cluster.query(
         "SELECT p.* FROM plans p JOIN function_versions v ON v.id = p.function_version_id "
         "JOIN functions f ON f.id = v.function_id WHERE f.name = :n ORDER BY p.id", n=name)
-    return rows[-1] if rows else None
+    return (rows[0] if first else rows[-1]) if rows else None
+
+
+def plan_by_id(cluster: Cluster, plan_id: int):
+    return cluster.query("SELECT * FROM plans WHERE id = :p", p=plan_id)[0]
 
 
 def register(cluster: Cluster, name: str, model) -> None:
@@ -144,59 +149,68 @@ def test_a_pipeline_consolidates_while_serving(cluster: Cluster, store_root):
     expected = {tuple(p): reference_tokens(model, p, MAX_TOKENS) for p in PROMPTS}
     clients = Clients(cluster, "cons").start()
     try:
-        plan = cluster.wait_for(lambda: (p := plan_of(cluster, "cons")) is not None
+        plan = cluster.wait_for(lambda: (p := plan_of(cluster, "cons", first=True)) is not None
                                 and p.consolidation_state in ("consolidated", "failed",
                                                               "skipped") and p, 240,
                                 "the pipeline to consolidate")
-        # the stream goes on through the replica for a while
-        done = len(clients.results)
-        cluster.wait_for(lambda: len(clients.results) >= done + 3, 120, "requests after it")
+        assert plan.consolidation_state == "consolidated", (plan.consolidation_state,
+                                                            plan.consolidation_reason)
+        # every later full share stands alone as a replica, with a plan of its own
+        replicas = plan.consolidation["replica_stages"]
+        plan = cluster.wait_for(lambda: len((p := plan_by_id(cluster, plan.id)).consolidation.get(
+            "replica_plans", [])) == len(replicas) and p, 120, "the replicas to stand alone")
+        standalone = [i.id for p in (plan.id, *plan.consolidation.get("replica_plans", []))
+                      for i in cluster.query("SELECT id FROM instances WHERE plan_id = :p "
+                                             "AND stage_index = 0", p=p)]
+        # the stream goes on, through every standalone instance
+        cluster.wait_for(lambda: all(any(i in r["instance_ids"] for r in clients.results)
+                                     for i in standalone), 180,
+                         f"requests served by each of {standalone}")
     finally:
         clients.finish()
     assert plan.pp >= 2 and plan.consolidation_target == 1, plan
-    assert plan.consolidation_state == "consolidated", (plan.consolidation_state,
-                                                        plan.consolidation_reason)
     stats = plan.consolidation
     assert plan.consolidation_started_at <= plan.consolidated_at
     # the rest came over the stage-0 node's link, then one block per sequence at most moved at
     # the switch while requests were in flight
-    assert stats["fetch_bytes"] > 0 and stats["fetch_start"] <= stats["fetch_end"], stats
+    fetch = stats["fetch_s0"]
+    assert fetch["bytes"] > 0 and fetch["start"] <= fetch["end"], stats
     assert stats["switch_sequences"] >= 1, stats
     assert stats["switch_blocks"] <= stats["switch_sequences"], stats
     assert stats["migrated_layers"] >= 1 and stats["precopy_rounds"] >= 0, stats
-
     check_outputs(clients, expected)
 
-    # stage 0 is a standalone instance now; the others were released and stopped billing
-    def group():
-        return cluster.query("SELECT id, stage_index, num_stages, status, released_at FROM "
-                             "instances WHERE plan_id = :p ORDER BY stage_index", p=plan.id)
+    # stage 0 and the replicas are standalone instances; part shares were released and
+    # stopped billing, full shares bill on
+    full = {s["stage"]: s["full_share"] for s in plan.stages}
+    assert sorted(replicas) == [k for k in range(1, plan.pp) if full[k]], (replicas, full)
 
-    cluster.wait_for(lambda: all(i.status == "released" for i in group()[1:]), 60,
-                     "the other stages' processes to end")
-    head, *tail = group()
-    assert (head.status, head.num_stages) == ("ready", 1), head
-    for inst in tail:
-        assert inst.status == "released" and inst.released_at >= plan.consolidated_at, inst
-        (usage,) = cluster.query("SELECT ended_at FROM usage_records WHERE instance_id = :i",
-                                 i=inst.id)
-        assert usage.ended_at is not None and usage.ended_at >= plan.consolidated_at
-    (open_usage,) = cluster.query("SELECT ended_at FROM usage_records WHERE instance_id = :i",
-                                  i=head.id)
-    assert open_usage.ended_at is None
+    def rows():
+        return {r.id: r for p in (plan.id, *stats.get("replica_plans", [])) for r in
+                cluster.query("SELECT i.id, i.stage_index, i.num_stages, i.status, "
+                              "i.released_at, u.ended_at FROM instances i JOIN usage_records "
+                              "u ON u.instance_id = i.id WHERE i.plan_id = :p", p=p)}
+
+    cluster.wait_for(lambda: sum(r.status == "released" for r in rows().values())
+                     == plan.pp - 1 - len(replicas), 60, "the part shares' processes to end")
+    for r in rows().values():
+        if r.id in standalone:
+            assert (r.status, r.stage_index, r.num_stages, r.ended_at) == ("ready", 0, 1, None)
+        else:
+            assert r.status == "released" and r.released_at >= plan.consolidated_at, r
+            assert r.ended_at is not None and r.ended_at >= plan.consolidated_at, r
 
     # the invocation and instance APIs say so
-    got = cluster.get(clients.results[-1]["id"])  # served after the switch
-    assert head.id in got["instance_ids"], got
+    last = [r for r in clients.results if standalone[0] in r["instance_ids"]][-1]
+    got = cluster.get(last["id"])  # served by stage 0 after the switch
     assert got["group"]["plan_id"] == plan.id and got["group"]["pp"] == plan.pp
     assert got["group"]["consolidation"]["state"] == "consolidated"
     assert got["group"]["consolidation"]["target_pp"] == 1
     listed = requests.get(f"{cluster.base}/v1/admin/instances?status=all", headers=HEADERS,
                           timeout=30).json()["data"]
-    mine = {i["id"]: i for i in listed if i["group"] and i["group"]["plan_id"] == plan.id}
-    assert mine[head.id]["num_stages"] == 1
-    assert all(mine[i.id]["status"] == "released" for i in tail)
-    assert mine[head.id]["group"]["consolidation"]["stats"]["switch_blocks"] == \
+    mine = {i["id"]: i for i in listed if i["id"] in rows()}
+    assert all(mine[i]["num_stages"] == 1 and mine[i]["status"] == "ready" for i in standalone)
+    assert mine[standalone[0]]["group"]["consolidation"]["stats"]["switch_blocks"] == \
         stats["switch_blocks"]
 
 
@@ -221,16 +235,15 @@ def test_a_node_killed_mid_consolidation_loses_no_request(cluster: Cluster, stor
     clients = Clients(cluster, "cons-kill").start()
     victim = None
     try:
-        plan = cluster.wait_for(lambda: (p := plan_of(cluster, "cons-kill")) is not None
+        plan = cluster.wait_for(lambda: (p := plan_of(cluster, "cons-kill", first=True)) is not None
                                 and p.consolidation_state == "consolidating" and p, 240,
                                 "the pipeline to start consolidating", every_s=0.05)
         (victim,) = cluster.query("SELECT node_id FROM instances WHERE plan_id = :p AND "
                                   "stage_index = 1", p=plan.id)
         agent = int(cluster.layout.pidfile(f"node-{victim.node_id}").read_text())
         os.killpg(agent, signal.SIGKILL)
-        failed = cluster.wait_for(lambda: (p := cluster.query(
-            "SELECT * FROM plans WHERE id = :p", p=plan.id)[0]).consolidation_state != \
-            "consolidating" and p, 60, "the consolidation to end")
+        failed = cluster.wait_for(lambda: (p := plan_by_id(cluster, plan.id)).consolidation_state
+                                  != "consolidating" and p, 60, "the consolidation to end")
         done = len(clients.results)
         cluster.wait_for(lambda: len(clients.results) >= done + 3, 180, "requests after it")
     finally:

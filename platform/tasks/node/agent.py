@@ -280,8 +280,8 @@ class NodeAgent:
             log.exception("instance %s: consolidation could not start", instance_id)
             with self.sessions() as s:
                 a = load_assignment(s, instance_id)
-                consolidation.give_up(s, a.plan_id, f"the hand-over to the worker failed: "
-                                      f"{type(exc).__name__}: {exc}")
+            self.coldstart.fail_consolidation(self.sessions, a, None, f"the hand-over to the "
+                                              f"worker failed: {type(exc).__name__}: {exc}")
 
     def stop_stage(self, instance_id: int, kill: bool = False) -> None:
         """Signals the worker; with no worker here (never started, or gone) the instance is

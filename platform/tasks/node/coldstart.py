@@ -143,9 +143,9 @@ class ColdStarter:
             self.pool.replenish()
 
     def consolidate(self, sessions: sessionmaker, instance_id: int, child: PooledChild) -> None:
-        """Fetches the stages a consolidating stage 0 lacks into this node's cache, at
-        background priority (a cached stage is a hit: no network), then hands them to the
-        worker. A fetch that fails leaves the group a pipeline, with the cause recorded.
+        """Fetches the stages a consolidating stage 0 (or a later full-share stage that will
+        become a replica) lacks into this node's cache, at background priority (a cached stage
+        is a hit: no network), then hands them to the worker. A fetch that fails leaves the group a pipeline, with the cause recorded.
         Blocks until handed over (run it on a thread)."""
         with sessions() as s:
             a = load_assignment(s, instance_id)
@@ -155,7 +155,8 @@ class ColdStarter:
         whole = plan_group(cache_model(a), index, 1, kv_cache_bytes=a.kv_cache_bytes)[0]
         started = time.time()
         jobs = [self.prefetcher.prefetch(p.model, p.cache_stage, p.uri, p.entries,
-                                         background=True) for p in plans[1:]]
+                                         background=True)
+                for p in plans if p.spec.index != a.stage_index]
         self.rest[instance_id] = jobs  # pinned until the worker exits (release_rest)
         try:
             for job in jobs:
@@ -163,19 +164,33 @@ class ColdStarter:
         except Exception as exc:  # noqa: BLE001 - the group stays a pipeline, with the cause
             log.warning("instance %s: the rest of the model could not be fetched: %s",
                         instance_id, exc)
-            with sessions() as s:
-                consolidation.give_up(s, a.plan_id, f"fetching the rest of the model failed: "
-                                      f"{type(exc).__name__}: {exc}")
+            self.fail_consolidation(sessions, a, child, f"fetching the rest of the model "
+                                    f"failed: {type(exc).__name__}: {exc}")
             self.release_rest(instance_id)
             return
-        fetch = {"fetch_start": started, "fetch_end": time.time(),
-                 "fetch_bytes": sum(j.layout.fetch_bytes for j in jobs if not j.cache_hit),
-                 "cache_hits": sum(j.cache_hit for j in jobs), "node": self.prefetcher.config.node_id}
-        with sessions() as s:
-            consolidation.add_stats(s, a.plan_id, fetch)
+        fetch = {"start": started, "end": time.time(),
+                 "bytes": sum(j.layout.fetch_bytes for j in jobs if not j.cache_hit),
+                 "cache_hits": sum(j.cache_hit for j in jobs),
+                 "node": self.prefetcher.config.node_id}
+        with sessions() as s:  # one key per stage: several nodes fetch for one group
+            consolidation.add_stats(s, a.plan_id, {f"fetch_s{a.stage_index}": fetch})
         time.sleep(fault_hold_s())
         child.launched.handle.control(("consolidate", {
             "spec": whole.spec, "sources": [(j.handle, j.layout) for j in jobs]}))
+
+    @staticmethod
+    def fail_consolidation(sessions: sessionmaker, a: Assignment, child: PooledChild | None,
+                           cause: str) -> None:
+        """Stage 0: the group stays a pipeline, with the cause. A later stage: no replica
+        (the cause is kept in the plan's record; its worker ends with the ring)."""
+        with sessions() as s:
+            if a.stage_index == 0:
+                consolidation.give_up(s, a.plan_id, cause)
+                return
+            consolidation.add_stats(s, a.plan_id, {f"replica_s{a.stage_index}_error": cause})
+        if child is not None:
+            with contextlib.suppress(OSError):  # the worker is gone already
+                child.launched.handle.control(("no_replica", cause))
 
     def release_rest(self, instance_id: int) -> None:
         """Unpins what was fetched for an instance's consolidation (its worker has exited, or
@@ -215,4 +230,6 @@ def stage_plan(session: Session, a: Assignment, threads: int | None) -> StagePla
     plan = plans[a.stage_index]
     if a.stage_index == 0:
         plan = replace(plan, server=RequestLoop(a.instance_id))
+    elif a.consolidates and a.memory_bytes >= a.model_bytes:  # a replica once consolidated
+        plan = replace(plan, replica=RequestLoop(a.instance_id, replica=True))
     return plan

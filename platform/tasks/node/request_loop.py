@@ -107,14 +107,22 @@ class Prepared:
     ledger: Ledger
 
 
-def prepare(instance_id: int) -> Prepared:
-    """Opens Postgres and reads the assignment. (The broker connection is opened when serving
-    starts: an AMQP connection left without heartbeats through a long load would be closed by
-    the broker.)"""
+class NoReplica(RuntimeError):
+    """A later stage's group stopped before it consolidated: there is nothing to stand in for."""
+
+
+def prepare(instance_id: int, replica: bool = False) -> Prepared:
+    """Opens Postgres and reads the assignment; a ``replica`` first moves its instance to a
+    plan of its own (``consolidation.become_replica``). (The broker connection is opened when
+    serving starts: an AMQP connection left without heartbeats through a long load would be
+    closed by the broker.)"""
     settings = Settings.from_env()
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
     with sessions() as s:
+        if replica and not consolidation.become_replica(s, instance_id):
+            raise NoReplica(f"instance {instance_id}: its group did not consolidate (stopped "
+                            "first); it ends")
         a = load_assignment(s, instance_id)
     kept = Ledger(engine)
     kept.run(lambda conn: None)  # open the kept connection now
@@ -125,12 +133,14 @@ def prepare(instance_id: int) -> Prepared:
 class RequestLoop:
     """Stage 0's hand-off to the platform (implements ``gpu_runtime.coldstart.StageServer``):
     travels in the stage plan to a pool worker, prepares while the weights arrive, then
-    serves the instance's request queue."""
+    serves the instance's request queue. With ``replica``, a later full-share stage's, which
+    prepares and serves once its pipeline consolidated."""
 
     instance_id: int
+    replica: bool = False  # a later stage standing alone after its pipeline consolidated
 
     def prepare(self) -> Prepared:
-        return prepare(self.instance_id)
+        return prepare(self.instance_id, self.replica)
 
     def serve(self, engine: LLMEngine, report: dict, prepared: Prepared,
               control: ControlInbox | None = None) -> None:

@@ -26,7 +26,9 @@ def test_a_ready_pipeline_with_a_full_share_on_stage_0_starts_consolidating(sche
     (plan,) = read(s, Plan)
     assert plan.consolidation_state == "consolidating"
     assert plan.consolidation_started_at is not None
-    assert sched.sender.take() == [("consolidate", insts[0].node_id, insts[0].id)]
+    # stage 0 consolidates; stage 1, a full share too, will become a replica
+    assert plan.consolidation == {"replica_stages": [1]}
+    assert sched.sender.take() == [("consolidate", i.node_id, i.id) for i in insts]
     step(sched, "consolidate")  # once: a later pass sends nothing more
     assert sched.sender.take() == []
 
@@ -90,10 +92,12 @@ def test_a_group_that_breaks_while_consolidating_ends_it_failed(sched, s, functi
     assert plan.consolidation_reason == "the group broke while consolidating (1 of 2 stages live)"
 
 
-def test_the_switch_releases_the_other_stages_and_makes_stage_0_standalone(sched, s,
-                                                                          function):
+def test_the_switch_releases_part_shares_and_makes_stage_0_standalone(sched, s, function):
     add_nodes(s, "a", "b")
     insts = group(sched, s, function(), demand=2)
+    plan = read(s, Plan)[0]
+    plan.stages = [plan.stages[0], plan.stages[1] | {"full_share": False}]  # a part share
+    s.commit()
     step(sched, "consolidate")
     with sched.sessions() as fresh:
         released = consolidation.switched(fresh, [i.id for i in insts], {"switch_blocks": 3})
@@ -103,6 +107,32 @@ def test_the_switch_releases_the_other_stages_and_makes_stage_0_standalone(sched
     assert tail.status == "stopping"  # its process's exit is now a release
     (plan,) = read(s, Plan)
     assert plan.consolidation_state == "consolidated" and plan.consolidated_at is not None
-    assert plan.consolidation == {"switch_blocks": 3}
+    assert plan.consolidation == {"replica_stages": [], "switch_blocks": 3}
     step(sched, "stop_broken_groups")  # a consolidated group is not a broken pipeline
     assert [i.status for i in read(s, Instance)] == ["ready", "stopping"]
+    with sched.sessions() as fresh:  # a released stage makes no replica
+        assert not consolidation.become_replica(fresh, tail.id)
+
+
+def test_a_full_share_stage_becomes_a_replica_with_a_plan_of_its_own(sched, s, function):
+    add_nodes(s, "a", "b")
+    insts = group(sched, s, function(), demand=2)
+    with sched.sessions() as fresh:  # not before its group consolidated
+        assert not consolidation.become_replica(fresh, insts[1].id)
+    step(sched, "consolidate")
+    with sched.sessions() as fresh:
+        assert consolidation.switched(fresh, [i.id for i in insts], {}) == []
+        assert consolidation.become_replica(fresh, insts[1].id)
+    old, new = read(s, Plan)
+    head, replica = read(s, Instance)
+    assert (replica.plan_id, replica.stage_index, replica.num_stages, replica.status) == (
+        new.id, 0, 1, "ready")
+    assert (new.pp, new.policy, new.stages[0]["stage"]) == (1, old.policy, 0)
+    assert new.stages[0]["node_id"] == replica.node_id and new.stages[0]["full_share"]
+    assert f"replica of plan {old.id}" in new.reason
+    assert old.consolidation["replica_plans"] == [new.id]
+    assert head.plan_id == old.id
+    groups = cluster.live_groups(s)
+    assert sorted(len(g) for g in groups.values()) == [1, 1]  # two standalone instances
+    with sched.sessions() as fresh:  # once
+        assert not consolidation.become_replica(fresh, insts[1].id)
