@@ -44,7 +44,7 @@ from gpu_runtime.pipeline import PipelineRunner
 from gpu_runtime.sampling import Sampled
 from gpu_runtime.stage import Stage, StageSpec, build_stage
 
-CHUNK_BLOCKS = 64  # full blocks pulled behind one pipeline step
+CHUNK_BLOCKS = 16  # full blocks pulled behind one pipeline step (each pull slows its step)
 MAX_ROUNDS = 512  # pre-copy rounds before the switch moves whatever is left
 
 # fills the parameters of the whole model that stage 0 does not hold (``have``: stage 0's HF

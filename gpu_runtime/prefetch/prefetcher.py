@@ -8,6 +8,7 @@ request for the same (model, stage, layout) shares the entry: a cache hit, no ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
 import time
@@ -159,7 +160,9 @@ class Prefetcher:
             entry.header.set_mark(layout.size)
             entry.header.set_state(COMPLETE)
             entry.state, entry.stats = COMPLETE, stats
-            self.link.record(stats)
+            # a background fetch's time includes its waits for cold starts: it says nothing
+            # about the link's bandwidth, only about its load
+            self.link.record(dataclasses.replace(stats, background=background))
         except Exception as exc:  # noqa: BLE001 - recorded in the header, raised to waiters
             progress.abort()
             verifier.join()

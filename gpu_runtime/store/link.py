@@ -76,6 +76,7 @@ class FetchStats:
     num_retries: int = 0
     num_connections: int = 0
     cache_hit: bool = False
+    background: bool = False  # yielded to foreground fetches: not a bandwidth sample
 
     @property
     def mb_per_s(self) -> float:
@@ -142,8 +143,8 @@ class NodeLink:
             return list(self._history)
 
     def recent_rate(self, last: int = 8, min_bytes: int = 0) -> float | None:
-        """Bytes per second of the last ``last`` fetches of at least ``min_bytes`` together;
-        None before any."""
-        recent = [f for f in self.recent() if f.bytes >= min_bytes][-last:]
+        """Bytes per second of the last ``last`` foreground fetches of at least ``min_bytes``
+        together; None before any."""
+        recent = [f for f in self.recent() if f.bytes >= min_bytes and not f.background][-last:]
         seconds = sum(f.seconds for f in recent)
         return sum(f.bytes for f in recent) / seconds if seconds > 0 else None

@@ -31,7 +31,7 @@ from gpu_runtime.store.errors import (
 
 Callback = Callable[[int], None]
 # errors after which a Range request is retried from the first missing byte
-CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")  # *: a peer cache
 RETRYABLE = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError,
              ConnectionError, TimeoutError)
 
@@ -203,7 +203,8 @@ class HttpReader:
         if code == 206:
             got = resp.headers.get("Content-Range", "")
             m = CONTENT_RANGE_RE.match(got)
-            if m and int(m[1]) == first and int(m[2]) < last and int(m[3]) <= last:
+            if m and int(m[1]) == first and int(m[2]) < last and m[3] != "*" \
+                    and int(m[3]) <= last:
                 raise TruncatedRangeError(
                     f"{url} holds {m[3]} bytes but the index needs bytes up to {last + 1}: "
                     "the file is shorter than the index says; re-register the model if the "

@@ -270,6 +270,33 @@ def add_timeline(session: Session, instance_id: int, phases: dict[str, Any]) -> 
         timeline=Instance.timeline.op("||")(cast(phases, JSONB))))
 
 
+def stage_holder(session: Session, instance_id: int,
+                 exclude: str) -> tuple[str, str, int] | None:
+    """(node id, address, peer port) of the node where a live stage of a group runs: its cache
+    holds that stage complete (the worker loaded it from there and keeps it mapped); None if
+    the stage is gone, on ``exclude`` or on a node that serves no peers."""
+    row = session.execute(select(Node).join(Instance, Instance.node_id == Node.id).where(
+        Instance.id == instance_id, Instance.status == "ready", Node.status == "up")).scalar()
+    session.commit()
+    port = (row.info or {}).get("peer_port") if row is not None else None
+    if row is None or row.id == exclude or not port:
+        return None
+    return row.id, row.address or "127.0.0.1", int(port)
+
+
+def cache_peers(session: Session, model_id: int, pp: int, stage: int,
+                exclude: str) -> list[tuple[str, str, int]]:
+    """(node id, address, peer port) of the up nodes whose heartbeat reports stage ``stage`` of
+    ``model_id``'s ``pp``-stage split complete in their cache and serve it to peers, other
+    than ``exclude``."""
+    nodes = session.scalars(select(Node).where(Node.status == "up")).all()
+    out = [(n.id, n.address or "127.0.0.1", int(n.info["peer_port"])) for n in nodes
+           if n.id != exclude and (n.info or {}).get("peer_port")
+           and [model_id, pp, stage] in (n.info or {}).get("cached_stages", [])]
+    session.commit()
+    return out
+
+
 def plan_of_instance(session: Session, instance_id: int | None) -> Plan | None:
     """The plan of an instance's group (None for no instance)."""
     if instance_id is None:

@@ -175,6 +175,9 @@ def test_a_pipeline_consolidates_while_serving(cluster: Cluster, store_root):
     # the switch while requests were in flight
     fetch = stats["fetch_s0"]
     assert fetch["bytes"] > 0 and fetch["start"] <= fetch["end"], stats
+    # from the caches of the nodes that run those stages, not from the store
+    assert set(fetch["sources"]) == {f"pp{plan.pp}-s{k}" for k in range(1, plan.pp)}, fetch
+    assert all(src.startswith("peer:") for src in fetch["sources"].values()), fetch
     assert stats["switch_sequences"] >= 1, stats
     assert stats["switch_blocks"] <= stats["switch_sequences"], stats
     assert stats["migrated_layers"] >= 1 and stats["precopy_rounds"] >= 0, stats
@@ -235,8 +238,12 @@ def test_a_node_killed_mid_consolidation_loses_no_request(cluster: Cluster, stor
     clients = Clients(cluster, "cons-kill").start()
     victim = None
     try:
-        plan = cluster.wait_for(lambda: (p := plan_of(cluster, "cons-kill", first=True)) is not None
-                                and p.consolidation_state == "consolidating" and p, 240,
+        first = cluster.wait_for(lambda: plan_of(cluster, "cons-kill", first=True), 240,
+                                 "a plan")
+        assert first.pp > 1 and first.consolidation_target == 1, (first.pp, first.reason,
+                                                                   first.consolidation_reason)
+        plan = cluster.wait_for(lambda: (p := plan_by_id(cluster, first.id))
+                                .consolidation_state == "consolidating" and p, 240,
                                 "the pipeline to start consolidating", every_s=0.05)
         (victim,) = cluster.query("SELECT node_id FROM instances WHERE plan_id = :p AND "
                                   "stage_index = 1", p=plan.id)

@@ -74,7 +74,8 @@ class NodeAgent:
 
             self.coldstart = ColdStarter(f"{self.settings.queue_prefix}{self.node_id}",
                                          self.cache_bytes, self.link_mbps, self.num_prestarted,
-                                         self.threads_per_worker)
+                                         self.threads_per_worker, peer_host=self.host,
+                                         node_id=self.node_id)
         # the node's one (emulated) link: the prefetcher's, which sequential-policy downloads
         # share; fresh copies of those downloads, by instance
         self.link = self.coldstart.prefetcher.link if self.coldstart else NodeLink(
@@ -102,6 +103,7 @@ class NodeAgent:
         return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
                 "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
                 "idle_workers": cs.pool.num_booted if cs else 0,
+                **({"peer_port": cs.peer.port} if cs else {}),
                 **({"metrics_port": self.metrics_port} if self.metrics_port else {}),
                 **({"presence_key": self.presence.key} if self.presence else {}),
                 **link_use(self.link)}

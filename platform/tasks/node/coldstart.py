@@ -26,6 +26,7 @@ from gpu_runtime.coldstart import (
     plan_group,
 )
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher
+from gpu_runtime.prefetch.peer import PeerServer
 from gpu_runtime.store import LinkConfig
 from hydraserve.cluster import consolidation
 from hydraserve.cluster import service as cluster
@@ -89,7 +90,8 @@ class ColdStarter:
     """One node's prefetcher (shared-memory cache, link cap) and pool of generic workers."""
 
     def __init__(self, cache_name: str, cache_bytes: int, link_mbps: float | None,
-                 num_prestarted: int, threads: int | None, device: str = "cpu") -> None:
+                 num_prestarted: int, threads: int | None, device: str = "cpu",
+                 peer_host: str = "127.0.0.1", node_id: str = "") -> None:
         link = LinkConfig(bandwidth_mb_s=link_mbps / 8 if link_mbps else None)
         self.prefetcher = Prefetcher(PrefetchConfig(node_id=cache_name, pool_bytes=cache_bytes,
                                                     link=link))
@@ -99,6 +101,9 @@ class ColdStarter:
                                                 preload=(RequestLoop,), refill=False))
         self.threads = threads
         self.rest: dict[int, list] = {}  # instance -> the fetch jobs of its consolidation
+        # the node cache, served to peers by byte range (their consolidations read it)
+        self.peer = PeerServer(self.prefetcher, peer_host).start()
+        self.node_id = node_id  # the cluster's name for this node
 
     def launch(self, sessions: sessionmaker, a: Assignment) -> PooledChild:
         with sessions() as s:
@@ -154,13 +159,27 @@ class ColdStarter:
                            addresses=a.addresses, kv_whole_model=True)
         whole = plan_group(cache_model(a), index, 1, kv_cache_bytes=a.kv_cache_bytes)[0]
         started = time.time()
-        jobs = [self.prefetcher.prefetch(p.model, p.cache_stage, p.uri, p.entries,
+        missing = [p for p in plans if p.spec.index != a.stage_index]
+        with sessions() as s:
+            sources = [self.source_of(s, a, p) for p in missing]
+        jobs = [self.prefetcher.prefetch(p.model, p.cache_stage, uri, p.entries,
                                          background=True)
-                for p in plans if p.spec.index != a.stage_index]
+                for p, (_, uri) in zip(missing, sources, strict=True)]
         self.rest[instance_id] = jobs  # pinned until the worker exits (release_rest)
         try:
-            for job in jobs:
-                job.wait(READY_TIMEOUT_S)
+            for i, (p, job) in enumerate(zip(missing, jobs, strict=True)):
+                try:
+                    job.wait(READY_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001 - a peer failed: the store has it all
+                    if not sources[i][0].startswith("peer:"):
+                        raise
+                    log.warning("instance %s: stage %s from %s failed (%s); from the store",
+                                instance_id, p.cache_stage, sources[i][0], exc)
+                    job.release()
+                    jobs[i] = self.prefetcher.prefetch(p.model, p.cache_stage, p.uri,
+                                                       p.entries, background=True)
+                    sources[i] = ("store", p.uri)
+                    jobs[i].wait(READY_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the group stays a pipeline, with the cause
             log.warning("instance %s: the rest of the model could not be fetched: %s",
                         instance_id, exc)
@@ -171,12 +190,27 @@ class ColdStarter:
         fetch = {"start": started, "end": time.time(),
                  "bytes": sum(j.layout.fetch_bytes for j in jobs if not j.cache_hit),
                  "cache_hits": sum(j.cache_hit for j in jobs),
-                 "node": self.prefetcher.config.node_id}
+                 "node": self.prefetcher.config.node_id,
+                 "sources": {p.cache_stage: "cache" if j.cache_hit else src
+                             for p, j, (src, _) in zip(missing, jobs, sources, strict=True)}}
         with sessions() as s:  # one key per stage: several nodes fetch for one group
             consolidation.add_stats(s, a.plan_id, {f"fetch_s{a.stage_index}": fetch})
         time.sleep(fault_hold_s())
         child.launched.handle.control(("consolidate", {
             "spec": whole.spec, "sources": [(j.handle, j.layout) for j in jobs]}))
+
+    def source_of(self, session: Session, a: Assignment, plan: StagePlan) -> tuple[str, str]:
+        """(where from, URI) of a stage this node lacks: its own cache (the prefetch is a hit),
+        else the cache of the node that runs that stage of this group, else of another peer
+        whose heartbeat reports it, else the store."""
+        if self.prefetcher.holds(plan.model, plan.cache_stage, plan.entries):
+            return "cache", plan.uri
+        holder = cluster.stage_holder(session, a.group[plan.spec.index], self.node_id)
+        peers = [holder] if holder else cluster.cache_peers(
+            session, a.model_id, a.pp, plan.spec.index, self.node_id)
+        for node_id, address, port in peers:
+            return f"peer:{node_id}", f"http://{address}:{port}/{plan.model}"
+        return "store", plan.uri
 
     @staticmethod
     def fail_consolidation(sessions: sessionmaker, a: Assignment, child: PooledChild | None,
@@ -210,6 +244,7 @@ class ColdStarter:
 
     def close(self) -> None:
         self.pool.close()
+        self.peer.close()
         self.prefetcher.close()
 
 

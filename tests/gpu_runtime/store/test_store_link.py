@@ -117,3 +117,28 @@ def test_two_nodes_have_independent_links(ckpt_root, ckpt_index):
 def test_link_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="must be > 0"):
         LinkConfig(**kwargs)
+
+
+def test_a_background_fetch_yields_to_foreground_ones_and_is_no_bandwidth_sample():
+    from gpu_runtime.store.link import FetchStats
+
+    link = NodeLink("n", LinkConfig(bandwidth_mb_s=1000.0))
+    started, took = threading.Event(), []
+
+    def background() -> None:
+        started.set()
+        t0 = time.monotonic()
+        link.background_throttle(1000)
+        took.append(time.monotonic() - t0)
+
+    with link.foreground():  # a cold start's fetch is on the link
+        t = threading.Thread(target=background)
+        t.start()
+        started.wait(5)
+        time.sleep(0.3)
+        assert not took  # still waiting for the foreground fetch to end
+    t.join(5)
+    assert took and took[0] >= 0.3 and link.background_wait_s >= 0.3
+    link.record(FetchStats(10 << 20, 1.0))
+    link.record(FetchStats(10 << 20, 100.0, background=True))  # mostly waiting
+    assert link.recent_rate() == (10 << 20) / 1.0
