@@ -35,8 +35,9 @@ was one tenant, sync: every one of its 98 failures was a 429 ``fair_share``); ``
 110 requests over the same 20 trace minutes (it was 240, more than the 2-core VM serves:
 cold TTFT medians of 23-52 s against SLOs of 3-8 s); cold starts no longer count the replica
 plans a consolidation makes (``consolidation.replica_plans``: a stage that already ran moving
-to a plan of its own is no cold start), and the consolidation states of the pipelines are
-read from the plans table before the cluster goes down.
+to a plan of its own is no cold start), and the consolidation states of the pipelines, and the
+instances' statuses and start failures, are read from the database before the cluster goes
+down.
 
 Per policy it reports TTFT-SLO attainment (all, cold), TTFT p50/p90/p99 (cold, warm; cold
 also by the pipeline size of the group that served it), TPOT p50/p99, cold starts (plans, by
@@ -372,11 +373,16 @@ def run_policy(policy: str, cfg: Config, models: list[tuple[Path, int]],
             plans = [dict(r._mapping) for r in conn.execute(text(
                 "SELECT id, pp, status, consolidation_state, consolidation_target,"
                 " consolidation_reason, consolidation FROM plans ORDER BY id"))]
+            instances = [dict(r._mapping) for r in conn.execute(text(
+                "SELECT status, error FROM instances ORDER BY id"))]
         engine.dispose()
     finally:
         devcluster.stop_cluster(layout, spec, settings.queue_prefix)
         drop_database(url)
-    return summarize(policy, client.outcomes, float(gb_s), plans, wall_s)
+    return summarize(policy, client.outcomes, float(gb_s), plans, wall_s) | {
+        "instance_statuses": dict(Counter(i["status"] for i in instances)),
+        "instance_errors": dict(Counter((i["error"] or "")[:160] for i in instances
+                                        if i["status"] == "failed").most_common(5))}
 
 
 def plan_summary(plans: list[dict]) -> dict:
