@@ -152,8 +152,12 @@ def broke_while_consolidating(session: Session, plan_id: int | None, live: int,
 
 def stop_group(session: Session, sender: Sender, group: list[Instance], kill: bool) -> None:
     """Marks a group stopping. Graceful: only stage 0 is signalled; it finishes what it holds
-    and stops the ring, so the other stages end after it. ``kill``: every stage at once."""
+    and stops the ring, so the other stages end after it. ``kill``: every stage at once. A
+    consolidation still under way ends ``failed``: the group stopped before its switch."""
     cluster.mark_stopping(session, group)
+    if group and group[0].plan_id is not None:
+        consolidations.set_state(session, group[0].plan_id, "failed", "the group was stopped "
+                                 "before its switch", only_from="consolidating")
     for inst in group:
         if kill or inst.stage_index == 0:
             sender.stop_stage(inst.node_id, inst.id, kill)

@@ -136,3 +136,15 @@ def test_a_full_share_stage_becomes_a_replica_with_a_plan_of_its_own(sched, s, f
     assert sorted(len(g) for g in groups.values()) == [1, 1]  # two standalone instances
     with sched.sessions() as fresh:  # once
         assert not consolidation.become_replica(fresh, insts[1].id)
+
+
+def test_a_group_scaled_in_while_consolidating_ends_it_failed(sched, s, function):
+    add_nodes(s, "a", "b")
+    fv = function()
+    group(sched, s, fv, demand=2, idle_s=fv.keep_alive_s + 60)
+    step(sched, "consolidate")
+    step(sched, "scale_in")
+    (plan,) = read(s, Plan)
+    assert plan.consolidation_state == "failed"
+    assert plan.consolidation_reason == "the group was stopped before its switch"
+    assert {i.status for i in read(s, Instance)} == {"stopping"}
