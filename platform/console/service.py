@@ -87,6 +87,7 @@ class GroupView:
     function: str
     version: int
     stages: list[StageView]
+    pipeline: str = ""  # what the group is: standalone, a pipeline, consolidating, ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +97,37 @@ class ClusterView:
     now: str = field(default="")
 
 
+def pipeline_text(plan: Plan | None) -> str:
+    """One line on what a group is: standalone, a replica, a pipeline and what became of it."""
+    if plan is None:
+        return ""
+    if plan.pp == 1:
+        return plan.reason.split(":")[0] if plan.reason.startswith("replica of plan") \
+            else "standalone"
+    state = plan.consolidation_state
+    if state == "consolidated":
+        return f"pp {plan.pp}, consolidated into a standalone replica"
+    if state == "consolidating":
+        return f"pp {plan.pp}, consolidating"
+    if state in ("skipped", "failed"):
+        return f"pp {plan.pp}, stays a pipeline: {plan.consolidation_reason}"
+    return f"pp {plan.pp}" + (", will consolidate once ready" if plan.consolidation_target
+                              else "")
+
+
 def cluster_view(session: Session, who: Principal, now: datetime) -> ClusterView:
     """Nodes with their devices' memory used and free (admins), and the live groups with their
     stages (a tenant: its own)."""
     names = _version_names(session)
+    live = live_groups(session)
+    plans = {p.id: p for p in session.scalars(select(Plan).where(Plan.id.in_(list(live))))}
     groups = []
-    for plan_id, instances in sorted(live_groups(session).items()):
+    for plan_id, instances in sorted(live.items()):
         tenant_id, tenant, fn, version = names[instances[0].function_version_id]
         if who.is_admin or tenant_id == who.tenant_id:
             groups.append(GroupView(plan_id, tenant, fn, version, [
                 StageView(i.stage_index, i.id, i.node_id, i.device_id, i.memory_bytes, i.status)
-                for i in instances]))
+                for i in instances], pipeline_text(plans.get(plan_id))))
     nodes = _nodes(session) if who.is_admin else []
     return ClusterView(nodes, groups, iso_utc(now))
 

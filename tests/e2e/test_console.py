@@ -109,8 +109,8 @@ def test_admin_overview_shows_nodes_devices_and_live_groups(page, shots, e2e_env
     assert [r[3:] for r in nodes] == [["0", "cpu", "8,192.0 MiB", "1,024.0 MiB", "7,168.0 MiB"],
                                       ["1", "cpu", "8,192.0 MiB", "0.0 MiB", "8,192.0 MiB"]]
     (group,) = cells(page, "#groups")
-    assert group[1:4] == ["acme", "chat", "2"]
-    assert "node-a" in group[4] and "1,024.0 MiB" in group[4] and "ready" in group[4]
+    assert group[1:5] == ["acme", "chat", "2", "standalone"]
+    assert "node-a" in group[5] and "1,024.0 MiB" in group[5] and "ready" in group[5]
     snap(page, shots, "overview")
 
     # live refresh: a node registered now appears without a reload

@@ -86,7 +86,7 @@ function renderGroups(groups) {
   if (!groups.length) {
     const row = body.insertRow();
     row.className = "empty";
-    cell(row, "No live groups: nothing is loaded. The first invocation of a function starts one.", 5);
+    cell(row, "No live groups: nothing is loaded. The first invocation of a function starts one.", 6);
   }
   for (const grp of groups) {
     const row = body.insertRow();
@@ -97,6 +97,7 @@ function renderGroups(groups) {
     link.textContent = grp.function;
     fn.appendChild(link);
     cell(row, String(grp.version));
+    cell(row, grp.pipeline);
     const stages = cell(row, "");
     for (const s of grp.stages) {
       const span = document.createElement("span");
