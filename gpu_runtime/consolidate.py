@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,20 +86,12 @@ def whole_spec(stage0: StageSpec, names: Sequence[str], num_layers: int,
 
 def files_loader(model_dir: str | Path) -> RestLoader:
     """Reads the rest from a local checkpoint's safetensors files (one copy)."""
-    from safetensors import safe_open
-
-    from gpu_runtime.loader import plan_stages
+    from gpu_runtime.loader import load_tensors, plan_stages
 
     def fill(whole: Stage, have: Collection[str]) -> list:
         _, _, files = plan_stages(model_dir, 1)
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for name in whole.spec.tensor_names:
-            if name not in have:
-                by_file[files[name]].append(name)
-        for fname, names in by_file.items():
-            with safe_open(str(Path(model_dir) / fname), framework="pt", device="cpu") as f:
-                for name in names:
-                    whole.load_tensor(name, f.get_tensor(name))
+        load_tensors(whole, model_dir, [n for n in whole.spec.tensor_names if n not in have],
+                     files)
         return []
 
     return fill
@@ -177,9 +168,9 @@ def load_whole(part: Stage, spec: StageSpec, fill_rest: RestLoader, num_blocks: 
     return Whole(whole, kv, keep, started, time.time())
 
 
-class ReplicaLoader:
-    """A later stage that will stand alone once its pipeline has consolidated: loads the whole
-    model on a thread while the stage serves its part of the ring (docs/consolidation.md)."""
+class WholeLoader:
+    """``load_whole`` on a thread, while the stage keeps serving: stage 0's pipeline
+    (``Consolidator``) or a later stage's part of the ring (a replica to be)."""
 
     def __init__(self, part: Stage, spec: StageSpec, fill_rest: RestLoader, num_blocks: int,
                  block_size: int) -> None:
@@ -194,6 +185,14 @@ class ReplicaLoader:
             self.whole = load_whole(*args)
         except BaseException as exc:  # noqa: BLE001 - raised by result() in the worker
             self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Waits for the load to end (loaded or failed); False when it is still running."""
+        self._thread.join(timeout_s)
+        return self.done()
 
     def result(self, timeout_s: float | None = None) -> Whole:
         self._thread.join(timeout_s)
@@ -214,17 +213,14 @@ class Consolidator:
             raise ConsolidationError("the engine runs no pipeline: nothing to consolidate",
                                      "pp")
         self.engine, self.pipeline = engine, engine.runner
-        self.spec, self.fill_rest = spec, fill_rest
+        self.spec = spec
         self.chunk_blocks, self.max_rounds = chunk_blocks, max_rounds
         self.stats = ConsolidationStats(load_start=time.time())
         self._copied: dict[int, int] = {}  # block -> its epoch when copied
-        self._whole: Stage | None = None
-        self._kv: KVCache | None = None
-        self._keep: list = []
-        self._error: BaseException | None = None
-        self._loaded = threading.Event()
+        kv0 = self.pipeline.kv.spec
+        self._loader = WholeLoader(self.pipeline.stage, spec, fill_rest, kv0.num_blocks,
+                                   kv0.block_size)
         engine.runner = _MigratingRunner(self)
-        threading.Thread(target=self._load, daemon=True, name="consolidate-load").start()
 
     @property
     def consolidated(self) -> bool:
@@ -235,31 +231,26 @@ class Consolidator:
         return self.stats.state == "failed"
 
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
-        return self._loaded.wait(timeout_s)
+        return self._loader.wait(timeout_s)
 
-    def _load(self) -> None:
-        try:
-            kv0 = self.pipeline.kv.spec
-            loaded = load_whole(self.pipeline.stage, self.spec, self.fill_rest, kv0.num_blocks,
-                                kv0.block_size)
-            self._whole, self._kv, self._keep = loaded.stage, loaded.kv, loaded.keep
-            self.stats.load_end = loaded.load_end
-            self.stats.state = "precopy"
-        except BaseException as exc:  # noqa: BLE001 - the pipeline keeps serving; tick() says so
-            self._error = exc
-        finally:
-            self._loaded.set()
+    def _loaded(self) -> Whole | None:
+        """The whole model once loaded (the state moves on to ``precopy``), else None."""
+        whole = self._loader.whole
+        if whole is not None and self.stats.state == "loading":
+            self.stats.state, self.stats.load_end = "precopy", whole.load_end
+        return whole
 
     def tick(self) -> bool:
         """Between steps: switches once the model is loaded and the pre-copy has caught up;
         True once consolidated. After a failed load the pipeline stays (``failed``)."""
         if self.stats.state in ("consolidated", "failed"):
             return self.consolidated
-        if not self._loaded.is_set():
+        if not self._loader.done():
             return False
-        if self._error is not None:
-            self._give_up(self._error)
+        if self._loader.error is not None:  # the pipeline keeps serving
+            self._give_up(self._loader.error)
             return False
+        self._loaded()
         if self._pending(full_only=True) and self.stats.precopy_rounds < self.max_rounds:
             return False  # the next steps carry more full blocks
         self._switch()
@@ -288,16 +279,16 @@ class Consolidator:
     def _import(self, ids: list[int], msg: Message) -> int:
         """Writes the pulled blocks (and stage 0's own layers of them) into the whole model's
         cache; returns the bytes that came over the ring."""
-        assert self._kv is not None and self._whole is not None
-        kv0 = self.pipeline.kv
-        index = torch.tensor(ids, dtype=torch.long, device=self._kv.data.device)
+        whole = self._loaded()
+        assert whole is not None, "KV imported before the whole model was loaded"
+        kv0, data = self.pipeline.kv, whole.kv.data
+        index = torch.tensor(ids, dtype=torch.long, device=data.device)
         start, end = kv0.spec.layer_start, kv0.spec.layer_start + kv0.spec.num_layers
-        self._kv.data[start:end].index_copy_(2, index, kv0.data.index_select(2, index))
+        data[start:end].index_copy_(2, index, kv0.data.index_select(2, index))
         moved = 0
         for s in range(1, self.pipeline.stage.spec.num_stages):
             part = msg.tensors[f"kv{s}"]
-            self._kv.data[end:end + part.shape[0]].index_copy_(
-                2, index, part.to(self._kv.data.device, self._kv.data.dtype))
+            data[end:end + part.shape[0]].index_copy_(2, index, part.to(data.device, data.dtype))
             end += part.shape[0]
             moved += part.nbytes
         assert end == len(self.spec.layers), f"pulled KV covers {end} of "\
@@ -310,7 +301,7 @@ class Consolidator:
 
     def precopy(self, step: StepBatch) -> Sampled:
         """One pipeline step with up to ``chunk_blocks`` full blocks pulled right behind it."""
-        ids = self._pending(full_only=True)[:self.chunk_blocks] if self._whole else []
+        ids = self._pending(full_only=True)[:self.chunk_blocks] if self._loaded() else []
         if not ids:
             return self.pipeline.execute(step)
         sampled, back = self.pipeline.execute_then(step, Message("kv_pull", {"blocks": ids}))
@@ -321,7 +312,8 @@ class Consolidator:
         return sampled
 
     def _switch(self) -> None:
-        assert self._whole is not None and self._kv is not None
+        whole = self._loaded()
+        assert whole is not None, "switch before the whole model was loaded"
         started = time.perf_counter()
         ids = self._pending(full_only=False)
         if ids:
@@ -329,9 +321,9 @@ class Consolidator:
             self.stats.switch_bytes = self._import(ids, back)
         s = self.stats
         s.switch_blocks, s.switch_sequences = len(ids), len(self.engine.scheduler.running)
-        self.engine.runner = LocalRunner(self._whole, self._kv)
-        self.engine.kv = self._kv
-        self.engine.specs = [self._whole.spec]
+        self.engine.runner = LocalRunner(whole.stage, whole.kv)
+        self.engine.kv = whole.kv
+        self.engine.specs = [whole.stage.spec]
         s.switch_s = time.perf_counter() - started
         s.switched_at, s.state = time.time(), "consolidated"
 
@@ -347,17 +339,14 @@ class Consolidator:
 
 
 class _MigratingRunner:
-    """The engine's runner while consolidating: the pipeline, with pre-copy behind steps."""
+    """The engine's runner while consolidating: the pipeline (every other attribute, ``close``
+    included), with pre-copy behind steps."""
 
     def __init__(self, c: Consolidator) -> None:
         self.c = c
-        self.stage, self.kv = c.pipeline.stage, c.pipeline.kv
 
     def execute(self, step: StepBatch) -> Sampled:
         return self.c.precopy(step)
 
     def __getattr__(self, name: str):
         return getattr(self.c.pipeline, name)
-
-    def close(self) -> None:
-        self.c.pipeline.close()

@@ -7,6 +7,7 @@ cold-start path, which feeds it tensors that alias the prefetcher's shared-memor
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -39,17 +40,24 @@ def plan_stages(model_dir: str | Path, pp: int) -> tuple[ModelConfig, list[Stage
     return config, split_stages(config, index.tensors, pp), files
 
 
+def load_tensors(stage: Stage, model_dir: str | Path, names: Iterable[str],
+                 files: dict) -> None:
+    """Sets ``names`` (HF tensor names; ``files``: name -> file) on ``stage`` from the
+    checkpoint's safetensors files, one file open at a time."""
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        by_file[files[name]].append(name)
+    for fname, in_file in by_file.items():
+        with safe_open(str(Path(model_dir) / fname), framework="pt", device="cpu") as f:
+            for name in in_file:
+                stage.load_tensor(name, f.get_tensor(name))
+
+
 def load_stage(model_dir: str | Path, spec: StageSpec, config: ModelConfig, files: dict,
                dtype: torch.dtype, device: torch.device | str | None = None) -> Stage:
     """Builds ``spec``'s skeleton on meta and fills it from the safetensors files."""
     stage = build_stage(config, spec, dtype, device or default_device())
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name in spec.tensor_names:
-        by_file[files[name]].append(name)
-    for fname, names in by_file.items():
-        with safe_open(str(Path(model_dir) / fname), framework="pt", device="cpu") as f:
-            for name in names:
-                stage.load_tensor(name, f.get_tensor(name))
+    load_tensors(stage, model_dir, spec.tensor_names, files)
     missing = stage.missing()
     assert not missing, f"stage {spec.index}: parameters never loaded: {missing[:5]}"
     return stage

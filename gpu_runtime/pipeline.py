@@ -255,8 +255,7 @@ class PipelineRunner:
 
     def stats(self) -> list[dict]:
         """Per-stage compute seconds and step counts of the other stages."""
-        self.channel.send(Message("stats"))
-        return self._recv(60.0).meta.get("stages", [])
+        return self.request(Message("stats"), 60.0).meta.get("stages", [])
 
     def close(self, why: dict | None = None) -> None:
         """Stops the ring; ``why`` travels with the ``stop`` (e.g. that it consolidated)."""

@@ -158,20 +158,20 @@ class _ReplicaControl:
         from gpu_runtime.coldstart.handoff import ControlInbox
 
         self.stage, self.plan = stage, plan
-        self.loader: Any = None  # a ReplicaLoader once the rest was handed over
+        self.loader: Any = None  # a WholeLoader once the rest was handed over
         self.refused: str | None = None  # why the node could not hand it over
         self.inbox = ControlInbox(conn, self._on_message)
 
     def _on_message(self, msg: tuple) -> None:
-        from gpu_runtime.consolidate import ReplicaLoader, buffers_loader
+        from gpu_runtime.consolidate import WholeLoader, buffers_loader
 
         if msg[0] == "no_replica":
             self.refused = msg[1]
         elif msg[0] == "consolidate" and self.loader is None:
             shape = self.plan.engine
-            self.loader = ReplicaLoader(self.stage, msg[1]["spec"],
-                                        buffers_loader(msg[1]["sources"]), shape.num_kv_blocks,
-                                        shape.block_size)
+            self.loader = WholeLoader(self.stage, msg[1]["spec"],
+                                      buffers_loader(msg[1]["sources"]), shape.num_kv_blocks,
+                                      shape.block_size)
 
 
 REPLICA_LOAD_TIMEOUT_S = 600.0

@@ -20,6 +20,12 @@ from hydraserve.cluster.models import CONSOLIDATION, LIVE, Instance, Plan
 from hydraserve.db import must_get, notify, utcnow
 
 
+def holds_whole_model(stage: dict, model_bytes: int) -> bool:
+    """Whether a stage's record (``full_share``, ``memory_bytes``) leaves room for the whole
+    model: such a stage can stand alone once its pipeline consolidates."""
+    return bool(stage["full_share"]) and stage["memory_bytes"] >= model_bytes
+
+
 def target_of(stages: Sequence[dict], model_bytes: int, enabled: bool) -> tuple[int | None, str]:
     """(the pipeline size a group of ``stages`` (the plan's records) turns into, or None; why).
     Today the target is the whole model on stage 0, which needs its full share."""
@@ -29,7 +35,7 @@ def target_of(stages: Sequence[dict], model_bytes: int, enabled: bool) -> tuple[
     if not enabled:
         return None, "consolidation is turned off (HYDRA_CONSOLIDATION=off)"
     head = stages[0]
-    if head["full_share"] and head["memory_bytes"] >= model_bytes:
+    if holds_whole_model(head, model_bytes):
         return 1, (f"stage 0 holds a full share ({head['memory_bytes'] / GB:.3f} GB for a "
                    f"{model_bytes / GB:.3f} GB model): it becomes a standalone replica")
     return None, (f"no worker holds the whole model: stage 0 has {head['memory_bytes'] / GB:.3f}"
@@ -124,8 +130,7 @@ def become_replica(session: Session, instance_id: int) -> bool:
 def replica_stages(stages: Sequence[dict], model_bytes: int) -> list[int]:
     """The later stages of a group that become replicas when it consolidates: those holding a
     full share (the whole model fits their memory)."""
-    return [s["stage"] for s in stages[1:]
-            if s["full_share"] and s["memory_bytes"] >= model_bytes]
+    return [s["stage"] for s in stages[1:] if holds_whole_model(s, model_bytes)]
 
 
 def record_of(plan: Plan) -> dict[str, Any] | None:

@@ -167,19 +167,8 @@ class ColdStarter:
                 for p, (_, uri) in zip(missing, sources, strict=True)]
         self.rest[instance_id] = jobs  # pinned until the worker exits (release_rest)
         try:
-            for i, (p, job) in enumerate(zip(missing, jobs, strict=True)):
-                try:
-                    job.wait(READY_TIMEOUT_S)
-                except Exception as exc:  # noqa: BLE001 - a peer failed: the store has it all
-                    if not sources[i][0].startswith("peer:"):
-                        raise
-                    log.warning("instance %s: stage %s from %s failed (%s); from the store",
-                                instance_id, p.cache_stage, sources[i][0], exc)
-                    job.release()
-                    jobs[i] = self.prefetcher.prefetch(p.model, p.cache_stage, p.uri,
-                                                       p.entries, background=True)
-                    sources[i] = ("store", p.uri)
-                    jobs[i].wait(READY_TIMEOUT_S)
+            for i, p in enumerate(missing):
+                jobs[i], sources[i] = self._fetched(p, jobs[i], sources[i], instance_id)
         except Exception as exc:  # noqa: BLE001 - the group stays a pipeline, with the cause
             log.warning("instance %s: the rest of the model could not be fetched: %s",
                         instance_id, exc)
@@ -198,6 +187,24 @@ class ColdStarter:
         time.sleep(fault_hold_s())
         child.launched.handle.control(("consolidate", {
             "spec": whole.spec, "sources": [(j.handle, j.layout) for j in jobs]}))
+
+    def _fetched(self, plan: StagePlan, job, source: tuple[str, str],
+                 instance_id: int) -> tuple:
+        """(job, source) once ``job`` completed; a peer that failed is replaced by the store
+        (which holds every byte); any other failure is raised."""
+        try:
+            job.wait(READY_TIMEOUT_S)
+            return job, source
+        except Exception as exc:  # noqa: BLE001 - re-raised unless a peer failed
+            if not source[0].startswith("peer:"):
+                raise
+            log.warning("instance %s: stage %s from %s failed (%s); from the store",
+                        instance_id, plan.cache_stage, source[0], exc)
+        job.release()
+        job = self.prefetcher.prefetch(plan.model, plan.cache_stage, plan.uri, plan.entries,
+                                       background=True)
+        job.wait(READY_TIMEOUT_S)
+        return job, ("store", plan.uri)
 
     def source_of(self, session: Session, a: Assignment, plan: StagePlan) -> tuple[str, str]:
         """(where from, URI) of a stage this node lacks: its own cache (the prefetch is a hit),
