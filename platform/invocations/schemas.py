@@ -145,8 +145,8 @@ class InvocationOut(BaseModel):
     attempts: int
     instance_ids: list[int]
     timings: Timings
-    group: GroupOut | None = Field(default=None, description="the group of its last instance "
-                                   "and what became of that pipeline (consolidation)")
+    group: GroupOut | None = Field(default=None, description="the group that served its last "
+                                   "attempt and what became of that pipeline (consolidation)")
 
 
 # Fields that would change the result and that we cannot honour: a 400 naming the field, never

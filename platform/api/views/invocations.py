@@ -156,9 +156,11 @@ def get_invocation(id: str):  # noqa: A002 (the path parameter's name)
 
 
 def group_of(inv) -> GroupOut | None:
-    """Where the invocation last ran, and what became of that group's pipeline."""
+    """Where the invocation last ran, and what became of that group's pipeline: the plan of
+    stage 0 of its last attempt's group (``instance_ids`` lists that group by stage; a later
+    stage may have moved to a plan of its own as a replica since)."""
     return group_out(cluster.plan_of_instance(
-        db(), inv.instance_ids[-1] if inv.instance_ids else None))
+        db(), inv.instance_ids[0] if inv.instance_ids else None))
 
 
 @operation(bp, "/v1/invocations/<id>/cancel", "POST", summary="Cancel an invocation",
