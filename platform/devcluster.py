@@ -136,6 +136,7 @@ class ClusterSpec:
     num_nodes: int = 4
     link_mbps: float | None = 800.0  # megabits per second per node (100 MB/s)
     device_mem: str = "4GiB"
+    devices: str = "cpu:1"  # each node's --devices (cpu:N: N slices of its cores)
     worker_threads: int = 1
     store_port: int = 8300
     loader: str = "prefetch"
@@ -221,7 +222,7 @@ def start_cluster(layout: Layout, settings: Settings, key: str, spec: ClusterSpe
                             "--port", str(spec.store_port)], env)
     for node_id in spec.node_ids():
         link = ["--link-mbps", str(spec.link_mbps)] if spec.link_mbps else []
-        start(layout, f"node-{node_id}", [cli, "node", "--node-id", node_id, "--devices", "cpu:1",
+        start(layout, f"node-{node_id}", [cli, "node", "--node-id", node_id, "--devices", spec.devices,
                                           "--device-mem", spec.device_mem, "--threads",
                                           str(spec.worker_threads), "--loader", spec.loader,
                                           "--cache-mem", spec.cache_mem, "--metrics-port", "0",

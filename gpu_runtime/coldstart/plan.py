@@ -19,6 +19,7 @@ from gpu_runtime.coldstart.errors import AssignmentError
 from gpu_runtime.coldstart.handoff import StageServer, check_server
 from gpu_runtime.coldstart.stream import stage_entries
 from gpu_runtime.config import DTYPES, parse_config
+from gpu_runtime.devices import DeviceName, DeviceNameError
 from gpu_runtime.kv_cache import blocks_for_budget
 from gpu_runtime.pipeline import ipc_addresses
 from gpu_runtime.prefetch import BufferHandle
@@ -62,6 +63,10 @@ class StagePlan:
     # A later stage with a full share: what serves requests once its pipeline consolidated
     # and it stands alone as a replica (docs/consolidation.md); prepared only then.
     replica: StageServer | None = None
+    # Where the stage runs (a name of gpu_runtime/devices.py: cpu, cpu:N, cuda:N) and the
+    # device memory its share allows (0: no cap); the worker binds itself to both
+    device: str = "cpu"
+    memory_bytes: int = 0
 
     def __post_init__(self) -> None:
         pp = self.spec.num_stages
@@ -75,6 +80,13 @@ class StagePlan:
                 raise AssignmentError(f"stage {self.spec.index} got a stage server; only "
                                       "stage 0 serves requests", "server")
             check_server(self.server)
+        try:
+            DeviceName.parse(self.device)
+        except DeviceNameError as exc:
+            raise AssignmentError(str(exc), "device") from None
+        if self.memory_bytes < 0:
+            raise AssignmentError(f"memory_bytes={self.memory_bytes}; must be >= 0 (0: no cap)",
+                                  "memory_bytes")
         if self.replica is not None:
             if self.spec.is_first:
                 raise AssignmentError("stage 0 serves requests already (server); a replica "

@@ -32,6 +32,7 @@ from gpu_runtime.coldstart.errors import (
 from gpu_runtime.coldstart.handoff import check_server_class
 from gpu_runtime.coldstart.plan import StageAssignment
 from gpu_runtime.coldstart.worker import WorkerBoot, worker_main
+from gpu_runtime.devices import DeviceName, DeviceNameError
 from gpu_runtime.sampling import SamplingParams
 
 POLL_S = 0.05
@@ -44,7 +45,11 @@ class WorkerPoolConfig:
 
     node_id: str = "local"
     num_prestarted: int = 1
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where pre-started workers boot
+    # The node's devices, as plans name them (gpu_runtime/devices.py): pre-started workers
+    # boot round-robin on its CUDA devices (a CUDA context is made at boot, for one device);
+    # on CPU they boot unbound and are pinned to the stage's slice of cores when assigned.
+    devices: tuple[str, ...] = ()
     num_threads: int | None = None
     refill: bool = True  # start a replacement whenever a pre-started worker is taken
     # StageServer classes this pool's workers will be handed: their modules are imported at
@@ -52,15 +57,25 @@ class WorkerPoolConfig:
     preload: tuple[type, ...] = ()
     boot_timeout_s: float = 180.0
 
+    @property
+    def cpu_devices(self) -> int:
+        """How many CPU devices the node has (each is a slice of its cores)."""
+        return sum(DeviceName.parse(d).kind == "cpu" for d in self.devices) or 1
+
+    def boot_device(self, k: int) -> str:
+        """Where the ``k``-th pre-started worker boots."""
+        cuda = [d for d in self.devices if DeviceName.parse(d).kind == "cuda"]
+        return cuda[k % len(cuda)] if cuda else self.device
+
     def __post_init__(self) -> None:
         if not 0 <= self.num_prestarted <= MAX_PRESTARTED:
             raise AssignmentError(f"num_prestarted={self.num_prestarted}; allowed "
                                   f"0..{MAX_PRESTARTED}", "num_prestarted")
-        kind, _, index = self.device.partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (
-                kind == "cpu" and index):
-            raise AssignmentError(f"device {self.device!r}; allowed 'cpu', 'cuda' or 'cuda:N'",
-                                  "device")
+        for name in (self.device, *self.devices):
+            try:
+                DeviceName.parse(name)
+            except DeviceNameError as exc:
+                raise AssignmentError(str(exc), "device") from None
         if self.num_threads is not None and self.num_threads < 1:
             raise AssignmentError(f"num_threads={self.num_threads}; allowed >= 1 or None",
                                   "num_threads")
@@ -74,9 +89,18 @@ class WorkerPoolConfig:
 class _Worker:
     """The pool's side of one process: the process, its pipe, and its boot report."""
 
-    def __init__(self, proc: mp.process.BaseProcess, conn: Connection, spawned_at: float) -> None:
+    def __init__(self, proc: mp.process.BaseProcess, conn: Connection, spawned_at: float,
+                 device: str) -> None:
         self.proc, self.conn, self.spawned_at = proc, conn, spawned_at
+        self.device = device  # where it booted
         self.booted: dict | None = None
+
+    def can_run(self, device: str) -> bool:
+        """Whether a stage planned on ``device`` may run here: a CUDA worker on the device it
+        booted on, an (unbound) CPU worker on any CPU device."""
+        if DeviceName.parse(device).kind == "cpu":
+            return DeviceName.parse(self.device).kind == "cpu"
+        return DeviceName.parse(device).torch_device() == DeviceName.parse(self.device).torch_device()
 
     @property
     def pid(self) -> int:
@@ -226,19 +250,20 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = False
         self._count = 0
-        for _ in range(config.num_prestarted):
-            self._idle.append(self._spawn())
+        for k in range(config.num_prestarted):
+            self._idle.append(self._spawn(config.boot_device(k)))
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, device: str) -> _Worker:
         parent, child = self._ctx.Pipe()
         self._count += 1
-        boot = WorkerBoot(self.config.device, self.config.num_threads, time.time(),
-                          tuple(cls.__module__ for cls in self.config.preload))
+        boot = WorkerBoot(device, self.config.num_threads, time.time(),
+                          tuple(cls.__module__ for cls in self.config.preload),
+                          self.config.cpu_devices)
         proc = self._ctx.Process(target=worker_main, args=(child, boot), daemon=True,
                                  name=f"hydra-worker-{self.config.node_id}-{self._count}")
         proc.start()
         child.close()
-        return _Worker(proc, parent, boot.spawned_at)
+        return _Worker(proc, parent, boot.spawned_at, device)
 
     def wait_booted(self, timeout_s: float | None = None) -> list[int]:
         """Blocks until every idle worker has booted; returns their pids. A worker that failed
@@ -274,7 +299,11 @@ class WorkerPool:
             if self._closed:
                 raise PoolClosedError(f"worker pool of node {self.config.node_id} is closed")
             missing = max(0, self.config.num_prestarted - len(self._idle))
-            self._idle.extend(self._spawn() for _ in range(missing))
+            wanted = [self.config.boot_device(k) for k in range(self.config.num_prestarted)]
+            for w in self._idle:  # start the ones on the devices that have fewest
+                if w.device in wanted:
+                    wanted.remove(w.device)
+            self._idle.extend(self._spawn(d) for d in wanted[:missing])
             return missing
 
     @property
@@ -300,25 +329,28 @@ class WorkerPool:
         with self._lock:
             if self._closed:
                 raise PoolClosedError(f"worker pool of node {self.config.node_id} is closed")
-            worker = self._take()
+            device = assignment.plan.device
+            worker = self._take(device)
             prestarted = worker is not None
             if worker is None:
-                worker = self._spawn()
+                worker = self._spawn(device if DeviceName.parse(device).kind == "cuda"
+                                     else self.config.device)
             assigned_at = time.time()
             worker.conn.send(("assign", assignment, prestarted, assigned_at))
             handle = StageHandle(worker, assignment, prestarted, assigned_at)
             self._handles.append(handle)
             if prestarted and self.config.refill:
-                self._idle.append(self._spawn())
+                self._idle.append(self._spawn(worker.device))
             return handle
 
-    def _take(self) -> _Worker | None:
+    def _take(self, device: str) -> _Worker | None:
         for w in list(self._idle):  # drop workers that died while idle
             if not w.proc.is_alive():
                 self._idle.remove(w)
                 w.terminate()
-        booted = [w for w in self._idle if w.booted is not None or w.poll_boot()]
-        pick = booted[0] if booted else (self._idle[0] if self._idle else None)
+        fits = [w for w in self._idle if w.can_run(device)]
+        booted = [w for w in fits if w.booted is not None or w.poll_boot()]
+        pick = booted[0] if booted else (fits[0] if fits else None)
         if pick is not None:
             self._idle.remove(pick)
         return pick

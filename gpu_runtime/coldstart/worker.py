@@ -38,6 +38,7 @@ class WorkerBoot:
     num_threads: int | None = None
     spawned_at: float = 0.0  # wall clock when the pool started the process
     preload: tuple[str, ...] = ()  # modules of the pool's StageServer classes, imported at boot
+    cpu_devices: int = 1  # the node's CPU devices: slices of its cores (gpu_runtime/devices.py)
 
 
 def worker_main(conn: Connection, boot: WorkerBoot) -> None:
@@ -78,13 +79,12 @@ def _boot(boot: WorkerBoot) -> None:
     already paid for when a stage arrives."""
     import importlib
 
-    import torch
-
     import gpu_runtime.coldstart.runtime as runtime
     import gpu_runtime.coldstart.stream  # noqa: F401 - imported now so a stage costs no import
     import gpu_runtime.pipeline  # noqa: F401
+    from gpu_runtime.devices import DeviceName
 
-    runtime.init_device(torch.device(boot.device), boot.num_threads)
+    runtime.init_device(DeviceName.parse(boot.device).torch_device(), boot.num_threads)
     for module in boot.preload:
         importlib.import_module(module)
 
@@ -98,8 +98,7 @@ def _send_error(conn: Connection, exc: BaseException) -> None:
 
 def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
            prestarted: bool) -> None:
-    import torch
-
+    from gpu_runtime import devices
     from gpu_runtime.coldstart.runtime import PreparedStageWorker, RuntimeInit, engine_for
     from gpu_runtime.coldstart.stream import stream_stage
     from gpu_runtime.config import parse_config
@@ -107,10 +106,12 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     from gpu_runtime.prefetch import open_buffer
 
     plan = assignment.plan
+    # the plan's device and share: pinned to its cores (CPU) or its device, allocator capped
+    bound = devices.bind(plan.device, boot.cpu_devices, boot.num_threads, plan.memory_bytes)
+    device = devices.DeviceName.parse(plan.device).torch_device()
     prepared = _start_prepare(plan)  # the stage server's own setup, overlapping the load
     config = parse_config(plan.config)
     dtype = resolve_dtype(plan.engine.dtype, config)
-    device = torch.device(boot.device)
     # pages of the pool exist already (the node pre-faults it): map them all now, during the
     # fetch, so neither loading nor the first forward takes a page fault per 4 KiB
     buffer = open_buffer(assignment.handle, populate=True)
@@ -119,7 +120,7 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     loaded = stream_stage(config, plan.spec, buffer, assignment.layout, dtype, device)
     parts = init.result()
     report = {"pid": os.getpid(), "stage": plan.spec.index, "node": assignment.node,
-              "prestarted": prestarted, "init_start": init_start, "init_end": parts.ended,
+              "device": bound, "prestarted": prestarted, "init_start": init_start, "init_end": parts.ended,
               "load_end": loaded.stats.load_end, "load": loaded.stats.to_dict()}
     if not plan.spec.is_first:
         assert parts.channel is not None, f"stage {plan.spec.index} has no channel"

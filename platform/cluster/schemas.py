@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from gpu_runtime.devices import node_device_name
 from hydraserve.cluster.consolidation import record_of
-from hydraserve.cluster.models import Instance, Plan
+from hydraserve.cluster.models import Device, Instance, Plan
 from hydraserve.functions.models import FunctionVersion
 
 
@@ -41,6 +42,12 @@ class InstanceOut(BaseModel):
     stage_index: int
     num_stages: int = Field(description="stages of its group now (1 once consolidated)")
     memory_bytes: int
+    device: str | None = Field(description="the device its plan placed it on, as the worker is "
+                                           "told it: cpu:N (a slice of the node's cores) or "
+                                           "cuda:N")
+    runs_on: dict[str, Any] | None = Field(
+        description="what the worker reported once bound: device, and its cores and threads "
+                    "(CPU) or allocator cap (CUDA); None until it has loaded")
     status: str
     created_at: datetime
     ready_at: datetime | None
@@ -62,9 +69,14 @@ def group_out(plan: Plan | None) -> GroupOut | None:
                     consolidation=Consolidation(**record) if record else None)
 
 
-def instance_out(i: Instance, fv: FunctionVersion, plan: Plan | None) -> InstanceOut:
+def instance_out(i: Instance, fv: FunctionVersion, plan: Plan | None,
+                 device: Device | None) -> InstanceOut:
+    runs_on = (i.timeline or {}).get("device")
     return InstanceOut(id=i.id, function=fv.function.name, version=fv.version,
                        node_id=i.node_id, stage_index=i.stage_index, num_stages=i.num_stages,
-                       memory_bytes=i.memory_bytes, status=i.status, created_at=i.created_at,
+                       memory_bytes=i.memory_bytes,
+                       device=node_device_name(device.kind, device.index) if device else None,
+                       runs_on=runs_on if isinstance(runs_on, dict) else None,
+                       status=i.status, created_at=i.created_at,
                        ready_at=i.ready_at, released_at=i.released_at, error=i.error,
                        group=group_out(plan))

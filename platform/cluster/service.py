@@ -305,15 +305,17 @@ def plan_of_instance(session: Session, instance_id: int | None) -> Plan | None:
                           .where(Instance.id == instance_id))
 
 
-def instances_with_plans(session: Session, live_only: bool,
-                         limit: int) -> list[tuple[Instance, FunctionVersion, Plan | None]]:
-    """Instances, newest first (the live ones, or every one), with their version and plan."""
-    q = select(Instance, FunctionVersion, Plan).join(
+def instances_with_plans(session: Session, live_only: bool, limit: int
+                         ) -> list[tuple[Instance, FunctionVersion, Plan | None, Device | None]]:
+    """Instances, newest first (the live ones, or every one), with their version, plan and
+    device."""
+    q = select(Instance, FunctionVersion, Plan, Device).join(
         FunctionVersion, FunctionVersion.id == Instance.function_version_id).outerjoin(
-        Plan, Plan.id == Instance.plan_id).order_by(Instance.id.desc()).limit(limit)
+        Plan, Plan.id == Instance.plan_id).outerjoin(
+        Device, Device.id == Instance.device_id).order_by(Instance.id.desc()).limit(limit)
     if live_only:
         q = q.where(Instance.status.in_(LIVE))
-    return [(i, fv, plan) for i, fv, plan in session.execute(q)]
+    return [(i, fv, plan, device) for i, fv, plan, device in session.execute(q)]
 
 
 def instances_by_status(session: Session) -> dict[str, int]:

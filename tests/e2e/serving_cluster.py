@@ -67,7 +67,7 @@ class Cluster:
         link = ["--link-mbps", str(link_mbps)] if link_mbps else []
         self.extra_nodes.append(node_id)
         devcluster.start(self.layout, f"node-{node_id}", [
-            cli, "node", "--node-id", node_id, "--devices", "cpu:1", "--device-mem",
+            cli, "node", "--node-id", node_id, "--devices", spec.devices, "--device-mem",
             spec.device_mem, "--threads", str(spec.worker_threads), "--loader", spec.loader,
             "--cache-mem", cache_mem or spec.cache_mem, *link], env)
         devcluster.wait_nodes(self.settings, [node_id], self.layout)

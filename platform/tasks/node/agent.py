@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from gpu_runtime.devices import DeviceName, cpu_slice, node_device_name
 from gpu_runtime.store.link import LinkConfig, NodeLink
 from hydraserve.cluster import consolidation
 from hydraserve.cluster import service as cluster
@@ -40,8 +41,11 @@ RECONCILE_S = 2.0
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _start_child(cores: list[int] | None) -> None:
+    """In a child before exec: dies with this node, and keeps to ``cores`` when given."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if cores:
+        os.sched_setaffinity(0, cores)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class NodeAgent:
             self.coldstart = ColdStarter(f"{self.settings.queue_prefix}{self.node_id}",
                                          self.cache_bytes, self.link_mbps, self.num_prestarted,
                                          self.threads_per_worker, peer_host=self.host,
+                                         devices=tuple(node_device_name(d.kind, d.index)
+                                                       for d in self.devices),
                                          node_id=self.node_id)
         # the node's one (emulated) link: the prefetcher's, which sequential-policy downloads
         # share; fresh copies of those downloads, by instance
@@ -242,10 +248,20 @@ class NodeAgent:
     def _spawn(self, a, env: dict[str, str] | None = None) -> subprocess.Popen:
         log_path = os.path.join(self.log_dir, f"instance-{a.instance_id}.log") if self.log_dir \
             else os.devnull
+        cores = self._cores_of(a.device)
         with open(log_path, "ab") as out:  # the child keeps its own descriptor
             return subprocess.Popen(self._argv(a), stdout=out, stderr=subprocess.STDOUT,
                                     env=os.environ | (env or {}), stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=lambda: _start_child(cores))
+
+    def _cores_of(self, device: str) -> list[int] | None:
+        """The cores of a CPU device of this node (None: every core, or a CUDA device):
+        the files loader's processes (a baseline, CPU only) keep to their device's slice."""
+        name = DeviceName.parse(device)
+        cpus = sum(not d.kind.startswith("cuda") for d in self.devices)
+        if name.kind != "cpu" or name.index is None or cpus < 2:
+            return None
+        return cpu_slice(name.index, cpus)
 
     def _argv(self, a) -> list[str]:
         threads = ["--threads", str(self.threads_per_worker)] if self.threads_per_worker else []

@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpu_runtime.checkpoint import CheckpointIndex, TensorEntry
-from hydraserve.cluster.models import Instance, Plan
+from gpu_runtime.devices import node_device_name
+from hydraserve.cluster.models import Device, Instance, Plan
 from hydraserve.db import must_get
 from hydraserve.functions.models import FunctionVersion, Model
 from hydraserve.tasks.node.model_cache import local_dir
@@ -39,6 +40,7 @@ class Assignment:
     policy: str = "hydra"  # the scheduler policy of its plan (scheduler/policies.py)
     consolidation_target: int | None = None  # the pipeline size the group will turn into
     head_memory_bytes: int = 0  # stage 0's share
+    device: str = "cpu"  # the planned device, as the worker is told it (gpu_runtime/devices.py)
 
     @property
     def consolidates(self) -> bool:
@@ -77,7 +79,16 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
         group=tuple(i.id for i in group), memory_bytes=inst.memory_bytes,
         model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp(), policy=plan.policy,
         consolidation_target=plan.consolidation_target,
-        head_memory_bytes=group[0].memory_bytes if group else inst.memory_bytes)
+        head_memory_bytes=group[0].memory_bytes if group else inst.memory_bytes,
+        device=device_name(session, inst.device_id))
+
+
+def device_name(session: Session, device_id: int | None) -> str:
+    """The worker's name of a registered device (``cpu`` for an instance with none)."""
+    if device_id is None:
+        return "cpu"
+    device = must_get(session, Device, device_id)
+    return node_device_name(device.kind, device.index)
 
 
 def model_index(session: Session, model_id: int) -> CheckpointIndex:

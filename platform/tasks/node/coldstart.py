@@ -90,14 +90,14 @@ class ColdStarter:
     """One node's prefetcher (shared-memory cache, link cap) and pool of generic workers."""
 
     def __init__(self, cache_name: str, cache_bytes: int, link_mbps: float | None,
-                 num_prestarted: int, threads: int | None, device: str = "cpu",
+                 num_prestarted: int, threads: int | None, devices: tuple[str, ...] = (),
                  peer_host: str = "127.0.0.1", node_id: str = "") -> None:
         link = LinkConfig(bandwidth_mb_s=link_mbps / 8 if link_mbps else None)
         self.prefetcher = Prefetcher(PrefetchConfig(node_id=cache_name, pool_bytes=cache_bytes,
                                                     link=link))
         # refilled by _follow once a taken worker's stage is up, not at once (see REFILL_AFTER_S)
         self.pool = WorkerPool(WorkerPoolConfig(node_id=cache_name, num_prestarted=num_prestarted,
-                                                device=device, num_threads=threads,
+                                                devices=devices, num_threads=threads,
                                                 preload=(RequestLoop,), refill=False))
         self.threads = threads
         self.rest: dict[int, list] = {}  # instance -> the fetch jobs of its consolidation
@@ -133,6 +133,9 @@ class ColdStarter:
         threading.Thread(target=self._refill, args=(REFILL_AFTER_S,), daemon=True,
                          name=f"refill-{instance_id}").start()
         self._record(sessions, instance_id, launched, NODE_PHASES)
+        with sessions() as s:  # where the worker says it runs (the admin view's runs_on)
+            cluster.add_timeline(s, instance_id, {"device": (launched.handle.report or {}).get("device")})
+            s.commit()
 
     @staticmethod
     def _record(sessions: sessionmaker, instance_id: int, launched: LaunchedStage,
@@ -269,7 +272,7 @@ def stage_plan(session: Session, a: Assignment, threads: int | None) -> StagePla
                        a.pp, kv_cache_bytes=a.kv_cache_bytes, num_threads=threads,
                        addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time,
                        kv_whole_model=a.consolidates)
-    plan = plans[a.stage_index]
+    plan = replace(plans[a.stage_index], device=a.device, memory_bytes=a.memory_bytes)
     if a.stage_index == 0:
         plan = replace(plan, server=RequestLoop(a.instance_id))
     elif a.consolidates and a.memory_bytes >= a.model_bytes:  # a replica once consolidated

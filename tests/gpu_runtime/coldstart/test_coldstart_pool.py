@@ -4,6 +4,8 @@ the timeline is ordered, and worker-side failures come back typed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gpu_runtime.coldstart import (
@@ -88,9 +90,46 @@ def test_prestarted_worker_takes_a_stage_and_a_new_one_is_spawned_when_none_is_f
     launched.stop(5)
 
 
-def test_pool_config_is_validated():
+def test_pool_config_is_validated(cs_index):
     with pytest.raises(AssignmentError, match="device 'gpu'"):
         WorkerPoolConfig(device="gpu")
+    with pytest.raises(AssignmentError, match="device 'cuda:x'"):
+        WorkerPoolConfig(devices=("cpu:0", "cuda:x"))
+    config = WorkerPoolConfig(num_prestarted=3, devices=("cuda:0", "cuda:1"))
+    assert [config.boot_device(k) for k in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert WorkerPoolConfig(devices=("cpu:0", "cpu:1")).boot_device(1) == "cpu"
+    with pytest.raises(AssignmentError, match="device 'tpu:0'"):
+        replace(plan_group("llama", cs_index["llama"], 1)[0], device="tpu:0")
+
+
+def test_each_stage_runs_on_the_device_its_plan_names(pools, make_prefetcher, cs_index):
+    """A node with two CPU devices: a stage planned on cpu:1 is pinned to the second slice of
+    the cores and cpu:0 to the first, on a pre-started (unbound) worker as on a new one, and
+    the pipeline still generates; each worker reports the device it was bound to."""
+    import os
+
+    from gpu_runtime.devices import cpu_slice
+
+    devices = ("cpu:0", "cpu:1")
+    node0 = pools(node_id="d0", num_prestarted=1, refill=False, devices=devices)
+    node1 = pools(node_id="d1", num_prestarted=0, devices=devices)
+    node0.wait_booted(120)
+    plans = plan_group("llama", cs_index["llama"], 2, kv_cache_bytes=4 << 20, num_threads=1)
+    plans = [replace(plans[0], device="cpu:1"), replace(plans[1], device="cpu:0")]
+    group = ColdStartGroup([(make_prefetcher(), node0), (make_prefetcher(), node1)], plans)
+    try:
+        reports = group.wait_ready(120)
+        assert [r["device"]["device"] for r in reports] == ["cpu:1", "cpu:0"]
+        for r, index in zip(reports, (1, 0), strict=True):
+            assert r["device"]["cores"] == cpu_slice(index, 2)
+            assert r["device"]["threads"] == 1  # the pool's num_threads wins over the slice
+        if len(os.sched_getaffinity(0)) >= 2:  # two slices that do not overlap
+            assert not set(reports[0]["device"]["cores"]) & set(reports[1]["device"]["cores"])
+        result = group.generate([("a", [1, 5, 9], SamplingParams(max_tokens=4,
+                                                                 ignore_eos=True))], 120)
+        assert len(result["outputs"]["a"]) == 4
+    finally:
+        group.stop(20)
     with pytest.raises(AssignmentError, match="num_prestarted=-1"):
         WorkerPoolConfig(num_prestarted=-1)
 
