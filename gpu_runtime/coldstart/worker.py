@@ -103,6 +103,7 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     from gpu_runtime.coldstart.stream import stream_stage
     from gpu_runtime.config import parse_config
     from gpu_runtime.loader import resolve_dtype
+    from gpu_runtime.memory import stage_report
     from gpu_runtime.prefetch import open_buffer
 
     plan = assignment.plan
@@ -121,7 +122,9 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
     parts = init.result()
     report = {"pid": os.getpid(), "stage": plan.spec.index, "node": assignment.node,
               "device": bound, "prestarted": prestarted, "init_start": init_start, "init_end": parts.ended,
-              "load_end": loaded.stats.load_end, "load": loaded.stats.to_dict()}
+              "load_end": loaded.stats.load_end, "load": loaded.stats.to_dict(),
+              "memory": stage_report(loaded.stage, parts.kv, plan.memory_bytes,
+                                     loaded.stats.num_bytes)}
     if not plan.spec.is_first:
         assert parts.channel is not None, f"stage {plan.spec.index} has no channel"
         replica = _ReplicaControl(conn, loaded.stage, plan) if plan.replica else None

@@ -48,6 +48,9 @@ class InstanceOut(BaseModel):
     runs_on: dict[str, Any] | None = Field(
         description="what the worker reported once bound: device, and its cores and threads "
                     "(CPU) or allocator cap (CUDA); None until it has loaded")
+    memory: dict[str, Any] | None = Field(
+        description="what the worker reported its share holds: share, weights, workspace "
+                    "(the bound; workspace_measured on CUDA) and kv, in bytes")
     status: str
     created_at: datetime
     ready_at: datetime | None
@@ -71,12 +74,13 @@ def group_out(plan: Plan | None) -> GroupOut | None:
 
 def instance_out(i: Instance, fv: FunctionVersion, plan: Plan | None,
                  device: Device | None) -> InstanceOut:
-    runs_on = (i.timeline or {}).get("device")
+    runs_on, memory = ((i.timeline or {}).get(k) for k in ("device", "memory"))
     return InstanceOut(id=i.id, function=fv.function.name, version=fv.version,
                        node_id=i.node_id, stage_index=i.stage_index, num_stages=i.num_stages,
                        memory_bytes=i.memory_bytes,
                        device=node_device_name(device.kind, device.index) if device else None,
                        runs_on=runs_on if isinstance(runs_on, dict) else None,
+                       memory=memory if isinstance(memory, dict) else None,
                        status=i.status, created_at=i.created_at,
                        ready_at=i.ready_at, released_at=i.released_at, error=i.error,
                        group=group_out(plan))

@@ -69,6 +69,19 @@ def num_layers(config: dict) -> int:
     return int(config.get("num_hidden_layers") or MAX_PP)
 
 
+BLOCK_SIZE = 16  # tokens per KV block (gpu_runtime.coldstart.plan.EngineShape)
+ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_block_bytes(config: dict, dtype: str) -> int:
+    """One block of KV over every decoder layer, from the stored config.json (keys and values
+    of BLOCK_SIZE tokens: what gpu_runtime.kv_cache.bytes_per_block computes on the node)."""
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or heads) // heads)
+    return 2 * num_layers(config) * BLOCK_SIZE * kv_heads * head_dim * ELEM_BYTES.get(dtype, 4)
+
+
 def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float,
              cfg: PlannerConfig, profile: Profile,
              avoid_failed_s: float = AVOID_FAILED_S) -> Plan | None:
@@ -79,7 +92,8 @@ def plan_for(session: Session, fv: FunctionVersion, queued: int, waited_s: float
     speed = profiles.model_speed(session, fv.model_id, profile.tpot_s(m), profile.prefill_s(m))
     req = Request(model_id=fv.model_id, model_bytes=m, ttft_slo_s=fv.ttft_ms / 1000,
                   tpot_slo_s=fv.tpot_ms / 1000, tpot_s=speed.tpot_s, prefill_s=speed.prefill_s,
-                  waited_s=waited_s, demand=max(queued, 1), num_layers=num_layers(fv.model.config))
+                  waited_s=waited_s, demand=max(queued, 1), num_layers=num_layers(fv.model.config),
+                  kv_block_bytes=kv_block_bytes(fv.model.config, fv.model.dtype))
     cfg = profiles.planner_config(session, cfg)
     nodes = state.nodes_snapshot(session)
     refused = state.failed_start_nodes(session, fv.id, avoid_failed_s)

@@ -79,6 +79,7 @@ class Request:
     waited_s: float = 0.0  # how long the oldest waiting request has waited (w)
     demand: int = 1  # instances the queue asks for
     num_layers: int = MAX_PP  # a pipeline has at most one stage per decoder layer
+    kv_block_bytes: int = 0  # one block of KV over every layer: a share holds at least one
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -113,8 +114,15 @@ class Plan:
 
 
 def memory_need(req: Request, cfg: PlannerConfig, pp: int, full: bool) -> int:
+    """A stage's share: its weights (a full share: the whole model) and the KV reserve, and
+    never less than the weights and one block of KV on its layers (a share that small is
+    refused here, not at load)."""
     total = req.model_bytes * (1 + cfg.kv_reserve_fraction)
-    return math.ceil(total if full else total / pp)
+    if full:
+        return math.ceil(max(total, req.model_bytes + req.kv_block_bytes))
+    layers = math.ceil(req.num_layers / pp)  # the stage with the most layers
+    block = req.kv_block_bytes * layers / req.num_layers
+    return math.ceil(max(total / pp, req.model_bytes / pp + block))
 
 
 def pick_device(node: NodeState, need: int) -> Device | None:

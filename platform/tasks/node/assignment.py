@@ -8,7 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpu_runtime.checkpoint import CheckpointIndex, TensorEntry
+from gpu_runtime.config import DTYPES, parse_config
 from gpu_runtime.devices import node_device_name
+from gpu_runtime.memory import MemoryBudget, workspace_bytes
 from hydraserve.cluster.models import Device, Instance, Plan
 from hydraserve.db import must_get
 from hydraserve.functions.models import FunctionVersion, Model
@@ -41,21 +43,38 @@ class Assignment:
     consolidation_target: int | None = None  # the pipeline size the group will turn into
     head_memory_bytes: int = 0  # stage 0's share
     device: str = "cpu"  # the planned device, as the worker is told it (gpu_runtime/devices.py)
+    workspace_bytes: int = 0  # activations of the largest batch (gpu_runtime/memory.py)
 
     @property
     def consolidates(self) -> bool:
         return self.pp > 1 and self.consolidation_target == 1
 
     @property
-    def kv_cache_bytes(self) -> int:
-        """What the share leaves after this stage's weights, with a 1 MiB floor so that a tiny
-        model still holds a useful context (the floor is not billed). A group that will
-        consolidate sizes every stage's KV by what stage 0's share leaves after the whole
+    def memory(self) -> MemoryBudget:
+        """This stage's share: weights, workspace and KV (gpu_runtime/memory.py). A group that
+        will consolidate sizes every stage's KV by what stage 0's share leaves after the whole
         model (on every layer, ``plan_group(kv_whole_model=True)``): the blocks of the
         pipeline are then the blocks of the whole model, and nothing outgrows a share."""
         if self.consolidates:
-            return max(self.head_memory_bytes - self.model_bytes, KV_FLOOR_BYTES)
-        return max(self.memory_bytes - self.model_bytes // self.pp, KV_FLOOR_BYTES)
+            return MemoryBudget(self.head_memory_bytes, self.model_bytes, self.workspace_bytes)
+        return MemoryBudget(self.memory_bytes, self.model_bytes // self.pp, self.workspace_bytes)
+
+    @property
+    def workspace_reserved(self) -> bool:
+        """False for a toy model whose largest batch's activations outweigh the KV reserve
+        of its share (the demo models: a 4096-token batch of a 16 MB model): its KV takes
+        the share's whole remainder, as before the workspace was accounted (docs/runtime.md)."""
+        return self.memory.kv_bytes >= KV_FLOOR_BYTES
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """What the share leaves after the weights and the workspace, never the whole share;
+        with a 1 MiB floor so that a tiny model still holds a useful context (the floor is not
+        billed)."""
+        budget = self.memory
+        if self.workspace_reserved:
+            return budget.kv_bytes
+        return max(budget.share - budget.weights, KV_FLOOR_BYTES)
 
     def model_dir(self) -> str:
         """A local directory with the checkpoint (downloaded once per node for http(s))."""
@@ -80,7 +99,17 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
         model_bytes=model.total_bytes, plan_time=plan.created_at.timestamp(), policy=plan.policy,
         consolidation_target=plan.consolidation_target,
         head_memory_bytes=group[0].memory_bytes if group else inst.memory_bytes,
-        device=device_name(session, inst.device_id))
+        device=device_name(session, inst.device_id),
+        workspace_bytes=stage_workspace(model, plan.pp, inst.stage_index,
+                                        plan.consolidation_target == 1 and plan.pp > 1))
+
+
+def stage_workspace(model: Model, pp: int, stage: int, whole: bool) -> int:
+    """The workspace of a stage (``whole``: of the whole model, which a consolidating stage
+    will hold) at the engine's default batch limits."""
+    config = parse_config(model.config)
+    elem = DTYPES[model.dtype].itemsize if model.dtype in DTYPES else 4
+    return workspace_bytes(config, elem, last=whole or stage == pp - 1)
 
 
 def device_name(session: Session, device_id: int | None) -> str:

@@ -133,8 +133,10 @@ class ColdStarter:
         threading.Thread(target=self._refill, args=(REFILL_AFTER_S,), daemon=True,
                          name=f"refill-{instance_id}").start()
         self._record(sessions, instance_id, launched, NODE_PHASES)
-        with sessions() as s:  # where the worker says it runs (the admin view's runs_on)
-            cluster.add_timeline(s, instance_id, {"device": (launched.handle.report or {}).get("device")})
+        report = launched.handle.report or {}
+        with sessions() as s:  # where the worker runs, what its share holds (the admin view)
+            cluster.add_timeline(s, instance_id, {"device": report.get("device"),
+                                                  "memory": report.get("memory")})
             s.commit()
 
     @staticmethod

@@ -178,6 +178,20 @@ def test_nothing_fits_means_wait():
     assert plan_cold_start(request(model_bytes=100 * GB), [node("a", free_gb=10)], CFG) is None
 
 
+def test_a_share_holds_the_weights_and_one_block_of_kv_at_least():
+    """With no KV reserve the share would be the weights alone: the planner adds one block on
+    the stage's layers, and a device that cannot hold it gets no plan (refused when planning,
+    not at load)."""
+    cfg = PlannerConfig(kv_reserve_fraction=0.0)
+    req = request(num_layers=8, kv_block_bytes=8 << 20)
+    assert memory_need(req, cfg, 1, True) == 2 * GB + (8 << 20)
+    assert memory_need(req, cfg, 2, False) == GB + (4 << 20)  # 4 of 8 layers
+    assert memory_need(req, cfg, 3, False) == -(-2 * GB // 3) + (3 << 20)  # 3 of 8 layers
+    assert memory_need(req, CFG, 1, True) == int(2.5 * GB)  # the reserve holds the block
+    exact = [NodeState("a", Link(100 * MBPS), (Device(0, 2 * GB + (8 << 20) - 1),))]
+    assert plan_cold_start(req, exact, cfg) is None
+
+
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="max_pp must be 1..4, got 5"):
         PlannerConfig(max_pp=5)
