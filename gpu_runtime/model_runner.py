@@ -43,8 +43,9 @@ class StepBatch:
     def metadata(self, block_size: int, device: torch.device,
                  scratch: Scratch | None = None) -> AttentionMetadata:
         return AttentionMetadata(
-            positions=self.positions.to(device), slot_mapping=self.slot_mapping.to(device),
-            block_tables=self.block_tables.to(device), context_lens=self.context_lens,
+            positions=to_device(self.positions, device),
+            slot_mapping=to_device(self.slot_mapping, device),
+            block_tables=to_device(self.block_tables, device), context_lens=self.context_lens,
             query_lens=self.query_lens, block_size=block_size, scratch=scratch)
 
     def logits_rows(self) -> list[int] | None:
@@ -59,6 +60,15 @@ class StepBatch:
             end += n
             rows += [end - 1] * count
         return rows
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step input on ``device``: on CUDA staged in page-locked memory and sent without
+    blocking the host (the copy is ordered on the current stream before the forward that
+    reads it); elsewhere the tensor itself."""
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def prepare_step(seqs: list[Sequence], is_prefill: bool, blocks: BlockManager) -> StepBatch:
@@ -92,12 +102,12 @@ def run_stage(stage: Stage, kv: KVCache, x: torch.Tensor, step: StepBatch) -> to
     """Forward of one stage on one step; on the last stage returns logits of last tokens."""
     kv.copy_blocks(step.block_copies)  # before the forward: it may write the copies
     meta = step.metadata(kv.spec.block_size, stage.device, kv.scratch)
-    h = stage(x.to(stage.device), meta, kv)
+    h = stage(to_device(x, stage.device), meta, kv)
     if not stage.spec.is_last:
         return h
     rows = step.logits_rows()
     if rows is not None:
-        h = h.index_select(0, torch.tensor(rows, device=h.device))  # (samples, hidden)
+        h = h.index_select(0, to_device(torch.tensor(rows), h.device))  # (samples, hidden)
     logits = stage.compute_logits(h)
     if step.token_bitmask is not None:
         apply_token_bitmask(logits, step.token_bitmask)
