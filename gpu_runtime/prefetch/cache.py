@@ -156,6 +156,18 @@ class BufferCache:
         self.pool.free(start, entry.handle.extent_bytes)
         return True
 
+    def room(self) -> int:
+        """The largest buffer a new entry could get now: free extents merged with those of
+        every entry that could be evicted (idle and complete) or reclaimed (failed and
+        unmapped). What a stage of that size needs to start here without CacheFullError."""
+        with self._lock:
+            idle = [e for e in self._entries.values()
+                    if e.state == COMPLETE and not self.is_in_use(e)]
+            doomed = [e for e in self._doomed if e.done.is_set()
+                      and not locks.is_locked(self.pool.fd, e.handle.extent_offset)]
+            return self.pool.largest_with([(e.handle.extent_offset, e.handle.extent_bytes)
+                                           for e in idle + doomed])
+
     def entries(self) -> list[dict]:
         """A snapshot for diagnostics and the node's heartbeat, LRU first."""
         with self._lock:

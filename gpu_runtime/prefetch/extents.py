@@ -62,3 +62,19 @@ class ExtentAllocator:
     @property
     def largest_free(self) -> int:
         return max((length for _, length in self._free), default=0)
+
+    def largest_with(self, extents: list[tuple[int, int]]) -> int:
+        """The largest free extent there would be if ``extents`` (allocated ones) were freed
+        too, without freeing them."""
+        spans = sorted(self._free + list(extents))
+        best, start, end = 0, None, None
+        for offset, length in spans:
+            if end is not None and offset <= end:
+                end = max(end, offset + length)
+            else:
+                if start is not None and end is not None:
+                    best = max(best, end - start)
+                start, end = offset, offset + length
+        if start is not None and end is not None:
+            best = max(best, end - start)
+        return best

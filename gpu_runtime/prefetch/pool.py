@@ -136,6 +136,11 @@ class ShmPool:
         with self._lock:
             return self._extents.largest_free
 
+    def largest_with(self, extents: list[tuple[int, int]]) -> int:
+        """The largest extent ``allocate`` could give once ``extents`` are freed."""
+        with self._lock:
+            return self._extents.largest_with(extents)
+
     def close(self, unlink: bool = True) -> None:
         """Unmaps and (by default) removes the pool file; readers keep their own mappings."""
         with contextlib.suppress(BufferError):  # views still alive: unmapped at process exit

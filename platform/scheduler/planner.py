@@ -46,6 +46,9 @@ class PlannerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+CACHE_SLACK_BYTES = 2 << 20  # a buffer's header page and alignment (prefetch/pool.py)
+
+
 @dataclass(frozen=True, slots=True)
 class Device:
     device_id: int
@@ -61,9 +64,22 @@ class NodeState:
     # stages in the node cache: (model_id, pp, stage index), a whole model being (id, 1, 0); a
     # pipeline whose every stage is cached on some node restarts there with no fetch at all
     cached_stages: frozenset[tuple[int, int, int]] = frozenset()
+    # the largest buffer its node cache could give a new stage now, evicting what is idle
+    # (None: not known, e.g. a node without a cache): a fetch that does not fit is not planned
+    # there, rather than started to fail with CacheFullError
+    cache_room: int | None = None
 
     def holds(self, model_id: int, pp: int, stage: int) -> bool:
         return (model_id, pp, stage) in self.cached_stages
+
+    def can_cache(self, req: Request, pp: int) -> bool:
+        """Whether a stage of a ``pp``-stage pipeline of ``req``'s model fits the node cache:
+        stages are split by layers, so one may hold more than ``M / pp`` (the embedding, the
+        head): a stage of a pipeline gets half as much again of room."""
+        if self.cache_room is None:
+            return True
+        stage = req.model_bytes if pp == 1 else 1.5 * req.model_bytes / pp
+        return self.cache_room >= stage + CACHE_SLACK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +193,7 @@ def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
         return None
     by_bw = sorted(nodes, key=lambda n: -n.link.share_with_one_more())
     full_need, part_need = memory_need(req, cfg, pp, True), memory_need(req, cfg, pp, False)
+    by_bw = [n for n in by_bw if n.can_cache(req, pp)]
     full_nodes = [n for n in by_bw if pick_device(n, full_need)][:n_full]
     if len(full_nodes) < n_full:
         return None

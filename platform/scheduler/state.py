@@ -40,13 +40,45 @@ def nodes_snapshot(session: Session) -> list[NodeState]:
         if inst.device_id is not None:
             used[inst.device_id] += inst.memory_bytes
             workers[inst.device_id] += 1
-    fetches = active_fetches(session, [i for i in live if i.status == "starting"])
+    starting = [i for i in live if i.status == "starting"]
+    fetches = active_fetches(session, starting)
+    plans_since_heartbeat = unseen_fetches(session, starting, list(nodes))
     out = []
     for node in nodes:
         devs = tuple(PlannerDevice(d.id, d.memory_bytes - used[d.id], workers[d.id])
                      for d in devices if d.node_id == node.id)
         cached = frozenset(tuple(c) for c in (node.info or {}).get("cached_stages", []))
-        out.append(NodeState(node.id, link_of(node, fetches[node.id]), devs, cached))
+        out.append(NodeState(node.id, link_of(node, fetches[node.id]), devs, cached,
+                             cache_room(node, plans_since_heartbeat[node.id])))
+    return out
+
+
+HEARTBEAT_SLACK = timedelta(seconds=1)
+
+
+def cache_room(node: Node, unseen_bytes: int) -> int | None:
+    """The room its last heartbeat reported in the node cache (``info.cache_room``), less the
+    fetches planned onto it since, which the heartbeat may not have seen reserve theirs."""
+    room = (node.info or {}).get("cache_room")
+    if not isinstance(room, int):
+        return None
+    return room - unseen_bytes
+
+
+def unseen_fetches(session: Session, starting: list[Instance],
+                   nodes: list[Node]) -> dict[str, int]:
+    """Bytes of the fetches of starting stages planned on each node after (or just before)
+    its last heartbeat."""
+    beats = {n.id: n.last_heartbeat_at for n in nodes}
+    out: dict[str, int] = defaultdict(int)
+    plans = {p.id: p for p in session.scalars(select(Plan).where(
+        Plan.id.in_({i.plan_id for i in starting if i.plan_id})))}
+    for inst in starting:
+        plan = plans.get(inst.plan_id) if inst.plan_id is not None else None
+        beat = beats.get(inst.node_id)
+        if plan is None or beat is None or inst.created_at < beat - HEARTBEAT_SLACK:
+            continue
+        out[inst.node_id] += int(plan.stages[inst.stage_index].get("fetch_bytes") or 0)
     return out
 
 

@@ -108,8 +108,12 @@ def test_eviction_never_removes_a_buffer_in_use(make_prefetcher, ckpt_root, ckpt
         open_buffer(jobs["s1"].handle)
     got = dict(iter_tensors(reader, plan_stage(ckpt_index.tensors), timeout_s=5))
     assert all(torch.equal(got[n], reference[n]) for n in reference)  # s0 intact
+    # the room the node reports: s0 mapped and s2, s3 pinned leave nothing that fits
+    assert pf.cache.room() < 8 << 20
     with pytest.raises(CacheFullError, match="every other entry is in use"):
         pf.prefetch("small", "s4", uri, ckpt_index.tensors)
+    jobs["s2"].release()  # idle now: evicting it would give one buffer's extent
+    assert pf.cache.room() == 8 << 20
     del got
     reader.close()
     assert pf.prefetch("small", "s4", uri, ckpt_index.tensors).wait(30).bytes > 0  # s0 went

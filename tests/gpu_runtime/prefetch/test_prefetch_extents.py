@@ -47,3 +47,19 @@ def test_first_fit_and_double_free_is_caught():
     alloc.free(3, 2)
     with pytest.raises(AssertionError, match="double free"):
         alloc.free(3, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 8), min_size=1, max_size=12), st.data())
+def test_room_after_freeing_is_what_freeing_gives(sizes, data):
+    """``largest_with`` predicts the largest free extent after freeing some live extents, and
+    changes nothing."""
+    alloc = ExtentAllocator(SIZE)
+    live = [(off, n) for n in sizes if (off := alloc.allocate(n)) is not None]
+    chosen = data.draw(st.lists(st.sampled_from(live), unique=True)) if live else []
+    before = alloc.free_extents
+    predicted = alloc.largest_with(chosen)
+    assert alloc.free_extents == before
+    for offset, nbytes in chosen:
+        alloc.free(offset, nbytes)
+    assert predicted == alloc.largest_free

@@ -258,6 +258,31 @@ def test_when_no_node_fits_nothing_is_sent_and_requests_stay_queued(sched, s, fu
     assert [i.status for i in read(s, Invocation, Invocation.id.in_(queued))] == ["queued"] * 3
 
 
+def test_a_node_cache_without_room_gets_no_stage_and_a_planned_fetch_uses_room(sched, s,
+                                                                               function):
+    """The room a node's heartbeat reports in its cache (``info.cache_room``), less the
+    fetches planned onto it since that heartbeat, bounds what the planner sends it."""
+    from hydraserve.cluster.models import Node
+    from hydraserve.scheduler.state import nodes_snapshot
+
+    add_nodes(s, "full", "roomy")
+    fv = function()
+    model_bytes = fv.model.total_bytes
+    roomy = model_bytes * 3 + (8 << 20)  # its cache could evict enough for three copies
+    for node_id, room in (("full", model_bytes // 2), ("roomy", roomy)):
+        cluster.heartbeat(s, node_id, {"cache_room": room})
+    s.commit()
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    assert [i.node_id for i in read(s, Instance)] == ["roomy"]
+    with sched.sessions() as fresh:
+        rooms = {n.node_id: n.cache_room for n in nodes_snapshot(fresh)}
+    # the fetch just planned on roomy is counted until a heartbeat after it
+    fetched = read(s, Plan)[0].stages[0]["fetch_bytes"]
+    assert fetched > 0 and rooms == {"full": model_bytes // 2, "roomy": roomy - fetched}
+    assert read(s, Node, Node.id == "roomy")[0].info["cache_room"] == roomy
+
+
 # ---- scale-in, keep-alive and min_instances ------------------------------------------------
 
 def test_idle_group_past_keep_alive_is_stopped_gracefully_through_stage_0(sched, s, function):

@@ -192,6 +192,22 @@ def test_a_share_holds_the_weights_and_one_block_of_kv_at_least():
     assert plan_cold_start(req, exact, cfg) is None
 
 
+def test_a_node_whose_cache_has_no_room_for_the_stage_is_not_chosen():
+    """A node cache full of buffers mapped by live workers cannot take another stage: the
+    start would fail with CacheFullError, so the planner goes elsewhere (or waits)."""
+    from dataclasses import replace
+
+    req = request()  # 2 GB
+    fast_full = replace(node("fast", mbps=1000), cache_room=GB)
+    slow_roomy = replace(node("slow", mbps=100), cache_room=3 * GB)
+    plan = plan_cold_start(req, [fast_full, slow_roomy], CFG)
+    assert [s.node_id for s in plan.stages] == ["slow"]
+    # a stage of a pipeline needs its part (with room for an uneven split), not the model
+    assert fast_full.can_cache(req, 2) is False and fast_full.can_cache(req, 4) is True
+    assert node("unknown").can_cache(req, 1)  # no report: no constraint
+    assert plan_cold_start(req, [fast_full], PlannerConfig(max_pp=1)) is None  # wait
+
+
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="max_pp must be 1..4, got 5"):
         PlannerConfig(max_pp=5)
