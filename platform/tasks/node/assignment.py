@@ -100,13 +100,19 @@ def load_assignment(session: Session, instance_id: int) -> Assignment:
         consolidation_target=plan.consolidation_target,
         head_memory_bytes=group[0].memory_bytes if group else inst.memory_bytes,
         device=device_name(session, inst.device_id),
-        workspace_bytes=stage_workspace(model, plan.pp, inst.stage_index,
+        workspace_bytes=stage_workspace(session, model, plan.pp, inst.stage_index,
                                         plan.consolidation_target == 1 and plan.pp > 1))
 
 
-def stage_workspace(model: Model, pp: int, stage: int, whole: bool) -> int:
+def stage_workspace(session: Session, model: Model, pp: int, stage: int, whole: bool) -> int:
     """The workspace of a stage (``whole``: of the whole model, which a consolidating stage
-    will hold) at the engine's default batch limits."""
+    will hold) at the engine's default batch limits: what an earlier worker of the same
+    stage measured on its device (CUDA workers measure it, see gpu_runtime/memory.py), else
+    the bound computed from the config."""
+    if not whole:
+        measured = measured_workspace(session, model.id, pp, stage)
+        if measured is not None:
+            return measured
     config = parse_config(model.config)
     elem = DTYPES[model.dtype].itemsize if model.dtype in DTYPES else 4
     return workspace_bytes(config, elem, last=whole or stage == pp - 1)
@@ -131,3 +137,17 @@ def model_index(session: Session, model_id: int) -> CheckpointIndex:
 def cache_model(a: Assignment) -> str:
     """The model's name in the node cache: its id (what the planner knows) and fingerprint."""
     return f"m{a.model_id}-{a.fingerprint[:12]}"
+
+
+def measured_workspace(session: Session, model_id: int, pp: int, stage: int) -> int | None:
+    """The workspace the latest worker of this model's stage ``stage`` of ``pp`` measured (a
+    CUDA worker's ``memory.workspace_measured``, stored in its timeline), if any."""
+    measured = Instance.timeline["memory"]["workspace_measured"]
+    row = session.execute(
+        select(measured.as_integer()).join(FunctionVersion,
+                                           FunctionVersion.id == Instance.function_version_id)
+        .join(Plan, Plan.id == Instance.plan_id)
+        .where(FunctionVersion.model_id == model_id, Plan.pp == pp,
+               Instance.stage_index == stage, measured.as_string().isnot(None))
+        .order_by(Instance.id.desc()).limit(1)).scalar()
+    return int(row) if row is not None else None

@@ -283,6 +283,28 @@ def test_a_node_cache_without_room_gets_no_stage_and_a_planned_fetch_uses_room(s
     assert read(s, Node, Node.id == "roomy")[0].info["cache_room"] == roomy
 
 
+def test_a_workspace_measured_by_an_earlier_worker_sizes_the_next_start(sched, s, function):
+    """A CUDA worker measures its stage's workspace and the node stores it in the timeline;
+    the next start of the same stage sizes its KV cache with that, not the bound."""
+    from gpu_runtime.config import parse_config
+    from gpu_runtime.memory import workspace_bytes
+    from hydraserve.tasks.node.assignment import load_assignment
+
+    add_nodes(s, "a")
+    fv = function()
+    enqueue(s, fv, 1)
+    step(sched, "scale_out")
+    (inst,) = read(s, Instance)
+    bound = workspace_bytes(parse_config(fv.model.config), 4 if fv.model.dtype == "float32"
+                            else 2)
+    assert load_assignment(s, inst.id).workspace_bytes == bound
+    cluster.add_timeline(s, inst.id, {"memory": {"workspace_measured": None}})
+    assert load_assignment(s, inst.id).workspace_bytes == bound  # CPU: nothing measured
+    cluster.add_timeline(s, inst.id, {"memory": {"workspace_measured": 12345}})
+    a = load_assignment(s, inst.id)
+    assert a.workspace_bytes == 12345 and a.memory.workspace == 12345
+
+
 # ---- scale-in, keep-alive and min_instances ------------------------------------------------
 
 def test_idle_group_past_keep_alive_is_stopped_gracefully_through_stage_0(sched, s, function):
