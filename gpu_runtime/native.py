@@ -12,10 +12,10 @@ OpenMP, but torch's: the library asks for ``libgomp.so.1``, and loaded after tor
 imports it first) that name is torch's own copy, so a parallel region of a kernel runs on the
 threads torch's matrix products use, already awake, not on a second set fighting them for the
 cores. Only decode attention of a large batch uses it (two halves); the other kernels are
-single-threaded (``gpu_runtime.kernels`` says where they pay).
+single-threaded (``gpu_runtime.backends.cpu`` says where they pay).
 
 Without a compiler, on a failed build, or with ``HYDRA_NATIVE=0``, ``load()`` returns None
-(logged once, with the reason) and every caller keeps to its pure-torch path.
+(logged once, with the reason) and the CPU gets the torch backend (``gpu_runtime.backends``).
 """
 
 from __future__ import annotations
@@ -44,14 +44,15 @@ BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-std=
 
 def flags() -> tuple[str, ...]:
     return (f"-march={os.environ.get('HYDRA_NATIVE_MARCH', 'native')}", *BASE_FLAGS)
-ABI_VERSION = 2  # hydra_abi_version() of the source this module's signatures describe
+ABI_VERSION = 3  # hydra_abi_version() of the source this module's signatures describe
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_I64P = ctypes.POINTER(ctypes.c_int64)
 SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     # name: (restype, argtypes), as declared in csrc/*.c
     "hydra_abi_version": (_I32, []),
     "hydra_decode_attention": (_I32, [_P, _I64, _P, _I64, _P, _I64, _P, _I64, _I32, _P, _P, _I64,
-                                      _P, _I64, _I32, _I32, _I32, _I32, _F32, _P, _I32]),
+                                      _P, _I64, _I32, _I32, _I32, _I32, _F32, _P, _I32, _I64P]),
     "hydra_rms_norm": (_I32, [_P, _P, _P, _P, _P, _I64, _I64, _F32, _I32]),
     "hydra_silu_mul": (None, [_P, _P, _P, _I64, _I32]),
     "hydra_rope_qk": (_I32, [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I32, _I32]),

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from gpu_runtime import kernels
+from gpu_runtime import backends
 from gpu_runtime.errors import SamplingParamsError
 
 MAX_TEMPERATURE = 100.0
@@ -156,18 +156,12 @@ class Sampled(NamedTuple):
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> Sampled:
     """logits: float32 (rows, vocab) -> tokens drawn from the processed logits (bias,
     penalties, temperature, top-k/p), with log-softmax of the raw logits at them and at each
-    row's top tokens. A log-probability is the logit minus its row's log-sum-exp; the native
-    kernel finds that and the argmax in one pass, without writing a log-softmax of the whole
-    vocabulary."""
+    row's top tokens. A log-probability is the logit minus its row's log-sum-exp; the backend
+    finds that and the argmax (the native kernel: in one pass, without writing a log-softmax of
+    the whole vocabulary)."""
     processed = apply_penalties(logits, batch)
-    stats = kernels.logits_stats(logits)
+    argmax, lse = backends.for_device(logits.device).logits_stats(logits)
     top = _top_logprobs(logits, batch)
-    if stats is None:
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = (processed.argmax(dim=-1) if batch.all_greedy
-                  else _sample_random(processed, batch))
-        return Sampled(tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0].tolist(), top)
-    argmax, lse = stats
     if processed is not logits:
         argmax = processed.argmax(dim=-1)
     tokens = argmax if batch.all_greedy else _sample_random(processed, batch)

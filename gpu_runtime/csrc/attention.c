@@ -213,8 +213,40 @@ struct attention_job {
     float scale;
     int64_t max_context;
     uint8_t *out;
-    int status[2]; /* per part: 0, or -1 when its scratch could not be allocated */
+    int status[2]; /* per part: HYDRA_OK, or HYDRA_NO_MEMORY when its scratch ran out */
 };
+
+/* Every cache index the step follows, checked before anything is written: each context
+ * length in [1, table_width * block_size], each block-table entry a sequence uses (the first
+ * ceil(context / block_size) of its row) in [0, num_blocks), each slot in [0, num_blocks *
+ * block_size). Returns HYDRA_OK or the code of the first violation, its entry in *error_at
+ * (the sequence; for a block, the flat index i * table_width + j). */
+static int check_indices(int64_t num_blocks, int block_size, const int64_t *slot_mapping,
+                         const int64_t *block_tables, int64_t table_width,
+                         const int64_t *context_lens, int64_t num_seqs, int64_t *error_at) {
+    for (int64_t i = 0; i < num_seqs; i++) {
+        if (context_lens[i] < 1 || context_lens[i] > table_width * block_size) {
+            *error_at = i;
+            return HYDRA_BAD_CONTEXT;
+        }
+    }
+    for (int64_t i = 0; i < num_seqs; i++) {
+        const int64_t *table = block_tables + i * table_width;
+        for (int64_t j = 0, used = (context_lens[i] + block_size - 1) / block_size; j < used; j++) {
+            if (table[j] < 0 || table[j] >= num_blocks) {
+                *error_at = i * table_width + j;
+                return HYDRA_BAD_BLOCK;
+            }
+        }
+    }
+    for (int64_t i = 0; i < num_seqs; i++) {
+        if (slot_mapping[i] < 0 || slot_mapping[i] >= num_blocks * block_size) {
+            *error_at = i;
+            return HYDRA_BAD_SLOT;
+        }
+    }
+    return HYDRA_OK;
+}
 
 static void attention_part(struct attention_job *j, int part) {
     int64_t first = part ? j->split : 0, last = part ? j->num_seqs : j->split;
@@ -223,7 +255,7 @@ static void attention_part(struct attention_job *j, int part) {
                              j->kv_heads * j->hd + j->heads);
     float *scratch = malloc(sizeof(float) * floats);
     if (!scratch) {
-        j->status[part] = -1;
+        j->status[part] = HYDRA_NO_MEMORY;
         return;
     }
     BY_DTYPE(j->dt, decode_attention, j->q, j->q_stride, j->cache, j->num_blocks, j->block_size,
@@ -243,19 +275,22 @@ static void attention_part(struct attention_job *j, int part) {
  * context_lens: (num_seqs,) tokens in the cache after this step, each >= 1
  * out:    (num_seqs, heads * hd) contiguous
  * threads: at most this many threads (1: this one only; more: a large batch splits in two)
- * Returns 0, or -1 when a size is out of range (nothing done) or scratch memory ran out. */
+ * Returns HYDRA_OK; HYDRA_BAD_SHAPE, or the code of an index outside the cache (its entry in
+ * *error_at, see check_indices), with nothing written; or HYDRA_NO_MEMORY. */
 int hydra_decode_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride,
                            const void *v, int64_t v_stride, void *cache, int64_t num_blocks,
                            int block_size, const int64_t *slot_mapping, const int64_t *block_tables,
                            int64_t table_width, const int64_t *context_lens, int64_t num_seqs,
                            int heads, int kv_heads, int hd, int dt, float scale, void *out,
-                           int threads) {
-    if (hd > MAX_HEAD_DIM || kv_heads < 1 || heads % kv_heads != 0) return -1;
+                           int threads, int64_t *error_at) {
+    if (hd > MAX_HEAD_DIM || kv_heads < 1 || heads % kv_heads != 0 || block_size < 1)
+        return HYDRA_BAD_SHAPE;
+    int rc = check_indices(num_blocks, block_size, slot_mapping, block_tables, table_width,
+                           context_lens, num_seqs, error_at);
+    if (rc != HYDRA_OK) return rc;
     int64_t max_context = 0;
-    for (int64_t i = 0; i < num_seqs; i++) {
-        if (context_lens[i] < 1 || context_lens[i] > table_width * block_size) return -1;
+    for (int64_t i = 0; i < num_seqs; i++)
         max_context = context_lens[i] > max_context ? context_lens[i] : max_context;
-    }
     size_t row_bytes = (size_t)kv_heads * hd * dt_size(dt);
     uint8_t *keys = cache, *values = keys + num_blocks * block_size * row_bytes;
     int64_t total = 0;
@@ -289,5 +324,5 @@ int hydra_decode_attention(const void *q, int64_t q_stride, const void *k, int64
     } else {
         attention_part(&job, 0);
     }
-    return job.status[0] | job.status[1];
+    return job.status[0] != HYDRA_OK ? job.status[0] : job.status[1];
 }

@@ -4,8 +4,8 @@
  * Each kernel does in one pass what the torch path does with several small eager kernels, and
  * runs single-threaded: at decode sizes (a few tokens) the work is tens of microseconds, less
  * than waking torch's OpenMP threads for each of those kernels. Tensors arrive as raw pointers
- * with a dtype code (DT_*); the caller (gpu_runtime/kernels.py) checks shapes, strides and
- * devices. Math is float32 throughout; bf16 and fp16 are converted on load and rounded to
+ * with a dtype code (DT_*); the caller (gpu_runtime/backends/cpu.py) checks shapes, strides
+ * and devices; decode attention checks the cache indices it follows itself (attention.c). Math is float32 throughout; bf16 and fp16 are converted on load and rounded to
  * nearest-even on store, where the torch reference rounds (noted per kernel).
  *
  * Built with -ffp-contract=off so that a*b + c*d is two roundings, as in torch's eager code;
@@ -23,6 +23,16 @@
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* return codes (gpu_runtime/backends/cpu.py turns each into its exception) */
+enum {
+    HYDRA_OK = 0,
+    HYDRA_BAD_SHAPE = -1,   /* a size the kernel does not take (head dim, heads); nothing done */
+    HYDRA_NO_MEMORY = -2,   /* scratch memory ran out */
+    HYDRA_BAD_CONTEXT = -3, /* a context length outside [1, block table width * block size] */
+    HYDRA_BAD_SLOT = -4,    /* a slot outside the cache */
+    HYDRA_BAD_BLOCK = -5,   /* a block-table entry a sequence uses outside the cache */
+};
 
 #define LANES 16 /* independent partial sums: the compiler maps them onto vector registers */
 #define MAX_HEAD_DIM 512

@@ -2,7 +2,7 @@
  * and the sampler's argmax / log-sum-exp, each one pass where torch runs several kernels. */
 #include "kernels.h"
 
-int hydra_abi_version(void) { return 2; }
+int hydra_abi_version(void) { return 3; } /* native.ABI_VERSION */
 
 /* ---- elementwise kernels of a Llama layer --------------------------------------------- */
 
@@ -40,14 +40,15 @@ INLINE void rms_norm(const uint8_t *x, const uint8_t *delta, const uint8_t *weig
  * ``delta`` (non-NULL) the row is first x + delta rounded to the dtype (the residual add
  * before the norm), and that sum is also stored to ``sum_out``. The mean of squares is summed
  * in another order than torch's, so it may differ in its last bit: rarely visible after the
- * rounding to bf16 / fp16, within an ulp or two in float32. Returns 0, -1 on no memory. */
+ * rounding to bf16 / fp16, within an ulp or two in float32. Returns HYDRA_OK, or
+ * HYDRA_NO_MEMORY. */
 int hydra_rms_norm(const void *x, const void *delta, const void *weight, void *sum_out,
                    void *out, int64_t rows, int64_t dim, float eps, int dt) {
     float *buf = malloc(sizeof(float) * (size_t)dim * 3);
-    if (!buf) return -1;
+    if (!buf) return HYDRA_NO_MEMORY;
     BY_DTYPE(dt, rms_norm, x, delta, weight, sum_out, out, rows, dim, eps, buf);
     free(buf);
-    return 0;
+    return HYDRA_OK;
 }
 
 #define CHUNK 512
@@ -108,13 +109,13 @@ INLINE void rope_qk(uint8_t *q, int64_t q_stride, uint8_t *k, int64_t k_stride,
  * in place, each product and the sum rounded to the dtype as HF's x * cos + rotate_half(x) *
  * sin rounds in eager mode (bit-exact: the products of two dtype values are exact in
  * float32). A token's rows are ``q_stride`` / ``k_stride`` elements apart; cos, sin: (tokens,
- * hd) contiguous. Returns 0, -1 when hd is out of range. */
+ * hd) contiguous. Returns HYDRA_OK, or HYDRA_BAD_SHAPE when hd is out of range. */
 int hydra_rope_qk(void *q, int64_t q_stride, void *k, int64_t k_stride, const void *cos_,
                   const void *sin_, int64_t tokens, int64_t heads, int64_t kv_heads, int hd,
                   int dt) {
-    if (hd > MAX_HEAD_DIM || hd % 2) return -1;
+    if (hd > MAX_HEAD_DIM || hd % 2) return HYDRA_BAD_SHAPE;
     BY_DTYPE(dt, rope_qk, q, q_stride, k, k_stride, cos_, sin_, tokens, heads, kv_heads, hd);
-    return 0;
+    return HYDRA_OK;
 }
 
 /* ---- sampling ------------------------------------------------------------------------ */

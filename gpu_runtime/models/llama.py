@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gpu_runtime import kernels
+from gpu_runtime import backends
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
 from gpu_runtime.layers import Linear, RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
@@ -68,8 +67,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        act = kernels.silu_mul(gate, up)
-        return self.down_proj(F.silu(gate) * up if act is None else act)
+        return self.down_proj(backends.for_device(x.device).silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,6 +1,7 @@
-"""Native CPU kernels (``gpu_runtime.kernels``) against the torch paths they replace: decode
-attention against the gather + SDPA path, RMSNorm / SiLU / RoPE against HF's eager formulas,
-bit for bit where the kernels claim it, and the log-sum-exp sampler against log_softmax."""
+"""Native CPU kernels (the ``native_*`` calls of ``gpu_runtime.backends.cpu``) against the torch
+paths they replace: decode attention against the torch backend's gather + SDPA, RMSNorm / SiLU
+/ RoPE against HF's eager formulas, bit for bit where the kernels claim it, and the log-sum-exp
+sampler against log_softmax."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_runtime import kernels, native
-from gpu_runtime.attention import AttentionMetadata, Scratch, _cached_attention, write_kv
+from gpu_runtime import native
+from gpu_runtime.attention import AttentionMetadata, Scratch
+from gpu_runtime.backends import CpuBackend, TorchBackend, cpu
 from gpu_runtime.config import RopeConfig
 from gpu_runtime.layers import rope_cos_sin, rope_inv_freq
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
+LIB = native.load()
+CPU = CpuBackend(LIB) if LIB is not None else None  # the kernels, called directly
+TORCH = TorchBackend("cpu")  # the reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -57,9 +62,9 @@ def test_decode_attention_matches_the_torch_path(dtype, batch, heads, kv_heads, 
 
 def check_decode_attention(dtype, cache, q, k, v, meta) -> None:
     ref_cache = cache.clone()
-    write_kv(ref_cache, k, v, meta.slot_mapping)
-    expected = _cached_attention(q, ref_cache, meta)
-    out = kernels.decode_attention(q, k, v, cache, meta.slot_mapping, meta.block_tables,
+    TORCH.write_kv(ref_cache, k, v, meta)
+    expected = TORCH.cached_attention(q, ref_cache, meta)
+    out = CPU.native_decode_attention(q, k, v, cache, meta.slot_mapping, meta.block_tables,
                                    torch.tensor(meta.context_lens))
     assert out is not None and out.dtype == dtype and out.shape == expected.shape
     assert torch.equal(cache, ref_cache), "this step's keys/values were not written alike"
@@ -81,14 +86,14 @@ def test_decode_attention_of_a_large_batch_split_across_two_threads(dtype, heads
                                        num_blocks=64)
     lens = torch.tensor(meta.context_lens)
     assert int(lens.sum()) * heads * 64 >= PAIR_MIN_WORK, "too small to split"
-    together = kernels.decode_attention(q, k, v, cache, meta.slot_mapping, meta.block_tables,
+    together = CPU.native_decode_attention(q, k, v, cache, meta.slot_mapping, meta.block_tables,
                                         lens)
     for i in range(8):
-        alone = kernels.decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache,
+        alone = CPU.native_decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache,
                                          meta.slot_mapping[i:i + 1],
                                          meta.block_tables[i:i + 1].contiguous(), lens[i:i + 1])
         assert torch.equal(alone[0], together[i]), f"sequence {i} differs"
-    expected = _cached_attention(q, cache, meta)  # the torch path, float32 within the batch
+    expected = TORCH.cached_attention(q, cache, meta)  # the torch backend, float32 within the batch
     torch.testing.assert_close(together.float(), expected.float(), rtol=0,
                                atol=1e-5 if dtype == torch.float32 else 4e-3)
 
@@ -101,7 +106,7 @@ def test_decode_attention_from_several_threads_at_once():
 
     def run(case):
         cache, q, k, v, meta = case
-        return kernels.decode_attention(q, k, v, cache.clone(), meta.slot_mapping,
+        return CPU.native_decode_attention(q, k, v, cache.clone(), meta.slot_mapping,
                                         meta.block_tables, torch.tensor(meta.context_lens))
 
     alone = [run(c) for c in cases]
@@ -115,9 +120,9 @@ def test_decode_attention_reads_rows_a_token_apart_in_a_fused_qk_tensor():
     cache, q, k, v, meta = decode_case(torch.bfloat16, 3, 4, 2, 64)
     qk = torch.cat((q, k), dim=1)  # (tokens, heads + kv_heads, hd): q and k are strided views
     ref_cache = cache.clone()
-    write_kv(ref_cache, k, v, meta.slot_mapping)
-    expected = _cached_attention(q, ref_cache, meta)
-    out = kernels.decode_attention(qk[:, :4], qk[:, 4:], v, cache, meta.slot_mapping,
+    TORCH.write_kv(ref_cache, k, v, meta)
+    expected = TORCH.cached_attention(q, ref_cache, meta)
+    out = CPU.native_decode_attention(qk[:, :4], qk[:, 4:], v, cache, meta.slot_mapping,
                                    meta.block_tables, torch.tensor(meta.context_lens))
     assert torch.equal(cache, ref_cache)
     assert ulp_diff(out, expected) <= 1
@@ -136,10 +141,10 @@ def test_rms_norm_with_and_without_residual(dtype, rows):
     g = torch.Generator().manual_seed(rows)
     x, delta = (torch.randn(rows, 1024, generator=g).to(dtype) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(1024, generator=g)).to(dtype)
-    total, out = kernels.rms_norm(x, weight, 1e-6, delta)
+    total, out = CPU.native_rms_norm(x, weight, 1e-6, delta)
     assert torch.equal(total, x + delta)  # the residual add rounds like torch's
-    assert kernels.rms_norm(x, weight, 1e-6)[0] is x
-    for got, inp in ((out, x + delta), (kernels.rms_norm(x, weight, 1e-6)[1], x)):
+    assert CPU.native_rms_norm(x, weight, 1e-6)[0] is x
+    for got, inp in ((out, x + delta), (CPU.native_rms_norm(x, weight, 1e-6)[1], x)):
         expected = hf_rms_norm(inp, weight, 1e-6)
         if dtype == torch.float32:  # only the mean of squares is summed in another order
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -152,7 +157,7 @@ def test_rms_norm_with_and_without_residual(dtype, rows):
 def test_silu_mul_rounds_like_the_two_torch_ops(dtype):
     g = torch.Generator().manual_seed(1)
     gate, up = (4 * torch.randn(8, 2816, generator=g)).to(dtype), torch.randn(8, 2816).to(dtype)
-    out = kernels.silu_mul(gate, up)
+    out = CPU.native_silu_mul(gate, up)
     expected = F.silu(gate) * up
     if dtype == torch.float32:  # exp within a few ulp of torch's
         torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-7)
@@ -174,7 +179,7 @@ def test_rope_is_bit_exact_with_the_hf_formula(dtype, tokens):
         return x * cos + torch.cat((-x[..., 32:], x[..., :32]), dim=-1) * sin
 
     expected_q, expected_k = hf(q), hf(k)
-    assert kernels.rope_qk(q, k, cos, sin)  # in place
+    assert CPU.native_rope_qk(q, k, cos, sin)  # in place
     assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
 
 
@@ -182,15 +187,15 @@ def test_logits_stats_give_torch_argmax_and_log_softmax():
     g = torch.Generator().manual_seed(2)
     logits = 5 * torch.randn(8, 32003, generator=g)
     logits[3, 100] = logits[3, 31000] = logits[3].max() + 1  # a tie: the first index wins
-    argmax, lse = kernels.logits_stats(logits)
+    argmax, lse = CPU.native_logits_stats(logits)
     assert torch.equal(argmax, logits.argmax(-1)) and int(argmax[3]) == 100
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-5)
 
 
 def test_large_inputs_stay_on_torch():
-    x = torch.randn(kernels.MAX_TOKENS + 1, 64)
-    assert kernels.rms_norm(x, torch.ones(64), 1e-6) is None
-    assert kernels.silu_mul(x, x) is None and kernels.silu_mul(x[:1], x[:1]) is None
-    q = torch.randn(kernels.MAX_TOKENS + 1, 2, 8)
-    assert not kernels.rope_qk(q, q, torch.ones(q.shape[0], 1, 8), torch.ones(q.shape[0], 1, 8))
-    assert kernels.rms_norm(x.double(), torch.ones(64).double(), 1e-6) is None
+    x = torch.randn(cpu.MAX_TOKENS + 1, 64)
+    assert CPU.native_rms_norm(x, torch.ones(64), 1e-6) is None
+    assert CPU.native_silu_mul(x, x) is None and CPU.native_silu_mul(x[:1], x[:1]) is None
+    q = torch.randn(cpu.MAX_TOKENS + 1, 2, 8)
+    assert not CPU.native_rope_qk(q, q, torch.ones(q.shape[0], 1, 8), torch.ones(q.shape[0], 1, 8))
+    assert CPU.native_rms_norm(x.double(), torch.ones(64).double(), 1e-6) is None

@@ -1,4 +1,5 @@
-"""The engine's linear kernel (``gpu_runtime.layers.linear``) against ``F.linear``."""
+"""The engine's linear kernel (``gpu_runtime.layers.linear``, the backend's ``linear``) against
+``F.linear``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_runtime import layers
+from gpu_runtime import backends
+from gpu_runtime.backends import torch_backend
 from gpu_runtime.layers import Linear, linear
 
 
@@ -31,12 +33,13 @@ def test_linear_takes_strided_inputs_and_weights():
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(layers.ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
+@pytest.mark.skipif(torch_backend.ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
 def test_float32_on_cpu_runs_onednn_on_the_stored_weight(monkeypatch):
     calls = []
-    real = layers.ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "ONEDNN_LINEAR", lambda *a: calls.append(a) or real(*a))
-    layer = Linear(1024, layers.ONEDNN_MIN_WEIGHT // 1024, bias=True)
+    real = torch_backend.ONEDNN_LINEAR
+    backend = backends.for_device(torch.device("cpu"))
+    monkeypatch.setattr(backend, "onednn", lambda *a: calls.append(a) or real(*a))
+    layer = Linear(1024, torch_backend.ONEDNN_MIN_WEIGHT // 1024, bias=True)
     layer(torch.randn(3, 1024))
     assert len(calls) == 1 and calls[0][1] is layer.weight, "the weight itself, not a copy"
     layer.to(torch.bfloat16)(torch.randn(3, 1024, dtype=torch.bfloat16))

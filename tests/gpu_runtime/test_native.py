@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_runtime import native
+from gpu_runtime import backends, native
 from gpu_runtime.engine import EngineConfig, LLMEngine
 from gpu_runtime.sampling import SamplingParams
 
@@ -100,13 +100,13 @@ def test_fallback_generates_what_the_native_path_does(model_dirs, monkeypatch, d
     assert native.load() is not None
     tokens, logprobs, tops = run()
     monkeypatch.setenv("HYDRA_NATIVE", "0")
-    native.load.cache_clear()
+    backends.reset()
     try:
         assert native.load() is None
         torch_tokens, torch_logprobs, _ = run()
     finally:
         monkeypatch.delenv("HYDRA_NATIVE")
-        native.load.cache_clear()
+        backends.reset()
     if dtype == "bfloat16":
         # the paths round differently (the native RoPE rounds twice, as HF does; torch's
         # addcmul once), so in bfloat16 they may part at a near tie: only there, where the
