@@ -113,3 +113,12 @@ def pin(cores: list[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except ProcessLookupError:  # the thread ended since the listing
             continue
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step input on ``device``: on CUDA staged in page-locked memory and sent without
+    blocking the host (the copy is ordered on the current stream before the kernels that read
+    it); elsewhere the tensor itself."""
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

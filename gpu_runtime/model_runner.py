@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gpu_runtime.attention import AttentionMetadata, Scratch
+from gpu_runtime.backends.torch_backend import check_step_indices
 from gpu_runtime.block_manager import BlockManager
+from gpu_runtime.devices import to_device
 from gpu_runtime.kv_cache import KVCache
 from gpu_runtime.sampling import Sampled, SamplingBatch, sample
 from gpu_runtime.sequence import Sequence
@@ -62,15 +64,6 @@ class StepBatch:
         return rows
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A step input on ``device``: on CUDA staged in page-locked memory and sent without
-    blocking the host (the copy is ordered on the current stream before the forward that
-    reads it); elsewhere the tensor itself."""
-    if device.type != "cuda" or t.device == device:
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def prepare_step(seqs: list[Sequence], is_prefill: bool, blocks: BlockManager) -> StepBatch:
     """Inputs of a step: whole token lists for prefill, the last token for decode."""
     input_ids: list[int] = []
@@ -102,6 +95,10 @@ def run_stage(stage: Stage, kv: KVCache, x: torch.Tensor, step: StepBatch) -> to
     """Forward of one stage on one step; on the last stage returns logits of last tokens."""
     kv.copy_blocks(step.block_copies)  # before the forward: it may write the copies
     meta = step.metadata(kv.spec.block_size, stage.device, kv.scratch)
+    if stage.device.type == "cuda":  # its indices checked here, on the host: no device sync
+        check_step_indices(step.slot_mapping, step.block_tables, step.context_lens,
+                           kv.spec.num_blocks, kv.spec.block_size)
+        meta.checked_cache = (kv.spec.num_blocks, kv.spec.block_size)
     h = stage(to_device(x, stage.device), meta, kv)
     if not stage.spec.is_last:
         return h

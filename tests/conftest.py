@@ -14,6 +14,12 @@ from sqlalchemy.orm import Session
 
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model
 
+# Triton decides when it is imported whether it interprets kernels: a run without CUDA
+# interprets (the CUDA decode kernel's tests run on CPU tensors), a run with CUDA compiles.
+# Set before any test imports it; workers and subprocesses inherit it.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_SERVER = os.environ.get("HYDRA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 ADMIN_KEY = "test-admin-key-0123456789"
