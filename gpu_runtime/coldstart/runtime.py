@@ -49,6 +49,11 @@ def init_device(device: torch.device, num_threads: int | None = None) -> float:
         torch.cuda.set_device(device)
         torch.cuda.init()
         torch.ones(1, device=device).sum().item()  # forces the context and the allocator
+        # the pinned staging slots, where loads will need them, are made now, not during a
+        # cold start
+        from gpu_runtime.coldstart.cuda_copy import prepare_staging
+
+        prepare_staging(device)
     else:
         a = torch.ones(64, 64)
         (a @ a).sum().item()  # loads the BLAS kernels

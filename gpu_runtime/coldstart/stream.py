@@ -6,8 +6,10 @@ shared-memory cache as the prefetcher's progress mark passes each tensor.
 
 On CPU, when the checkpoint dtype is the stage dtype, every parameter aliases the cache (the
 weights are never copied: N workers on a node share one physical copy). On CUDA each tensor is
-copied once into device memory through pinned staging slots on several streams
-(``cuda_copy``). No state_dict is built: at most one tensor is in hand at a time.
+copied once into device memory on several streams, by DMA from the cache itself once the driver
+has page-locked the buffer's mapping, or through pinned staging slots when it would not
+(``cuda_copy``; ``LoadStats.h2d`` says which). No state_dict is built: at most one tensor is in
+hand at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from gpu_runtime.checkpoint import TensorEntry
-from gpu_runtime.coldstart.cuda_copy import CopyConfig, PinnedStreamCopier
+from gpu_runtime.coldstart.cuda_copy import (
+    CopyConfig,
+    Driver,
+    StreamCopier,
+    open_copier,
+    span_of,
+)
 from gpu_runtime.coldstart.errors import StageLoadError
 from gpu_runtime.config import ModelConfig
 from gpu_runtime.prefetch import SharedBuffer, iter_tensors
@@ -54,6 +62,9 @@ class LoadStats:
     started: float = 0.0  # wall clock
     first_tensor: float | None = None
     load_end: float | None = None
+    # the host-to-device path on CUDA: "registered" or "staged: <why>" (None on CPU)
+    h2d: str | None = None
+    h2d_setup_s: float = 0.0  # choosing it: registering the mapping, or trying to
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -94,16 +105,40 @@ def _timed(it: Iterator[tuple[str, torch.Tensor]], stats: LoadStats
 
 def stream_into(stage: Stage, buffer: SharedBuffer, layout: StageLayout,
                 config: StreamConfig = StreamConfig(),
-                on_tensor: TensorCallback | None = None) -> LoadStats:
+                on_tensor: TensorCallback | None = None,
+                driver: Driver | None = None) -> LoadStats:
     """Fills ``stage`` from ``buffer`` in buffer order, each tensor as soon as it is verified.
 
     Raises the prefetcher's typed error if the fetch fails, ``StageLoadError`` if a parameter
-    of the stage was never in the buffer.
+    of the stage was never in the buffer. ``driver``: the CUDA runtime calls of the copier
+    (tests); None is the real one.
     """
     stats = LoadStats(started=time.time())
     t0 = time.perf_counter()
-    copier = PinnedStreamCopier(stage.device, config.copy) if stage.device.type == "cuda" \
-        else None
+    copier = None
+    if stage.device.type == "cuda":
+        copier = open_copier(stage.device, config.copy,
+                             span_of(buffer.address, buffer.handle.size), driver)
+        stats.h2d_setup_s = time.perf_counter() - t0
+    try:
+        _load_all(stage, buffer, layout, config, on_tensor, stats, copier, t0)
+    finally:
+        if copier is not None:
+            copier.close()  # the copies end before the mapping is unregistered
+            stats.h2d = copier.path
+    missing = stage.missing()
+    if missing:
+        raise StageLoadError(f"stage {stage.spec.index}: {len(missing)} parameters were not in "
+                             f"buffer {buffer.handle.key}, e.g. {missing[:3]}; the prefetch and "
+                             "the stage were planned from different splits", "stage")
+    stats.load_end = time.time()
+    return stats
+
+
+def _load_all(stage: Stage, buffer: SharedBuffer, layout: StageLayout, config: StreamConfig,
+              on_tensor: TensorCallback | None, stats: LoadStats, copier: StreamCopier | None,
+              t0: float) -> None:
+    """Every tensor of ``buffer`` into ``stage``, through ``copier`` on CUDA."""
     for name, tensor in _timed(iter_tensors(buffer, layout, config.tensor_timeout_s), stats):
         aliased = copier is None and tensor.dtype == stage.dtype
         if copier is not None:
@@ -119,13 +154,6 @@ def stream_into(stage: Stage, buffer: SharedBuffer, layout: StageLayout,
             on_tensor(name, tensor, time.perf_counter() - t0)
     if copier is not None:
         copier.finish()
-    missing = stage.missing()
-    if missing:
-        raise StageLoadError(f"stage {stage.spec.index}: {len(missing)} parameters were not in "
-                             f"buffer {buffer.handle.key}, e.g. {missing[:3]}; the prefetch and "
-                             "the stage were planned from different splits", "stage")
-    stats.load_end = time.time()
-    return stats
 
 
 def stream_stage(config: ModelConfig, spec: StageSpec, buffer: SharedBuffer,
