@@ -15,7 +15,9 @@ the sequential baseline against our overlapped, pipeline-parallel cold start, an
 - bound: ``model bytes / (K * link) + prefill``, prefill measured warm on the pp=1 engine.
 
 One process plays the scheduler and every node agent; the store server is its own process.
-Every process computes with ``--threads`` torch threads (default 1, see ``main``).
+Every process computes with ``--threads`` torch threads (default 1, see ``main``). With
+``--device cuda`` every stage (and the baseline's model) runs on that one GPU: each emulated
+node's worker boots a CUDA context there, and each stage's load reports its host-to-device path.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gpu_runtime.ports import free_port
@@ -65,7 +67,7 @@ QUICK = ColdBenchConfig(4, (100.0,), (1, 2, 4), False)  # the headline link only
 # ---- the sequential baseline (runs as its own process) -------------------------------------
 
 def baseline_child(uri: str, files: list[str], link_mb_s: float, out_dir: str,
-                   threads: int) -> dict:
+                   threads: int, device: str = "cpu") -> dict:
     """Download everything through one capped link, from_pretrained, prefill; stamps phases."""
     started = time.time()
     import mmap
@@ -94,22 +96,24 @@ def baseline_child(uri: str, files: list[str], link_mb_s: float, out_dir: str,
             view.release()
             mm.close()
     downloaded = time.time()
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device).eval()
+    if device != "cpu":
+        torch.cuda.synchronize(device)
     loaded = time.time()
     with torch.inference_mode():
-        token = int(model(torch.tensor([PROMPT])).logits[0, -1].argmax())
+        token = int(model(torch.tensor([PROMPT], device=device)).logits[0, -1].argmax())
     return {"start": started, "imports_end": imported, "download_end": downloaded,
             "load_end": loaded, "first_token": time.time(), "token": token}
 
 
 def run_baseline(store_url: str, cfg: ColdBenchConfig, model_dir: Path, link: float,
-                 threads: int) -> dict:
+                 threads: int, device: str = "cpu", dl_root: str = "/dev/shm") -> dict:
     files = sorted(p.name for p in model_dir.iterdir() if p.is_file())
-    dl = Path("/dev/shm") / f"hydra-baseline-{uuid.uuid4().hex[:8]}"  # its best case: tmpfs
+    dl = Path(dl_root) / f"hydra-baseline-{uuid.uuid4().hex[:8]}"  # its best case: tmpfs
     dl.mkdir()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-child", json.dumps(
         {"uri": f"{store_url}/{cfg.name}", "files": files, "link_mb_s": link,
-         "out_dir": str(dl), "threads": threads})]
+         "out_dir": str(dl), "threads": threads, "device": device})]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
@@ -127,14 +131,15 @@ class Cluster:
     """Emulated nodes: node k = a worker pool (kept across runs) and, per link setting, a
     prefetcher with that node's cap."""
 
-    def __init__(self, num_nodes: int, threads: int, shm_dir: str) -> None:
+    def __init__(self, num_nodes: int, threads: int, shm_dir: str, device: str = "cpu") -> None:
         from gpu_runtime.coldstart import WorkerPool, WorkerPoolConfig
 
         self.pools = [WorkerPool(WorkerPoolConfig(node_id=f"bench-n{k}", num_prestarted=1,
-                                                  refill=False, num_threads=threads))
+                                                  refill=False, num_threads=threads,
+                                                  device=device))
                       for k in range(num_nodes)]
         self.prefetchers: list = []
-        self.shm_dir = shm_dir
+        self.shm_dir, self.device = shm_dir, device
         for pool in self.pools:
             pool.wait_booted()
 
@@ -170,20 +175,23 @@ def run_ours(cluster: Cluster, index, cfg: ColdBenchConfig, pp: int, threads: in
     from gpu_runtime.sampling import SamplingParams
 
     cold_pool = WorkerPool(WorkerPoolConfig(node_id="bench-spawn", num_prestarted=0,
-                                            num_threads=threads)) if spawn else None
+                                            num_threads=threads, device=cluster.device)
+                           ) if spawn else None
     pools = [cold_pool] if cold_pool else cluster.pools[:pp]
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     plan_time = time.time()
-    plans = plan_group(cfg.name, index, pp, kv_cache_bytes=cfg.kv_cache_bytes,
-                       num_threads=threads, plan_time=plan_time)
+    plans = [replace(p, device=cluster.device) for p in plan_group(
+        cfg.name, index, pp, kv_cache_bytes=cfg.kv_cache_bytes, num_threads=threads,
+        plan_time=plan_time)]
     group = ColdStartGroup(list(zip(cluster.prefetchers[:pp], pools, strict=True)), plans)
     try:
-        group.wait_ready(900)
+        reports = group.wait_ready(900)
         result = group.generate([("cold", PROMPT, params)], 300)
         timeline = group.timeline().check()
         out = {"ttft": timeline.ttft, "token": result["outputs"]["cold"][0],
                "timeline": timeline.to_dict(), "summary": timeline.summary(),
-               "prestarted": [s.prestarted for s in timeline.stages]}
+               "prestarted": [s.prestarted for s in timeline.stages],
+               "loads": [r.get("load") for r in reports]}  # per stage: bytes, h2d path
         if warm_prefill:  # the same prompt on the now warm engine: the bound's prefill (best of 3)
             times = []
             for k in range(3):
@@ -237,7 +245,8 @@ def pool_sizes(index, cfg: ColdBenchConfig) -> list[int]:
     return sizes
 
 
-def run_all(cfg: ColdBenchConfig, cache: Path, threads: int, shm_dir: str) -> dict:
+def run_all(cfg: ColdBenchConfig, cache: Path, threads: int, shm_dir: str,
+            device: str = "cpu") -> dict:
     from bench.load import ensure_model
     from gpu_runtime.checkpoint import index_checkpoint
     from gpu_runtime.demo_model import DemoModelSpec
@@ -246,14 +255,18 @@ def run_all(cfg: ColdBenchConfig, cache: Path, threads: int, shm_dir: str) -> di
     model_dir = ensure_model(cache, cfg.name, DemoModelSpec("llama", "1b", "bfloat16",
                                                             overrides=over))
     store, url = start_store(cache)
-    cluster = Cluster(max(cfg.pps), threads, shm_dir)
+    cluster = Cluster(max(cfg.pps), threads, shm_dir, device)
     try:
         index = index_checkpoint(f"{url}/{cfg.name}")  # at registration, with checksums
         sizes = pool_sizes(index, cfg)
+        # the baseline downloads into /dev/shm, unless it is too small (a container's)
+        room = shutil.disk_usage("/dev/shm").free > 2 * index.total_bytes
+        dl_root = "/dev/shm" if room else shm_dir
         runs: dict = {}
         for link in cfg.links_mb_s:
             cluster.set_link(link, sizes)
-            res: dict = {"sequential": run_baseline(url, cfg, model_dir, link, threads)}
+            res: dict = {"sequential": run_baseline(url, cfg, model_dir, link, threads,
+                                                    device, dl_root)}
             for pp in sorted(cfg.pps):
                 res[f"pp{pp}"] = run_ours(cluster, index, cfg, pp, threads,
                                           warm_prefill=pp == 1)
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     # get the same setting
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the node pools")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda:N: every stage on that GPU")
     ap.add_argument("--baseline-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--platform", action="store_true",
                     help="API-to-first-token through a local cluster (pp=4 and pp=1) against "
@@ -297,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
-    raw = run_all(cfg, Path(args.cache), args.threads, args.shm_dir)
+    raw = run_all(cfg, Path(args.cache), args.threads, args.shm_dir, args.device)
     keys = figures(raw, cfg.links_mb_s)
     print_report(raw, keys)
     if args.png:
@@ -305,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {"benchmark": "coldstart", "quick": args.quick, "config": asdict(cfg),
                            "env": environment(), "wall_s": time.perf_counter() - started,
                            "shm_dir": args.shm_dir, "shm_huge": shm_huge(args.shm_dir),
+                           "device": args.device,
                            "command": " ".join([Path(sys.executable).name, *sys.argv]),
                            **raw, **keys})
     return 0

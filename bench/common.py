@@ -63,7 +63,8 @@ def write_json(path: str | Path | None, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def start_cluster(root: Path, model_dir: Path, num_nodes: int = 1, device_mem: str = "1GiB"):
+def start_cluster(root: Path, model_dir: Path, num_nodes: int = 1, device_mem: str = "1GiB",
+                  devices: str = "cpu:1"):
     """A real local cluster (gunicorn API, scheduler, store, ``num_nodes`` node agents) on a
     database and queue prefix of its own, serving models from ``model_dir``'s folder; returns
     (API base URL, handle for ``stop_cluster``)."""
@@ -78,7 +79,7 @@ def start_cluster(root: Path, model_dir: Path, num_nodes: int = 1, device_mem: s
     settings = Settings(database_url=url, store_root=str(model_dir.parent), admin_key=KEY,
                         api_port=free_port(), queue_prefix=f"b{uuid.uuid4().hex[:6]}.")
     spec = devcluster.ClusterSpec(num_nodes=num_nodes, link_mbps=None, device_mem=device_mem,
-                                  worker_threads=1, store_port=free_port())
+                                  worker_threads=1, store_port=free_port(), devices=devices)
     layout = devcluster.Layout(root)
     base = devcluster.start_cluster(layout, settings, KEY, spec)
     return base, (layout, spec, url, settings.queue_prefix)

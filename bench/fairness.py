@@ -204,13 +204,18 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=20.0, help="aggressor rate / victim rate")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=None, help="length of each phase")
+    ap.add_argument("--nodes", type=int, default=2, help="node agents")
+    ap.add_argument("--devices", default="cpu:1",
+                    help="each node's devices; cpu:2 on one node gives each tenant's worker "
+                         "a core of its own, as a GPU node gives each instance its device")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (alone, together); the key is the median round's ratio")
     args = ap.parse_args()
     args.seconds = args.seconds or (20.0 if args.quick else 60.0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_demo_model(Path(tmp) / "models" / "fair", DemoModelSpec(size="tiny"))
-        base, handle = start_cluster(Path(tmp), model_dir, num_nodes=2)
+        base, handle = start_cluster(Path(tmp), model_dir, num_nodes=args.nodes,
+                                     devices=args.devices)
         try:
             keys = setup_tenants(base, model_dir.as_uri())
             rounds = []
@@ -228,6 +233,7 @@ def main() -> None:
     aggressor = together["aggressor"]
     result = {
         "environment": environment(), "quick": args.quick, "seconds_per_phase": args.seconds,
+        "nodes": args.nodes, "devices": args.devices,
         "victim_rate": args.victim_rate, "aggressor_rate": args.victim_rate * args.ratio,
         "max_tokens": args.max_tokens, "alone": alone, "together": together,
         "rounds": [{"alone": a, "together": t} for a, t in rounds],

@@ -4,6 +4,7 @@ parameters, against a plain memory copy of the same bytes, ``safetensors.torch.l
 
     python bench/load.py --json bench/results/load.json     # 1.1B-param bf16 Llama (2.2 GB)
     python bench/load.py --quick --json /tmp/load.json       # 4 layers of it (0.6 GB)
+    python bench/load.py --device cuda --json /tmp/load-gpu.json   # host-to-device, load_h2d.py
 
 Every measurement runs in a fresh spawned process (imports done before the clock starts), in
 interleaved rounds, so each method starts from the same state: the checkpoint files in the page
@@ -36,7 +37,7 @@ from bench.common import environment, markdown_table, write_json  # noqa: E402
 from gpu_runtime.checkpoint import TensorEntry, index_checkpoint  # noqa: E402
 from gpu_runtime.coldstart import plan_group  # noqa: E402
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model  # noqa: E402
-from gpu_runtime.limits import GB
+from gpu_runtime.limits import GB  # noqa: E402
 from gpu_runtime.prefetch import PrefetchConfig, Prefetcher  # noqa: E402
 from gpu_runtime.prefetch.pool import EXTENT_ALIGN, extent_bytes  # noqa: E402
 from gpu_runtime.store.ranges import TensorPlacement, plan_stage  # noqa: E402
@@ -277,13 +278,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the node pool; a mount with "
                     "huge=within_size maps 2 MiB pages (see docs/benchmarks.md)")
+    ap.add_argument("--layers", type=int, default=None, help="layers of the 1.1B shape (1..22)")
+    ap.add_argument("--device", default="cpu", help="cuda or cuda:N: host-to-device from the "
+                    "node cache (registered and staged) against a copy of pinned memory")
+    ap.add_argument("--h2d", action="store_true", help="the host-to-device methods even on "
+                    "--device cpu (a dry run of their plumbing: nothing crosses a bus)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    if args.repeats:
-        cfg = LoadBenchConfig(cfg.num_layers, args.repeats)
+    if args.repeats or args.layers:
+        cfg = LoadBenchConfig(args.layers or cfg.num_layers, args.repeats or cfg.repeats)
     started = time.perf_counter()
     model_dir = ensure_model(Path(args.cache), cfg.name, cfg.spec)
     pf, job = prepare(model_dir, args.threads, args.shm_dir)
+    if args.h2d or args.device != "cpu":
+        from bench.load_h2d import run_h2d
+
+        try:
+            return run_h2d(args, cfg, job, started)
+        finally:
+            pf.close()
     try:
         runs: dict[str, list[dict]] = {m: [] for m in METHODS}
         for _ in range(cfg.repeats):  # interleaved rounds: a noisy neighbour hits all methods

@@ -1,8 +1,11 @@
-"""Shared fixtures: small random checkpoints (made once per session) and a transformers
-reference for greedy generation."""
+"""Shared fixtures: small random checkpoints (made once per session), a transformers reference
+for greedy generation, and the device the runtime is tested on (``HYDRA_TEST_DEVICE``: cpu by
+default, cuda or cuda:N on a machine with a GPU; tests that take ``runtime_device`` are skipped
+when the device asked for is absent)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -59,16 +62,33 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def runtime_device() -> str:
+    """Where the engine under test runs (and its transformers reference): ``HYDRA_TEST_DEVICE``,
+    default cpu."""
+    name = os.environ.get("HYDRA_TEST_DEVICE", "cpu").strip() or "cpu"
+    device = torch.device(name)  # raises on a name torch does not know
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"HYDRA_TEST_DEVICE={name}: this machine has no CUDA device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            pytest.skip(f"HYDRA_TEST_DEVICE={name}: only {torch.cuda.device_count()} devices")
+    elif device.type != "cpu":
+        pytest.fail(f"HYDRA_TEST_DEVICE={name}; allowed cpu, cuda or cuda:N")
+    return name
+
+
+@pytest.fixture(scope="session")
 def hf_models():
-    """Loaded transformers models, cached per (dir, dtype)."""
+    """Loaded transformers models, cached per (dir, dtype, device)."""
     from transformers import AutoModelForCausalLM
 
     cache: dict = {}
 
-    def get(model_dir: Path, dtype: torch.dtype = torch.float32):
-        key = (str(model_dir), dtype)
+    def get(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        key = (str(model_dir), dtype, device)
         if key not in cache:
-            cache[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            cache[key] = model.to(device).eval()
         return cache[key]
 
     return get
@@ -77,8 +97,10 @@ def hf_models():
 @torch.inference_mode()
 def hf_greedy(model, prompt: list[int], max_new_tokens: int,
               eos_ids: tuple[int, ...] = ()) -> tuple[list[int], list[float]]:
-    """Greedy tokens and log-softmax of each chosen token, with the HF KV cache; stops at EOS."""
-    ids = torch.tensor([prompt])
+    """Greedy tokens and log-softmax of each chosen token, with the HF KV cache; stops at EOS.
+    Runs on ``model``'s device."""
+    device = model.device
+    ids = torch.tensor([prompt], device=device)
     out = model(ids, use_cache=True)
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):
@@ -88,7 +110,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int,
         logprobs.append(float(lp[token]))
         if token in eos_ids:
             break
-        out = model(torch.tensor([[token]]), use_cache=True, **_cache_kwarg(out))
+        out = model(torch.tensor([[token]], device=device), use_cache=True, **_cache_kwarg(out))
     return tokens, logprobs
 
 

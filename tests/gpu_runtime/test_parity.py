@@ -1,6 +1,12 @@
 """Parity with transformers on small random models: identical greedy tokens, per-step logprobs
 within 1e-3 in float32, for every architecture variant we claim (Qwen2, Qwen3 and Mistral also
-over pipelines of 2, 3 and 4 stage processes)."""
+over pipelines of 2, 3 and 4 stage processes), and close in bf16 and fp16 (bf16 over a pipeline
+of 2 too).
+
+Both sides run on ``HYDRA_TEST_DEVICE`` (cpu unless set; ``HYDRA_TEST_DEVICE=cuda`` runs the
+same tests on a GPU, every stage process of a pipeline on that one device). Case ids end in
+``-pp<K>``, so ``-k "not pp3 and not pp4"`` keeps pipelines of 1 and 2 stages.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ CASES = ([(v, 1) for v in ("llama-gqa", "llama-mha", "llama-tied", "llama-rope-l
                            "llama-rope-llama3", "opt", "opt-proj", "opt-untied", "llama-sharded")]
          + [(v, pp) for v in ("qwen2", "qwen3", "mistral") for pp in (1, 2, 3, 4)]
          + [("qwen2-window", 1), ("qwen2-window", 2)])  # pp 2: full and sliding stages
+CASE_IDS = [f"{v}-pp{pp}" for v, pp in CASES]
 
 
 def block_size(variant: str) -> int:
@@ -36,14 +43,15 @@ def assert_parity(ours: tuple, ref: tuple, atol: float = ATOL) -> None:
     assert diff <= atol, f"logprob max diff {diff:.2e} > {atol} ({logprobs} vs {ref_logprobs})"
 
 
-@pytest.mark.parametrize("variant,pp", CASES)
-def test_float32_batch_matches_transformers(variant, pp, model_dirs, hf_models):
+@pytest.mark.parametrize("variant,pp", CASES, ids=CASE_IDS)
+def test_float32_batch_matches_transformers(variant, pp, model_dirs, hf_models,
+                                            runtime_device):
     model_dir = model_dirs[variant]
-    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", pp=pp,
+    config = EngineConfig(model=str(model_dir), dtype="float32", device=runtime_device, pp=pp,
                           block_size=block_size(variant))
     with LLMEngine(config) as engine:
         tokens, logprobs = generate(engine, PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
-    hf = hf_models(model_dir)
+    hf = hf_models(model_dir, device=runtime_device)
     for i, prompt in enumerate(PROMPTS):
         ref = hf_greedy(hf, prompt, NEW_TOKENS, eos_of(model_dir))
         assert_parity((tokens[i], logprobs[i]), ref)
@@ -85,14 +93,14 @@ def test_sliding_window_changes_the_output(variant, no_window, model_dirs, hf_mo
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "mistral"])
-def test_request_joins_while_others_decode(variant, model_dirs, hf_models):
+def test_request_joins_while_others_decode(variant, model_dirs, hf_models, runtime_device):
     """Continuous batching: B and C join after A has decoded a few tokens, C is a different
     length; each request still equals its own transformers run (Mistral: with contexts both
     shorter and longer than its window in one decode batch)."""
     model_dir = model_dirs[variant]
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     got: dict[str, list] = {"a": [[], []], "b": [[], []], "c": [[], []]}
-    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
+    config = EngineConfig(model=str(model_dir), dtype="float32", device=runtime_device,
                           block_size=block_size(variant))
     with LLMEngine(config) as engine:
         engine.add_request("a", PROMPTS[0], params)
@@ -109,7 +117,7 @@ def test_request_joins_while_others_decode(variant, model_dirs, hf_models):
                 got[out.request_id][1] += out.new_logprobs
         assert not engine.has_unfinished()
     assert 2 in batch_sizes and 3 in batch_sizes, f"requests never shared a step: {batch_sizes}"
-    hf = hf_models(model_dir)
+    hf = hf_models(model_dir, device=runtime_device)
     for rid, prompt in zip("abc", PROMPTS, strict=True):
         ref = hf_greedy(hf, prompt, NEW_TOKENS)  # ignore_eos: no early stop on either side
         assert_parity(tuple(got[rid]), ref)
@@ -119,14 +127,23 @@ def test_request_joins_while_others_decode(variant, model_dirs, hf_models):
 # float32 happens), so logprobs cannot match to 1e-3. We ask for identical greedy tokens on a
 # short generation and logprobs within a tolerance a few bf16/fp16 ulps of a logprob of ~3:
 # bf16 keeps 8 mantissa bits (relative 4e-3), fp16 11 bits (5e-4).
-@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
-@pytest.mark.parametrize("variant", ["llama-gqa", "opt-proj", "qwen2", "qwen3", "mistral"])
-def test_half_precision_tokens_agree(variant, dtype, atol, model_dirs, hf_models):
+TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02}
+HALF_CASES = ([(v, 1, dtype) for dtype in TOLERANCE
+               for v in ("llama-gqa", "opt-proj", "qwen2", "qwen3", "mistral")]
+              + [(v, 2, torch.bfloat16) for v in ("llama-gqa", "qwen3")])
+
+
+@pytest.mark.parametrize("variant,pp,dtype", HALF_CASES, ids=[
+    f"{v}-{str(dtype).removeprefix('torch.')}-pp{pp}" for v, pp, dtype in HALF_CASES])
+def test_half_precision_tokens_agree(variant, pp, dtype, model_dirs, hf_models,
+                                     runtime_device):
     model_dir = model_dirs[variant]
     name = str(dtype).removeprefix("torch.")
-    with LLMEngine(EngineConfig(model=str(model_dir), dtype=name, device="cpu")) as engine:
-        assert engine.runner.stage.model.lm_head.weight.dtype == dtype
+    config = EngineConfig(model=str(model_dir), dtype=name, device=runtime_device, pp=pp)
+    with LLMEngine(config) as engine:
+        assert engine.runner.stage.model.embed_tokens.weight.dtype == dtype
         tokens, logprobs = generate(engine, PROMPTS[:2], SamplingParams(max_tokens=6))
-    hf = hf_models(model_dir, dtype)
+    hf = hf_models(model_dir, dtype, runtime_device)
     for i, prompt in enumerate(PROMPTS[:2]):
-        assert_parity((tokens[i], logprobs[i]), hf_greedy(hf, prompt, 6, eos_of(model_dir)), atol)
+        assert_parity((tokens[i], logprobs[i]), hf_greedy(hf, prompt, 6, eos_of(model_dir)),
+                      TOLERANCE[dtype])
