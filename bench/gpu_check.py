@@ -35,7 +35,9 @@ HEADLINES = {
              "h2d_staged"),
     "coldstart": ("speedup_pp4_vs_sequential", "pp4_vs_lower_bound"),
     "parity": ("passed", "failed", "errors", "skipped"),
+    "kernels": ("passed", "failed", "errors", "skipped"),
 }
+PYTEST_STEPS = ("parity", "kernels")  # their results are pytest's junit XML
 
 
 def versions() -> dict:
@@ -130,14 +132,15 @@ def parity_from_output(text: str) -> dict:
 
 def step_results(work: Path, name: str) -> tuple[dict | None, str | None]:
     """(results, why there are none)."""
-    path = work / ("parity.xml" if name == "parity" else f"{name}.json")
+    tests = name in PYTEST_STEPS
+    path = work / (f"{name}.xml" if tests else f"{name}.json")
     out = work / f"{name}.out"
-    if name == "parity" and not path.is_file() and out.is_file():
-        return parity_from_output(out.read_text(errors="replace")), "parity.xml was not written"
+    if tests and not path.is_file() and out.is_file():
+        return parity_from_output(out.read_text(errors="replace")), f"{name}.xml was not written"
     if not path.is_file():
         return None, f"{path.name} was not written"
     try:
-        return (parity_results(path) if name == "parity" else json.loads(path.read_text())), None
+        return (parity_results(path) if tests else json.loads(path.read_text())), None
     except (ValueError, AssertionError, ET.ParseError) as exc:
         return None, f"{path.name} unreadable: {exc}"
 

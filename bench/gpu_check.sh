@@ -9,13 +9,14 @@
 #   env        nvidia-smi, python / torch / CUDA versions, the host-register probe
 #   parity     tests/gpu_runtime/test_parity.py on the device (float32, bf16, fp16; pp = 1, 2)
 #              and the device tests of the host-to-device copier and the streaming loader
+#   kernels    the Triton decode kernel, the CUDA backend and the decode CUDA graphs
 #   load       bench/load.py --device: host-to-device GB/s from the node cache (registered,
 #              staged) against a copy of pinned memory
 #   tpot       bench/tpot.py --shape llama2-7b: ours against transformers and two floors
 #   coldstart  bench/coldstart.py --quick --device: pp = 1/2/4 over emulated links
 # The steps' timeouts are capped by one budget (GPU_CHECK_BUDGET_S, default 450 s), so the
 # whole script ends within about budget + 20 s even if a step hangs. GPU_CHECK_STEPS picks
-# steps for a rerun (default "env parity load tpot coldstart").
+# steps for a rerun (default "env parity kernels tpot load coldstart").
 #
 # Writes $OUT/gpu_check.log (everything printed) and $OUT/gpu_check.json (step -> rc, seconds,
 # timeout, results, headline). Uses .venv/bin/python when present, else python3, with the repo
@@ -80,7 +81,7 @@ if ! "$PY" -c "import zmq, llguidance" 2>/dev/null; then
     fi
 fi
 
-STEPS=" ${GPU_CHECK_STEPS:-env parity load tpot coldstart} "
+STEPS=" ${GPU_CHECK_STEPS:-env parity kernels tpot load coldstart} "
 
 # run_step NAME TIMEOUT CMD...: runs CMD under min(TIMEOUT, what the budget has left), its
 # output into the log; appends "name rc seconds timeout" to steps.tsv
@@ -131,6 +132,12 @@ PARITY_FILES=(tests/gpu_runtime/test_parity.py tests/gpu_runtime/coldstart/test_
 # --confcutdir: tests/conftest.py (the control plane's: Postgres, SQLAlchemy) is not loaded
 PYTEST=("$PY" -m pytest -v -p no:cacheprovider --confcutdir=tests/gpu_runtime
     --junitxml="$WORK/parity.xml" --timeout=120 "${PARITY_FILES[@]}")
+# the CUDA backend: the Triton decode kernel against a float64 reference (and in a captured
+# graph), the backend's decode against the torch backend's, and the engine's decode graphs
+# against its eager steps (on CPU they run Triton's interpreter or a stand-in capture)
+KERNELS=("$PY" -m pytest -v -p no:cacheprovider --confcutdir=tests/gpu_runtime
+    --junitxml="$WORK/kernels.xml" --timeout=60 tests/gpu_runtime/test_triton_decode.py
+    tests/gpu_runtime/test_cuda_graphs.py tests/gpu_runtime/test_backends.py -k "cuda or graph")
 if [ "$DEVICE" = "cpu" ]; then  # the dry run: the same steps on tiny sizes
     TEST_DEVICE=cpu
     PARITY_K="(test_parity and llama-gqa and not pp3 and not pp4) or cuda"
@@ -146,10 +153,11 @@ else
 fi
 
 run_step env 30 "$PY" bench/gpu_check.py env --json "$WORK/env.json"
-run_step parity 150 env HYDRA_TEST_DEVICE="$TEST_DEVICE" "${PYTEST[@]}" -k "$PARITY_K"
-run_step load 70 "$PY" bench/load.py "${LOAD[@]}" --json "$WORK/load.json"
+run_step parity 130 env HYDRA_TEST_DEVICE="$TEST_DEVICE" "${PYTEST[@]}" -k "$PARITY_K"
+run_step kernels 70 "${KERNELS[@]}"
 run_step tpot 90 "$PY" bench/tpot.py "${TPOT[@]}" --json "$WORK/tpot.json"
-run_step coldstart 110 "$PY" bench/coldstart.py "${COLD[@]}" --json "$WORK/coldstart.json"
+run_step load 60 "$PY" bench/load.py "${LOAD[@]}" --json "$WORK/load.json"
+run_step coldstart 90 "$PY" bench/coldstart.py "${COLD[@]}" --json "$WORK/coldstart.json"
 
 log "=== collect"
 if ! timeout 20 "$PY" bench/gpu_check.py collect --work "$WORK" --out "$OUT/gpu_check.json" \

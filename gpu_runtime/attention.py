@@ -83,6 +83,9 @@ class AttentionMetadata:
     # (num_blocks, block_size) of the cache the step's indices were checked against (the torch
     # backend checks once per step, at the first layer's write)
     checked_cache: tuple[int, int] | None = None
+    # the block tables where the host can read them (the step's CPU copy), for the checks of
+    # __post_init__ that read values: a device copy would cost a device-to-host read
+    host_block_tables: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         assert len(self.context_lens) == len(self.query_lens) == self.block_tables.shape[0], (
@@ -97,7 +100,9 @@ class AttentionMetadata:
         if self.batch_size == 1 and not self.is_fresh_prefill:
             # the block manager hands out lowest ids first, so a lone sequence's blocks are
             # usually consecutive; then its context is a slice of the cache, no gather needed
-            used = self.block_tables[0, :-(-self.max_context // self.block_size)].tolist()
+            tables = self.block_tables if self.host_block_tables is None else \
+                self.host_block_tables
+            used = tables[0, :-(-self.max_context // self.block_size)].tolist()
             if used == list(range(used[0], used[0] + len(used))):
                 self.first_block = used[0]
 

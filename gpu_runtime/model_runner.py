@@ -48,7 +48,8 @@ class StepBatch:
             positions=to_device(self.positions, device),
             slot_mapping=to_device(self.slot_mapping, device),
             block_tables=to_device(self.block_tables, device), context_lens=self.context_lens,
-            query_lens=self.query_lens, block_size=block_size, scratch=scratch)
+            query_lens=self.query_lens, block_size=block_size, scratch=scratch,
+            host_block_tables=self.block_tables)
 
     def logits_rows(self) -> list[int] | None:
         """Row of each sample's last token in the flat token dimension (a sequence's row
@@ -111,17 +112,47 @@ def run_stage(stage: Stage, kv: KVCache, x: torch.Tensor, step: StepBatch) -> to
     return logits
 
 
+def decode_graphs(stage: Stage, kv: KVCache):
+    """CUDA graphs of the decode step where they can hold it: a CUDA device whose backend
+    decodes with the Triton kernel (no host read, no shape from the contexts), a model without
+    a sliding window, ``HYDRA_CUDA_GRAPHS`` not 0; else None (every step eager)."""
+    from gpu_runtime import backends, cuda_graphs
+
+    backend = backends.for_device(stage.device)
+    if (stage.device.type != "cuda" or not cuda_graphs.enabled()
+            or not getattr(backend, "paged_kernel", False)
+            or stage.config.sliding_window is not None):
+        return None
+    return cuda_graphs.DecodeGraphs(stage, kv)
+
+
 class LocalRunner:
     """The whole model in this process (``pp = 1``)."""
 
     def __init__(self, stage: Stage, kv: KVCache) -> None:
         assert stage.spec.is_first and stage.spec.is_last, f"{stage.spec} is not a whole model"
         self.stage, self.kv = stage, kv
+        self.graphs = decode_graphs(stage, kv)
 
     @torch.inference_mode()
     def execute(self, step: StepBatch) -> Sampled:
-        logits = run_stage(self.stage, self.kv, step.input_ids, step)
+        logits = self._graph_logits(step) if self.graphs is not None else None
+        if logits is None:
+            logits = run_stage(self.stage, self.kv, step.input_ids, step)
         return sample(logits, step.sampling)
+
+    def _graph_logits(self, step: StepBatch) -> torch.Tensor | None:
+        """A decode step through a CUDA graph (``cuda_graphs``), or None: run it eagerly."""
+        assert self.graphs is not None
+        if not self.graphs.applies(step):
+            return None
+        check_step_indices(step.slot_mapping, step.block_tables, step.context_lens,
+                           self.kv.spec.num_blocks, self.kv.spec.block_size)
+        logits = self.graphs.logits(step)
+        if logits is not None and step.token_bitmask is not None:
+            logits = logits.clone()  # the graph's output is overwritten by the next replay
+            apply_token_bitmask(logits, step.token_bitmask)
+        return logits
 
     def close(self) -> None:
         pass

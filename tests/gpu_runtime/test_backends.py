@@ -311,7 +311,8 @@ def test_the_cuda_backends_decode_is_the_torch_backends(host_checked):
     from gpu_runtime.backends.cuda import CudaBackend
 
     if not triton_decode.is_interpreting():
-        pytest.skip("a run with CUDA compiles Triton: this test runs the kernel on CPU tensors")
+        pytest.skip("Triton compiles in this run (TRITON_INTERPRET unset; tests/conftest.py "
+                    "sets it in runs without CUDA): this test runs the kernel on CPU tensors")
     cache, q, k, v, meta = decode_case(torch.float32, 3, 4, 2, 32)
     ref_cache = cache.clone()
     ref_meta = decode_case(torch.float32, 3, 4, 2, 32)[4]

@@ -42,8 +42,8 @@ def interpreter():
     with CUDA skips these."""
     from gpu_runtime.backends import triton_decode
     if not triton_decode.is_interpreting():
-        pytest.skip("this run compiles Triton kernels (CUDA): the interpreter tests are "
-                    "for a run without CUDA")
+        pytest.skip("Triton compiles in this run (TRITON_INTERPRET unset; tests/conftest.py "
+                    "sets it in runs without CUDA): the interpreter tests need it")
     return triton_decode
 
 
