@@ -154,9 +154,16 @@ def measure_round(engines: list[LLMEngine], hf, prompts: list[list[int]], new_to
 
 
 def linear_weights(engine: LLMEngine) -> list[torch.Tensor]:
-    """Every matrix a decode step multiplies by: projections, MLP and the LM head."""
-    return [p for name, p in engine.runner.stage.model.named_parameters()
-            if p.dim() == 2 and "embed" not in name]
+    """Every matrix a decode step multiplies by: projections, MLP and the LM head (fused
+    projections once, not also as the views their parts became: ``layers.FusedLinear``)."""
+    params = dict(engine.runner.stage.model.named_parameters())
+    fused = {name.rsplit(".", 2)[0] for name in params
+             if name.endswith((".qkv.weight", ".gate_up.weight"))}
+    return [p for name, p in params.items() if p.dim() == 2 and "embed" not in name
+            and not (name.endswith(FUSED_PARTS) and name.rsplit(".", 2)[0] in fused)]
+
+
+FUSED_PARTS = tuple(f".{n}_proj.weight" for n in ("q", "k", "v", "gate", "up"))
 
 
 def floor_fn(weights: list[torch.Tensor], batch: int,

@@ -123,6 +123,7 @@ def assemble(stage0: Stage, spec: StageSpec, fill_rest: RestLoader) -> tuple[Sta
     if missing:
         raise ConsolidationError(f"{len(missing)} parameters of the whole model were not in "
                                  f"the stages fetched, e.g. {missing[:3]}", "model")
+    whole.fuse_projections()  # on CUDA; stage 0's fused weights are viewed, not copied
     return whole, keep
 
 

@@ -30,6 +30,50 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class FusedLinear(nn.Module):
+    """Several projections of one input as one matrix product: their weights (and biases)
+    become row blocks of one tensor, and each original parameter a view of its block, so the
+    fused weight costs no memory of its own once the originals' storage is released. Weights
+    already adjacent in one storage (a stage that adopted another's fused weights) are viewed,
+    not copied. Returns the projections' outputs, split (views of one output)."""
+
+    def __init__(self, *projections: nn.Linear) -> None:
+        super().__init__()
+        self.sizes = [p.out_features for p in projections]
+        self.weight = nn.Parameter(fuse_rows([p.weight for p in projections]),
+                                   requires_grad=False)
+        has_bias = [p.bias is not None for p in projections]
+        assert all(has_bias) or not any(has_bias), "some projections have a bias, some not"
+        self.bias = None if not has_bias[0] else nn.Parameter(
+            fuse_rows([p.bias for p in projections]), requires_grad=False)
+        start = 0
+        for p, n in zip(projections, self.sizes, strict=True):  # the originals view the fused
+            p.weight = nn.Parameter(self.weight[start:start + n], requires_grad=False)
+            if self.bias is not None:
+                p.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
+            start += n
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def fuse_rows(tensors: list) -> torch.Tensor:
+    """``torch.cat(tensors)`` along rows, as a view when they already lie one after another in
+    one contiguous storage."""
+    first = tensors[0]
+    end = first.data_ptr()
+    adjacent = True
+    for t in tensors:
+        adjacent &= (t.is_contiguous() and t.data_ptr() == end and t.dtype == first.dtype
+                     and t.shape[1:] == first.shape[1:]
+                     and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr())
+        end = t.data_ptr() + t.numel() * t.element_size()
+    if not adjacent:
+        return torch.cat([t.detach() for t in tensors])
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return first.as_strided(shape, torch.empty(shape, device="meta").stride())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

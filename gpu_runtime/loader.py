@@ -60,6 +60,7 @@ def load_stage(model_dir: str | Path, spec: StageSpec, config: ModelConfig, file
     load_tensors(stage, model_dir, spec.tensor_names, files)
     missing = stage.missing()
     assert not missing, f"stage {spec.index}: parameters never loaded: {missing[:5]}"
+    stage.fuse_projections()  # on CUDA: q/k/v and gate/up, one projection each
     return stage
 
 

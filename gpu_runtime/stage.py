@@ -184,6 +184,21 @@ class Stage(nn.Module):
                 taken += 1
         return taken
 
+    def fuse_projections(self, force: bool = False) -> int:
+        """Where each weight was copied onto the device anyway (not CPU, where parameters
+        alias the node cache's bytes), q/k/v and gate/up become one projection each
+        (``layers.FusedLinear``); ``force`` fuses on CPU too (tests). Returns how many
+        modules were fused."""
+        if self.device.type == "cpu" and not force:
+            return 0
+        fused = 0
+        for module in cast(nn.Module, self.model).modules():
+            fuse = getattr(module, "fuse", None)
+            if callable(fuse):
+                fuse()
+                fused += 1
+        return fused
+
     def missing(self) -> list[str]:
         """Parameter paths this stage needs that are still on ``meta``."""
         params = dict(self.model.named_parameters(remove_duplicate=False))

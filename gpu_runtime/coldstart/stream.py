@@ -131,6 +131,7 @@ def stream_into(stage: Stage, buffer: SharedBuffer, layout: StageLayout,
         raise StageLoadError(f"stage {stage.spec.index}: {len(missing)} parameters were not in "
                              f"buffer {buffer.handle.key}, e.g. {missing[:3]}; the prefetch and "
                              "the stage were planned from different splits", "stage")
+    stage.fuse_projections()  # on CUDA: q/k/v and gate/up, one projection each
     stats.load_end = time.time()
     return stats
 

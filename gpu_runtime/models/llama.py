@@ -1,6 +1,7 @@
 """Llama family: RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query attention,
-SwiGLU MLP, tied or untied embeddings. Parameters are one-to-one with HF checkpoint tensors (no
-fused q/k/v or gate/up) so each can alias the buffer holding that tensor's bytes.
+SwiGLU MLP, tied or untied embeddings. Parameters are one-to-one with HF checkpoint tensors so
+each can alias the buffer holding that tensor's bytes (CPU); where weights are copied to the
+device anyway (CUDA) the loader fuses q/k/v and gate/up into one projection each (``fuse``).
 
 Qwen2/2.5, Qwen3 and Mistral are this model with other config options (``gpu_runtime.config``),
 under the same tensor names: Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of q and k
@@ -17,7 +18,14 @@ from torch import nn
 from gpu_runtime import backends
 from gpu_runtime.attention import AttentionMetadata, paged_attention
 from gpu_runtime.config import ModelConfig
-from gpu_runtime.layers import Linear, RMSNorm, apply_rope_qk, rope_cos_sin, rope_inv_freq
+from gpu_runtime.layers import (
+    FusedLinear,
+    Linear,
+    RMSNorm,
+    apply_rope_qk,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from gpu_runtime.models import WeightMap, match_weight
 
 # HF tensor name -> our parameter path; ``{0}`` is the layer index. Tied embeddings add a
@@ -44,13 +52,22 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.sliding_window = c.window_of(layer)
+        self.qkv: FusedLinear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """One projection for q, k and v (``Stage.fuse_projections``)."""
+        self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)  # (tokens, heads, hd)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, hd)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(tokens, self.num_heads, self.head_dim)  # (tokens, heads, hd)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, hd)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, per head: shapes unchanged
         cos, sin = rope
@@ -64,9 +81,17 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.gate_up: FusedLinear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """One projection for gate and up (``Stage.fuse_projections``)."""
+        self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(backends.for_device(x.device).silu_mul(gate, up))
 
 

@@ -168,12 +168,17 @@ class FakeCudaStage:
     def __init__(self, spec, dtype: torch.dtype) -> None:
         self.spec, self.dtype, self.device = spec, dtype, torch.device("cuda", 0)
         self.loaded: dict[str, torch.Tensor] = {}
+        self.fused = False
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.loaded[name] = tensor
 
     def missing(self) -> list[str]:
         return [n for n in self.spec.tensor_names if n not in self.loaded]
+
+    def fuse_projections(self) -> int:
+        self.fused = True
+        return 0
 
 
 class FakeCopier:
@@ -215,6 +220,7 @@ def test_a_cuda_load_reports_its_copy_path(monkeypatch, make_prefetcher, cs_serv
     stats = stream_into(stage, buffer, job.layout)
     assert stats.h2d == stats.to_dict()["h2d"] == copier.path
     assert stats.h2d_setup_s >= 0 and stats.to_dict()["h2d_setup_s"] == stats.h2d_setup_s
+    assert stage.fused  # once every tensor is on the device: q/k/v and gate/up fused
     # the copier was opened on the whole buffer's pages, every tensor went through it, and
     # it was closed after the last copy was waited for
     (device, span), = opened
