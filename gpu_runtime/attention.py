@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpu_runtime import backends
+from gpu_runtime.devices import to_device
 
 
 class Scratch:
@@ -139,8 +140,8 @@ class AttentionMetadata:
         query rows (batch, max_q))."""
         device = self.positions.device
         max_q = max(self.query_lens)
-        ctx = torch.tensor(self.context_lens, device=device)
-        qlen = torch.tensor(self.query_lens, device=device)
+        ctx = to_device(torch.tensor(self.context_lens), device)
+        qlen = to_device(torch.tensor(self.query_lens), device)
         # query row i of sequence b sits at absolute position ctx[b] - qlen[b] + i
         q_pos = ctx[:, None] - qlen[:, None] + torch.arange(max_q, device=device)[None, :]
         k_pos = torch.arange(self.max_context, device=device)
@@ -156,7 +157,7 @@ class AttentionMetadata:
         self.has_mask = True
         device = self.positions.device
         batch, max_q = self.batch_size, max(self.query_lens)
-        qlen = torch.tensor(self.query_lens, device=device)
+        qlen = to_device(torch.tensor(self.query_lens), device)
         mask, valid_q = self._mask(None)
         if batch == 1 and max_q == 1:
             self.attn_mask = None  # one decode row attends to its whole context: no mask needed

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from gpu_runtime import backends
+from gpu_runtime.devices import to_device
 from gpu_runtime.errors import SamplingParamsError
 
 MAX_TEMPERATURE = 100.0
@@ -216,7 +217,7 @@ def _penalise(row_logits: torch.Tensor, batch: SamplingBatch, row: int, vocab: i
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     rows = logits.shape[0]
-    temps = torch.tensor(batch.temperatures, dtype=torch.float32, device=logits.device)
+    temps = to_device(torch.tensor(batch.temperatures, dtype=torch.float32), logits.device)
     greedy = temps == 0.0
     scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
     if any(k > 0 for k in batch.top_ks) or any(p < 1.0 for p in batch.top_ps):
@@ -237,11 +238,11 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (rows, vocab)
-    ks = torch.tensor([k if k > 0 else vocab for k in batch.top_ks], device=logits.device)
+    ks = to_device(torch.tensor([k if k > 0 else vocab for k in batch.top_ks]), logits.device)
     rank = torch.arange(vocab, device=logits.device)[None, :]
     drop = rank >= ks[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    ps = torch.tensor(batch.top_ps, device=logits.device)
+    ps = to_device(torch.tensor(batch.top_ps), logits.device)
     # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
     drop |= (probs.cumsum(dim=-1) - probs) >= ps[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
