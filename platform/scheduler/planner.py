@@ -46,7 +46,13 @@ class PlannerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-CACHE_SLACK_BYTES = 2 << 20  # a buffer's header page and alignment (prefetch/pool.py)
+CACHE_ALIGN = 1 << 20  # a node cache buffer: a header page, then the data, in whole MiB
+CACHE_HEADER = 4096  # (gpu_runtime/prefetch/pool.py, extent_bytes)
+
+
+def cache_extent(data_bytes: float) -> int:
+    """The bytes a buffer of ``data_bytes`` takes in a node cache."""
+    return math.ceil((data_bytes + CACHE_HEADER) / CACHE_ALIGN) * CACHE_ALIGN
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ class NodeState:
         if self.cache_room is None:
             return True
         stage = req.model_bytes if pp == 1 else 1.5 * req.model_bytes / pp
-        return self.cache_room >= stage + CACHE_SLACK_BYTES
+        return self.cache_room >= cache_extent(stage)
 
 
 @dataclass(frozen=True, slots=True)
