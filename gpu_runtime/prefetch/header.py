@@ -29,6 +29,14 @@ import numpy as np
 
 from gpu_runtime.prefetch import futex
 
+TORN_AFTER_S = 1.0
+
+
+class TornHeaderError(RuntimeError):
+    """A header whose seqlock never settles: not a live buffer's (the reader's handle is
+    stale), or a writer that died mid-update."""
+
+
 MAGIC = int.from_bytes(b"HYDRASHM", "little")
 VERSION = 1
 DATA_OFFSET = 4096
@@ -58,11 +66,18 @@ class Header:
 
     # ---- reader side -------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """A consistent (state, mark, size, generation, error_code), whatever the writer does."""
+        """A consistent (state, mark, size, generation, error_code), whatever the writer does.
+        Raises ``TornHeaderError`` when the seqlock stays odd for ``TORN_AFTER_S`` (a writer
+        holds it for microseconds: those bytes are no live header)."""
         u32, u64 = self._u32, self._u64
+        deadline = None
         while True:
             seq = int(u32[4])
             if seq & 1:
+                now = time.monotonic()
+                deadline = deadline or now + TORN_AFTER_S
+                if now > deadline:
+                    raise TornHeaderError(f"header seqlock odd ({seq}) for {TORN_AFTER_S} s")
                 time.sleep(0)  # writer mid-update (microseconds); let it finish
                 continue
             snap = Snapshot(int(u32[3]), int(u64[3]), int(u64[4]), int(u64[5]), int(u32[12]))
@@ -91,6 +106,9 @@ class Header:
     def init(self, key: str, size: int, generation: int) -> None:
         """Claims the header for a new buffer: FETCHING, mark 0."""
         raw = key.encode()[:KEY_MAX]
+        # the extent may start where another buffer's data lay: its bytes are garbage here,
+        # and an odd seq left in them would keep every reader retrying forever
+        self._u32[4] = 0
         self._mm[self._base + KEY_AT:self._base + KEY_AT + len(raw)] = raw
         self._mm[self._base + MSG_AT:self._base + MSG_AT + 1] = b"\0"
         self._u64[0], self._u32[2], self._u32[13] = MAGIC, VERSION, len(raw)

@@ -29,7 +29,14 @@ from gpu_runtime.prefetch.errors import (
     WaitTimeoutError,
 )
 from gpu_runtime.prefetch.handle import TORCH_DTYPES, BufferHandle
-from gpu_runtime.prefetch.header import DATA_OFFSET, FAILED, FREE, Header, Snapshot
+from gpu_runtime.prefetch.header import (
+    DATA_OFFSET,
+    FAILED,
+    FREE,
+    Header,
+    Snapshot,
+    TornHeaderError,
+)
 from gpu_runtime.store.ranges import StageLayout, TensorPlacement
 
 RECHECK_S = 0.05  # bound on one futex sleep, so a dead prefetcher is noticed
@@ -59,12 +66,15 @@ class SharedBuffer:
         # tensors are made from this array, not from the mmap: torch keeps a reference to the
         # array, whose buffer export keeps the mapping from being closed under live tensors
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
-        snap = self._header.snapshot()
-        if not self._header.magic_ok() or not self._is_ours(snap):
+        try:  # the magic first: a stale handle may point into another buffer's data
+            snap = self._header.snapshot() if self._header.magic_ok() else None
+        except TornHeaderError:
+            snap = None
+        if snap is None or not self._is_ours(snap):
             self._release()
             raise BufferGoneError(
                 f"buffer {handle.key} (generation {handle.generation}) was evicted or replaced "
-                f"(extent now holds generation {snap.generation}, state {snap.state}); "
+                f"(extent now holds {'no live header' if snap is None else f'generation {snap.generation}, state {snap.state}'}); "
                 "prefetch it again")
 
     def _is_ours(self, snap: Snapshot) -> bool:

@@ -76,3 +76,23 @@ def test_futex_wait_returns_at_once_if_something_was_published(header):
     started = time.monotonic()
     header.wait_change(seen, timeout_s=5.0)
     assert time.monotonic() - started < 0.5
+
+
+def test_a_header_written_over_old_data_starts_with_an_even_seqlock():
+    """A new buffer's extent may start where another buffer's data lay: an odd word at the
+    seqlock's place must not survive ``init`` (every reader would retry forever), and a
+    reader of bytes that never settle gives up with TornHeaderError instead of spinning."""
+    from gpu_runtime.prefetch.header import TORN_AFTER_S, TornHeaderError
+
+    mm = mmap.mmap(-1, 4096)
+    mm[:4096] = bytes([0x6F]) * 4096  # data of a buffer that lay here: seq reads odd
+    h = Header(mm, 0)
+    started = time.monotonic()
+    with pytest.raises(TornHeaderError, match="odd"):
+        h.snapshot()
+    assert time.monotonic() - started >= TORN_AFTER_S
+    h.init("m/s/y", size=10, generation=3)
+    snap = h.snapshot()  # at once
+    assert (snap.state, snap.generation, snap.size) == (FETCHING, 3, 10)
+    h.release_views()
+    mm.close()
