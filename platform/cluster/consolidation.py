@@ -63,6 +63,19 @@ def set_state(session: Session, plan_id: int, state: str, reason: str | None = N
     session.execute(q.values(**values))
 
 
+def end_orphans(session: Session) -> list[int]:
+    """Consolidations still under way whose group has no live instance left (every stage
+    exited or was closed before the switch, by any path) end ``failed``; their plan ids. No
+    commit."""
+    live = select(Instance.id).where(Instance.plan_id == Plan.id, Instance.status.in_(LIVE))
+    rows = session.execute(
+        update(Plan).where(Plan.consolidation_state == "consolidating", ~live.exists())
+        .values(consolidation_state="failed",
+                consolidation_reason="the group ended before its switch")
+        .returning(Plan.id))
+    return [r[0] for r in rows]
+
+
 def add_stats(session: Session, plan_id: int, stats: dict[str, Any]) -> None:
     """Merges ``stats`` into the plan's consolidation record, and commits."""
     session.execute(update(Plan).where(Plan.id == plan_id).values(

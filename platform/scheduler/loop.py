@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from hydraserve.cluster import consolidation as consolidations
 from hydraserve.cluster import presence
 from hydraserve.cluster import service as cluster
 from hydraserve.cluster.models import MAX_BATCH, Instance, Plan
@@ -133,6 +134,9 @@ class Scheduler:
         self.take_out_dead_nodes(s)
         invocations.expire_queued(s, self.settings.max_queue_s)
         self.stop_broken_groups(s)
+        if ended := consolidations.end_orphans(s):
+            log.warning("plans %s ended before their switch: consolidation failed", ended)
+            s.commit()
         invocations.requeue_orphans(s)
         self.scale_in(s)
         self.consolidate(s)

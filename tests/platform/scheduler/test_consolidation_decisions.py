@@ -148,3 +148,22 @@ def test_a_group_scaled_in_while_consolidating_ends_it_failed(sched, s, function
     assert plan.consolidation_state == "failed"
     assert plan.consolidation_reason == "the group was stopped before its switch"
     assert {i.status for i in read(s, Instance)} == {"stopping"}
+
+
+def test_a_group_that_ended_before_its_switch_by_any_path_ends_it_failed(sched, s, function):
+    """Every stage closed (the workers exited on their own, the node closed them) without the
+    scheduler stopping the group: the next pass ends the consolidation failed, not left
+    ``consolidating`` for ever (seen in the workload replay)."""
+    add_nodes(s, "a", "b")
+    insts = group(sched, s, function(), demand=2)
+    step(sched, "consolidate")
+    step(sched)  # a group still live keeps consolidating
+    assert read(s, Plan)[0].consolidation_state == "consolidating"
+    with sched.sessions() as fresh:
+        for inst in insts:
+            cluster.close_instance(fresh, inst.id, "released", "worker exited with code 0")
+        fresh.commit()
+    step(sched)
+    (plan,) = read(s, Plan)
+    assert (plan.consolidation_state, plan.consolidation_reason) == (
+        "failed", "the group ended before its switch")
