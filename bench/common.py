@@ -92,3 +92,21 @@ def stop_cluster(handle) -> None:
     layout, spec, url, prefix = handle
     devcluster.stop_cluster(layout, spec, prefix)
     drop_database(url)
+
+
+def in_child(target: Callable, args: tuple, what: str, join_s: float = 60.0):
+    """Runs ``target(conn, *args)`` in a spawned process (a fresh interpreter: nothing of this
+    one's memory or CUDA state) and returns the one object it sends on ``conn``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, conn = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(conn, *args), daemon=True)
+    proc.start()
+    conn.close()
+    try:
+        result = parent.recv()
+    except EOFError as exc:
+        raise RuntimeError(f"{what} process died (exit {proc.exitcode})") from exc
+    proc.join(join_s)
+    return result

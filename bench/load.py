@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table, write_json  # noqa: E402
+from bench.common import environment, in_child, markdown_table, write_json  # noqa: E402
 from gpu_runtime.checkpoint import TensorEntry, index_checkpoint  # noqa: E402
 from gpu_runtime.coldstart import plan_group  # noqa: E402
 from gpu_runtime.demo_model import DemoModelSpec, make_demo_model  # noqa: E402
@@ -193,17 +192,7 @@ def child(conn, method: str, job: dict) -> None:
 
 
 def measure(method: str, job: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    parent, conn = ctx.Pipe()
-    proc = ctx.Process(target=child, args=(conn, method, job), daemon=True)
-    proc.start()
-    conn.close()
-    try:
-        result = parent.recv()
-    except EOFError as exc:
-        raise RuntimeError(f"{method} measurement process died (exit {proc.exitcode})") from exc
-    proc.join(60)
-    return result
+    return in_child(child, (method, job), f"{method} measurement")
 
 
 # ---- the run ----------------------------------------------------------------------------------

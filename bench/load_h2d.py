@@ -20,11 +20,10 @@ measurement, so each load allocates as a fresh worker's does. Rounds interleave 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import time
 from statistics import median
 
-from bench.common import environment, markdown_table, write_json
+from bench.common import environment, in_child, markdown_table, write_json
 from gpu_runtime.checkpoint import TensorEntry
 from gpu_runtime.limits import GB
 from gpu_runtime.store.ranges import TensorPlacement
@@ -98,17 +97,7 @@ def child(conn, job: dict) -> None:
 
 
 def measure_all(job: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    parent, conn = ctx.Pipe()
-    proc = ctx.Process(target=child, args=(conn, job), daemon=True)
-    proc.start()
-    conn.close()
-    try:
-        result = parent.recv()
-    except EOFError as exc:
-        raise RuntimeError(f"host-to-device process died (exit {proc.exitcode})") from exc
-    proc.join(60)
-    return result
+    return in_child(child, (job,), "host-to-device")
 
 
 def summarise(runs: dict[str, list[dict]], nbytes: int) -> dict:

@@ -47,13 +47,22 @@ def rerun(run):
     return run
 
 
+def eager_and_graphed(model_dir, capture):
+    """(what an eager engine generates, an engine whose runner has graphs over ``capture``)."""
+    config = EngineConfig(model=str(model_dir), kv_cache_bytes=4 << 20)
+    with LLMEngine(config) as eager:
+        expected = generate(eager)
+    engine = LLMEngine(config)
+    runner = engine.runner
+    runner.graphs = cuda_graphs.DecodeGraphs(runner.stage, runner.kv, capture=capture)
+    return expected, engine
+
+
 @needs_native
 def test_graph_replays_give_the_eager_tokens(model_dir):
-    with LLMEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=4 << 20)) as eager:
-        expected = generate(eager)
-    with LLMEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=4 << 20)) as engine:
+    expected, engine = eager_and_graphed(model_dir, rerun)
+    with engine:
         runner = engine.runner
-        runner.graphs = cuda_graphs.DecodeGraphs(runner.stage, runner.kv, capture=rerun)
         assert generate(engine) == expected
         # 11 decode steps of batch 3: one eager, one eager on the static buffers and captured,
         # nine replays
@@ -70,11 +79,9 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(model_dir):
     def broken(run):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    with LLMEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=4 << 20)) as eager:
-        expected = generate(eager)
-    with LLMEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=4 << 20)) as engine:
+    expected, engine = eager_and_graphed(model_dir, broken)
+    with engine:
         runner = engine.runner
-        runner.graphs = cuda_graphs.DecodeGraphs(runner.stage, runner.kv, capture=broken)
         assert generate(engine) == expected
         assert "capture of batch 3 failed: RuntimeError" in runner.graphs.disabled
         assert runner.graphs.counts["replayed"] == 0
