@@ -67,6 +67,7 @@ class StagePlan:
     # device memory its share allows (0: no cap); the worker binds itself to both
     device: str = "cpu"
     memory_bytes: int = 0
+    cap_memory: bool = True  # False: the KV cache was sized past the share (see assignment)
 
     def __post_init__(self) -> None:
         pp = self.spec.num_stages

@@ -108,7 +108,8 @@ def _serve(conn: Connection, assignment, boot: WorkerBoot, init_start: float,
 
     plan = assignment.plan
     # the plan's device and share: pinned to its cores (CPU) or its device, allocator capped
-    bound = devices.bind(plan.device, boot.cpu_devices, boot.num_threads, plan.memory_bytes)
+    bound = devices.bind(plan.device, boot.cpu_devices, boot.num_threads,
+                         plan.memory_bytes if plan.cap_memory else 0)
     device = devices.DeviceName.parse(plan.device).torch_device()
     prepared = _start_prepare(plan)  # the stage server's own setup, overlapping the load
     config = parse_config(plan.config)

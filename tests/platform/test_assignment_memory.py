@@ -30,5 +30,12 @@ def test_the_workspace_comes_out_of_the_kv_reserve():
 def test_a_toy_model_whose_workspace_outweighs_the_reserve_keeps_the_remainder():
     a = assignment(memory_bytes=10 * MB, model_bytes=8 * MB, workspace_bytes=46 * MB)
     assert not a.workspace_reserved and a.kv_cache_bytes == 2 * MB
+    # SmolLM2-135M in float32 (make up): a 134 MB reserve, a 130 MB workspace; reserving it
+    # would leave 4 MB of KV (80 tokens): the reserve stays the KV cache's
+    smol = assignment(memory_bytes=672 * MB, model_bytes=538 * MB, workspace_bytes=130 * MB)
+    assert not smol.workspace_reserved and smol.kv_cache_bytes == 134 * MB
+    # reserved while it leaves at least half the reserve
+    half = assignment(memory_bytes=1250 * MB, model_bytes=1000 * MB, workspace_bytes=125 * MB)
+    assert half.workspace_reserved and half.kv_cache_bytes == 125 * MB
     tiny = assignment(memory_bytes=MB // 2, model_bytes=MB // 4, workspace_bytes=10 * MB)
     assert tiny.kv_cache_bytes == KV_FLOOR_BYTES

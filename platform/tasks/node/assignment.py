@@ -61,10 +61,14 @@ class Assignment:
 
     @property
     def workspace_reserved(self) -> bool:
-        """False for a toy model whose largest batch's activations outweigh the KV reserve
-        of its share (the demo models: a 4096-token batch of a 16 MB model): its KV takes
-        the share's whole remainder, as before the workspace was accounted (docs/runtime.md)."""
-        return self.memory.kv_bytes >= KV_FLOOR_BYTES
+        """Whether the workspace comes out of the share's KV reserve: only while it leaves
+        the KV cache at least half of that reserve. A small model whose largest batch's
+        activations are as large as its reserve (the demo models: a 4096-token batch of a
+        16 MB model; SmolLM2-135M's 49k-token vocabulary) keeps the whole remainder for its
+        KV cache, as before the workspace was accounted, and runs without an allocator cap
+        (docs/runtime.md): the planner's share does not add the workspace yet."""
+        budget = self.memory
+        return budget.kv_bytes >= max(KV_FLOOR_BYTES, (budget.share - budget.weights) / 2)
 
     @property
     def kv_cache_bytes(self) -> int:

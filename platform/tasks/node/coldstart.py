@@ -274,7 +274,8 @@ def stage_plan(session: Session, a: Assignment, threads: int | None) -> StagePla
                        a.pp, kv_cache_bytes=a.kv_cache_bytes, num_threads=threads,
                        addresses=a.addresses if a.pp > 1 else (), plan_time=a.plan_time,
                        kv_whole_model=a.consolidates)
-    plan = replace(plans[a.stage_index], device=a.device, memory_bytes=a.memory_bytes)
+    plan = replace(plans[a.stage_index], device=a.device, memory_bytes=a.memory_bytes,
+                   cap_memory=a.workspace_reserved)
     if a.stage_index == 0:
         plan = replace(plan, server=RequestLoop(a.instance_id))
     elif a.consolidates and a.memory_bytes >= a.model_bytes:  # a replica once consolidated
