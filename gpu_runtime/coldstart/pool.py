@@ -152,6 +152,11 @@ class _Worker:
             self.booted = msg[1]
         return self.booted is not None
 
+    @property
+    def boot_s(self) -> float | None:
+        """Seconds from spawn to the boot report (None until it came)."""
+        return None if self.booted is None else self.booted["booted"] - self.booted["spawned"]
+
     def terminate(self) -> None:
         if self.proc.is_alive():
             self.proc.terminate()
@@ -250,6 +255,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = False
         self._count = 0
+        # (when, seconds) of the latest boot seen: what a replacement costs
+        self._latest_boot: tuple[float, float | None] = (0.0, None)
         for k in range(config.num_prestarted):
             self._idle.append(self._spawn(config.boot_device(k)))
 
@@ -287,6 +294,8 @@ class WorkerPool:
             if not w.poll_boot() and not w.proc.is_alive():
                 raise WorkerStartError(f"worker {w.pid} exited (code {w.proc.exitcode}) "
                                        "during boot")
+            if w.booted is not None and w.booted["booted"] > self._latest_boot[0]:
+                self._latest_boot = (w.booted["booted"], w.boot_s)
             return w.booted is not None
         except WorkerStartError:
             self._idle.remove(w)
@@ -310,6 +319,14 @@ class WorkerPool:
     def num_idle(self) -> int:
         with self._lock:
             return len(self._idle)
+
+    @property
+    def boot_s(self) -> float | None:
+        """How long the latest pre-started worker took to boot (None before one did): what
+        a stage placed here waits when no booted worker is idle (the scheduler plans with
+        it, scheduler/state.py)."""
+        with self._lock:
+            return self._latest_boot[1]
 
     @property
     def num_booted(self) -> int:

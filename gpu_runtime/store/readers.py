@@ -42,7 +42,11 @@ class RetryPolicy:
 
     max_retries: int = 5
     backoff_s: float = 0.05
-    timeout_s: float = 30.0
+    # the longest silence of a connection (to connect, or between two reads of its bytes)
+    # before the range is asked again: a store that stalls costs a cold start this long, not
+    # the whole fetch; a false alarm (a store paused on a busy machine) costs one reconnect, as
+    # the retry resumes from the first byte not yet received
+    timeout_s: float = 3.0
     piece_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:

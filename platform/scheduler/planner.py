@@ -5,10 +5,11 @@ speed (``actions.Profile``; see docs/planner.md). For pipeline size ``pp`` and `
 
     inc       = (pp - n_full) + n_full / pp
     TPOT_pred = T * inc + hop * (pp - 1)
-    TTFT_pred = M / (pp * BW) + P * inc + w + init
+    TTFT_pred = max over the chosen nodes of max(M / (pp * BW_n), boot_n) + P * inc + w + init
 
-where ``BW`` is the smaller of the n_full-th best full-share node's and the pp-th best node's
-link share once the new fetch joins. The smallest feasible ``pp`` wins; among plans of one size the
+where ``BW_n`` is node n's link share once the new fetch joins and ``boot_n`` the wait for a
+worker there (0 while a pre-started one is booted and idle, else about one worker boot: the
+fetch overlaps it). Nodes are taken in the order a stage placed there could start. The smallest feasible ``pp`` wins; among plans of one size the
 one with the fewest full shares (least memory-time). Cached models are placed where the bytes
 already are. A model that fits on no single device gets a pipeline of part shares only. When no
 plan gives as many full shares as demand asks for, the first feasible one is used; when none
@@ -74,6 +75,14 @@ class NodeState:
     # (None: not known, e.g. a node without a cache): a fetch that does not fit is not planned
     # there, rather than started to fail with CacheFullError
     cache_room: int | None = None
+    # how long a stage placed here now would wait for a worker: 0 while a pre-started one is
+    # booted and idle, else about one worker boot (scheduler/state.py boot_wait_s)
+    boot_wait_s: float = 0.0
+
+    def fetch_ready_s(self, stage_bytes: float) -> float:
+        """When a fetched stage of ``stage_bytes`` is in place and has a worker here: its fetch
+        at the link's share with one more, overlapped with the wait for a worker."""
+        return max(stage_bytes / self.link.share_with_one_more(), self.boot_wait_s)
 
     def holds(self, model_id: int, pp: int, stage: int) -> bool:
         return (model_id, pp, stage) in self.cached_stages
@@ -129,6 +138,7 @@ class Plan:
     slo_met: bool
     reason: str
     reservations: dict[str, Reservation] = field(default_factory=dict)
+    boot_wait_s: float = 0.0  # the longest wait of a stage for a worker to boot
 
     @property
     def num_full(self) -> int:
@@ -164,21 +174,29 @@ def inflation(pp: int, n_full: int) -> float:
 
 
 def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = PlannerConfig()) -> Plan | None:
-    """Chooses how to start one more instance of ``req``'s model; see the module docstring."""
+    """Chooses how to start one more instance of ``req``'s model; see the module docstring.
+    A plan that would wait for a worker to boot is taken only when none that meets the SLOs
+    starts without one: fewer full shares now beat more of them a boot later (the scheduler
+    scales out again if the demand stays)."""
     cached = _plan_from_cache(req, nodes, cfg) if cfg.use_cache else None
-    if cached is not None and cached.slo_met:
+    if cached is not None and cached.slo_met and not cached.boot_wait_s:
         return cached
     open_nodes = [n for n in nodes if n.link.admits_one_more()]
-    wanted = min(req.demand, largest_pp(req, cfg))  # full shares can become replicas (consolidation: not yet)
-    partial: Plan | None = None  # feasible, but yields fewer instances than demand asks for
-    for pp in range(1, largest_pp(req, cfg) + 1):
-        for n_full in range(min(pp, req.demand), pp + 1):
-            plan = _try(req, open_nodes, cfg, pp, n_full)
-            if plan is not None and n_full >= wanted:
-                return plan
-            partial = partial or plan
-    return partial or cached or _part_shares_only(req, open_nodes, cfg) or _fallback(
+    wanted = min(req.demand, largest_pp(req, cfg))  # full shares become replicas
+    feasible = [plan for pp in range(1, largest_pp(req, cfg) + 1)
+                for n_full in range(min(pp, req.demand), pp + 1)
+                if (plan := _try(req, open_nodes, cfg, pp, n_full)) is not None]
+    at_once = [p for p in feasible if not p.boot_wait_s]
+    # the smallest pipeline with as many full shares as demand asks for, else the first
+    # feasible one (fewer instances than demand asks for)
+    pick = _first_with(at_once, wanted) or (cached if cached is not None and cached.slo_met
+                                            else _first_with(feasible, wanted))
+    return pick or cached or _part_shares_only(req, open_nodes, cfg) or _fallback(
         req, open_nodes, cfg)
+
+
+def _first_with(plans: list[Plan], wanted: int) -> Plan | None:
+    return next((p for p in plans if p.num_full >= wanted), plans[0] if plans else None)
 
 
 def _part_shares_only(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:
@@ -197,21 +215,22 @@ def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
     tpot = req.tpot_s * inc + cfg.hop_s * (pp - 1)
     if enforce_slo and tpot > req.tpot_slo_s:
         return None
-    by_bw = sorted(nodes, key=lambda n: -n.link.share_with_one_more())
+    stage_bytes = req.model_bytes / pp
+    soonest = sorted(nodes, key=lambda n: n.fetch_ready_s(stage_bytes))
     full_need, part_need = memory_need(req, cfg, pp, True), memory_need(req, cfg, pp, False)
-    by_bw = [n for n in by_bw if n.can_cache(req, pp)]
-    full_nodes = [n for n in by_bw if pick_device(n, full_need)][:n_full]
+    soonest = [n for n in soonest if n.can_cache(req, pp)]
+    full_nodes = [n for n in soonest if pick_device(n, full_need)][:n_full]
     if len(full_nodes) < n_full:
         return None
-    rest = [n for n in by_bw if n not in full_nodes and pick_device(n, part_need)]
+    rest = [n for n in soonest if n not in full_nodes and pick_device(n, part_need)]
     chosen = full_nodes + rest[: pp - n_full]
     if len(chosen) < pp:
         return None
     bw = min(n.link.share_with_one_more() for n in chosen)
+    ready = max(n.fetch_ready_s(stage_bytes) for n in chosen)
     deadline = req.ttft_slo_s - req.waited_s - cfg.init_overhead_s
-    stage_bytes = req.model_bytes / pp
-    ttft = stage_bytes / bw + req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
-    met = ttft <= req.ttft_slo_s and stage_bytes / bw <= deadline and tpot <= req.tpot_slo_s
+    ttft = ready + req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
+    met = ttft <= req.ttft_slo_s and ready <= deadline and tpot <= req.tpot_slo_s
     if enforce_slo and not met:
         return None
     stages = tuple(_place(i, n, req, cfg, pp, n in full_nodes)
@@ -221,7 +240,10 @@ def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
     reservations = {n.node_id: Reservation(math.ceil(stage_bytes), hold) for n in chosen}
     reason = (f"pp={pp} with {n_full} full share(s) meets both SLOs" if met else
               f"no plan meets the SLOs; pp={pp} with {n_full} full share(s) is the closest")
-    return Plan(pp, stages, ttft, tpot, met, reason, reservations)
+    boot = max(n.boot_wait_s for n in chosen)
+    if boot:
+        reason += f" (a stage waits about {boot:.1f} s for a worker to boot)"
+    return Plan(pp, stages, ttft, tpot, met, reason, reservations, boot)
 
 
 def _order(chosen: list[NodeState], full_nodes: list[NodeState]) -> list[NodeState]:
@@ -251,6 +273,7 @@ def _plan_from_cache(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -
 def _cached_pipeline(req: Request, nodes: list[NodeState], cfg: PlannerConfig,
                      pp: int) -> Plan | None:
     chosen: list[tuple[NodeState, Device, bool]] = []
+    nodes = sorted(nodes, key=lambda n: n.boot_wait_s)  # a booted worker first
     for stage in range(pp):
         for full in ((True, False) if stage == 0 and pp > 1 else (stage == 0,)):
             need = memory_need(req, cfg, pp, full)
@@ -265,12 +288,14 @@ def _cached_pipeline(req: Request, nodes: list[NodeState], cfg: PlannerConfig,
     n_full = sum(full for _, _, full in chosen)
     inc = inflation(pp, n_full)
     tpot = req.tpot_s * inc + cfg.hop_s * (pp - 1)
-    ttft = req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
+    boot = max(n.boot_wait_s for n, _, _ in chosen)
+    ttft = boot + req.prefill_s * inc + req.waited_s + cfg.init_overhead_s
     met = ttft <= req.ttft_slo_s and tpot <= req.tpot_slo_s
     stages = tuple(StagePlacement(i, n.node_id, d.device_id, memory_need(req, cfg, pp, full),
                                   full, 0) for i, (n, d, full) in enumerate(chosen))
     where = "the node" if pp == 1 else f"{pp} nodes, one stage each"
-    return Plan(pp, stages, ttft, tpot, met, f"model cached on {where}: no fetch")
+    return Plan(pp, stages, ttft, tpot, met, f"model cached on {where}: no fetch",
+                boot_wait_s=boot)
 
 
 def _fallback(req: Request, nodes: list[NodeState], cfg: PlannerConfig) -> Plan | None:

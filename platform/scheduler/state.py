@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -41,19 +42,31 @@ def nodes_snapshot(session: Session) -> list[NodeState]:
             used[inst.device_id] += inst.memory_bytes
             workers[inst.device_id] += 1
     starting = [i for i in live if i.status == "starting"]
-    fetches = active_fetches(session, starting)
-    plans_since_heartbeat = unseen_fetches(session, starting, list(nodes))
+    plans = {p.id: p for p in session.scalars(select(Plan).where(
+        Plan.id.in_({i.plan_id for i in starting if i.plan_id})))}
+    fetches = active_fetches(starting, plans)
+    unseen = unseen_stages(starting, plans, list(nodes))
     out = []
     for node in nodes:
         devs = tuple(PlannerDevice(d.id, d.memory_bytes - used[d.id], workers[d.id])
                      for d in devices if d.node_id == node.id)
         cached = frozenset(tuple(c) for c in (node.info or {}).get("cached_stages", []))
         out.append(NodeState(node.id, link_of(node, fetches[node.id]), devs, cached,
-                             cache_room(node, plans_since_heartbeat[node.id])))
+                             cache_room(node, unseen[node.id].fetch_bytes),
+                             boot_wait_s(node, unseen[node.id].stages)))
     return out
 
 
 HEARTBEAT_SLACK = timedelta(seconds=1)
+
+
+@dataclass(slots=True)
+class Unseen:
+    """Stages planned on a node after (or just before) its last heartbeat: what that heartbeat
+    may not have counted yet."""
+
+    stages: int = 0
+    fetch_bytes: int = 0
 
 
 def cache_room(node: Node, unseen_bytes: int) -> int | None:
@@ -65,30 +78,39 @@ def cache_room(node: Node, unseen_bytes: int) -> int | None:
     return room - unseen_bytes
 
 
-def unseen_fetches(session: Session, starting: list[Instance],
-                   nodes: list[Node]) -> dict[str, int]:
-    """Bytes of the fetches of starting stages planned on each node after (or just before)
-    its last heartbeat."""
+def boot_wait_s(node: Node, unseen_stages: int) -> float:
+    """What a stage placed on the node now waits for a worker: nothing while its last heartbeat
+    reported more booted idle workers (``info.idle_workers``) than stages planned there since,
+    else as long as its latest worker boot took (``info.boot_s``). A node that reports no boot
+    (no worker pool: a fresh process per start) waits alike for every plan: 0 here."""
+    info = node.info or {}
+    boot, idle = info.get("boot_s"), info.get("idle_workers")
+    if not isinstance(boot, int | float) or not isinstance(idle, int) or idle > unseen_stages:
+        return 0.0
+    return float(boot)
+
+
+def unseen_stages(starting: list[Instance], plans: dict[int, Plan],
+                  nodes: list[Node]) -> dict[str, Unseen]:
+    """Per node, the starting stages planned there after (or just before) its last heartbeat."""
     beats = {n.id: n.last_heartbeat_at for n in nodes}
-    out: dict[str, int] = defaultdict(int)
-    plans = {p.id: p for p in session.scalars(select(Plan).where(
-        Plan.id.in_({i.plan_id for i in starting if i.plan_id})))}
+    out: dict[str, Unseen] = defaultdict(Unseen)
     for inst in starting:
         plan = plans.get(inst.plan_id) if inst.plan_id is not None else None
         beat = beats.get(inst.node_id)
         if plan is None or beat is None or inst.created_at < beat - HEARTBEAT_SLACK:
             continue
-        out[inst.node_id] += int(plan.stages[inst.stage_index].get("fetch_bytes") or 0)
+        seen = out[inst.node_id]
+        seen.stages += 1
+        seen.fetch_bytes += int(plan.stages[inst.stage_index].get("fetch_bytes") or 0)
     return out
 
 
-def active_fetches(session: Session, starting: list[Instance]) -> dict[str, list[Reservation]]:
+def active_fetches(starting: list[Instance], plans: dict[int, Plan]) -> dict[str, list[Reservation]]:
     """Fetches still on each node's link: a starting stage counts with all its bytes until it is
     ready (the node agent does not report progress yet), against its plan's deadline."""
     now = utcnow()
     out: dict[str, list[Reservation]] = defaultdict(list)
-    plans = {p.id: p for p in session.scalars(select(Plan).where(
-        Plan.id.in_({i.plan_id for i in starting if i.plan_id})))}
     for inst in starting:
         plan = plans.get(inst.plan_id) if inst.plan_id is not None else None
         if plan is None:

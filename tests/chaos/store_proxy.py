@@ -38,7 +38,7 @@ class Logged:
 
 @dataclass
 class StoreProxy:
-    stall_s: float = 45.0  # longer than the reader's 30 s timeout: it gives up, then retries
+    stall_s: float = 45.0  # longer than the reader's 3 s timeout: it gives up, then retries
     upstream_port: int | None = None
     port: int = field(default_factory=free_port)
     log: list[Logged] = field(default_factory=list)

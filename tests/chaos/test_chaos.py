@@ -43,7 +43,7 @@ from tests.e2e.serving_cluster import Cluster, reference_tokens, running_cluster
 
 full_only = pytest.mark.skipif(not FULL, reason="make chaos (HYDRA_CHAOS=full)")
 SLO = {"ttft_ms": 120_000, "tpot_ms": 5_000}
-STORE_BOUND_S = 120.0  # a stalled request is given up after the reader's 30 s timeout
+STORE_BOUND_S = 60.0  # a stalled request is given up after the reader's 3 s timeout
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,11 @@ def test_cold_then_warm(cluster: Cluster, store_root):
     assert warm["cold"] is False and warm["instance_ids"] == cold["instance_ids"]
     assert warm["output"]["token_ids"] == expected
     assert warm["timings"]["ttft_ms"] < cold["timings"]["ttft_ms"]
+    # each node reports its pre-started workers' boot time: what the planner counts for a
+    # stage placed where none is idle
+    (node,) = cluster.query("SELECT n.info FROM nodes n JOIN instances i ON i.node_id = n.id "
+                            "WHERE i.id = :i", i=cold["instance_ids"][0])
+    assert node[0]["boot_s"] > 0, node
 
 
 def test_pipeline_cold_start_across_nodes(cluster: Cluster, store_root):

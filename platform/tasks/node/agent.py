@@ -109,6 +109,7 @@ class NodeAgent:
         return {"pid": os.getpid(), "workers": len(self.children), "loader": self.loader,
                 "booted": self._booted.is_set(), "cached_stages": cs.cached() if cs else [],
                 "idle_workers": cs.pool.num_booted if cs else 0,
+                **({"boot_s": round(boot, 3)} if cs and (boot := cs.pool.boot_s) else {}),
                 **({"cache_room": cs.prefetcher.cache.room()} if cs else {}),
                 **({"peer_port": cs.peer.port} if cs else {}),
                 **({"metrics_port": self.metrics_port} if self.metrics_port else {}),

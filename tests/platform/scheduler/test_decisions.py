@@ -283,6 +283,36 @@ def test_a_node_cache_without_room_gets_no_stage_and_a_planned_fetch_uses_room(s
     assert read(s, Node, Node.id == "roomy")[0].info["cache_room"] == roomy
 
 
+def test_a_node_whose_booted_workers_are_taken_waits_a_boot_in_the_next_plan(sched, s,
+                                                                           function):
+    """A node's heartbeat reports its booted idle workers and how long its latest boot took;
+    stages planned there since count against the idle ones, so the next cold start goes to
+    a node that still has one (as its stage would otherwise wait for a boot)."""
+    from hydraserve.scheduler.state import nodes_snapshot
+
+    add_nodes(s, "a", "b")
+    for node_id in ("a", "b"):
+        cluster.heartbeat(s, node_id, {"idle_workers": 1, "boot_s": 9.5})
+    s.commit()
+    first, second = function(name="first"), function(name="second")
+    enqueue(s, first, 1)
+    step(sched, "scale_out")
+    (taken,) = read(s, Instance)
+    add_nodes(s, "pool-less")  # it reports no boot: a fresh process per start, alike for all
+    with sched.sessions() as fresh:
+        waits = {n.node_id: n.boot_wait_s for n in nodes_snapshot(fresh)}
+    idle = {"a", "b"} - {taken.node_id}
+    assert waits == {taken.node_id: 9.5, idle.pop(): 0.0, "pool-less": 0.0}
+    # a heartbeat after the start reports the replacement still booting: the wait stays
+    cluster.heartbeat(s, taken.node_id, {"idle_workers": 0, "boot_s": 9.5})
+    s.commit()
+    enqueue(s, second, 1)
+    step(sched, "scale_out")
+    placed = read(s, Instance, Instance.function_version_id == second.id)
+    assert [i.node_id for i in placed] != [taken.node_id]
+    assert "worker to boot" not in read(s, Plan)[-1].reason
+
+
 def test_a_workspace_measured_by_an_earlier_worker_sizes_the_next_start(sched, s, function):
     """A CUDA worker measures its stage's workspace and the node stores it in the timeline;
     the next start of the same stage sizes its KV cache with that, not the bound."""

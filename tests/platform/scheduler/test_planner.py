@@ -278,3 +278,59 @@ def test_the_baseline_policies_plan_one_whole_model_and_sequential_ignores_the_c
     assert fresh.pp == 1 and fresh.stages[0].node_id == "a" and fresh.stages[0].fetch_bytes > 0
     with pytest.raises(ValueError, match="unknown scheduler policy"):
         planner_config("fastest", CFG)
+
+
+# ---- waiting for a worker to boot ------------------------------------------------------------
+
+def booting(name: str, wait_s: float, **kw) -> NodeState:
+    """A node whose pre-started workers are all taken: a stage there waits ``wait_s``."""
+    from dataclasses import replace
+
+    return replace(node(name, **kw), boot_wait_s=wait_s)
+
+
+def test_a_stage_goes_where_a_booted_worker_is_idle_when_that_starts_sooner():
+    req = request()  # 2 GB: 2 s over 1000 MB/s, 4 s over 500 MB/s
+    fast_busy, slow_idle = booting("fast", 10.0, mbps=1000), node("slow", mbps=500)
+    plan = plan_cold_start(req, [fast_busy, slow_idle], CFG)
+    assert [s.node_id for s in plan.stages] == ["slow"] and plan.boot_wait_s == 0
+    assert plan.predicted_ttft_s == pytest.approx(4 + 0.3 + 1.0)
+    # a boot shorter than the fetch is hidden behind it: the faster link wins again
+    plan = plan_cold_start(req, [booting("fast", 1.5, mbps=1000), slow_idle], CFG)
+    assert [s.node_id for s in plan.stages] == ["fast"]
+    assert plan.predicted_ttft_s == pytest.approx(2 + 0.3 + 1.0)
+
+
+def test_only_waiting_nodes_put_the_boot_into_the_prediction_and_the_reason():
+    plan = plan_cold_start(request(), [booting("a", 10.0, mbps=1000)], CFG)
+    assert plan.boot_wait_s == 10.0 and plan.slo_met
+    assert plan.predicted_ttft_s == pytest.approx(10 + 0.3 + 1.0)
+    assert "waits about 10.0 s for a worker to boot" in plan.reason
+    # against a TTFT SLO the boot breaks, the plan is the closest miss
+    late = plan_cold_start(request(ttft_slo_s=8.0), [booting("a", 10.0, mbps=1000)], CFG)
+    assert late is not None and not late.slo_met
+
+
+def test_demand_for_full_shares_does_not_wait_for_a_boot_when_fewer_start_at_once():
+    """The node-agent case of the chaos suite: two full shares asked for, three nodes left,
+    only one with a booted worker: one full share now, not two after a boot."""
+    req = request(model_bytes=GB // 10, demand=2)
+    nodes = [node("c", mbps=500), booting("a", 10.0, mbps=1000), booting("b", 10.0, mbps=1000)]
+    plan = plan_cold_start(req, nodes, CFG)
+    assert plan.pp == 1 and [s.node_id for s in plan.stages] == ["c"]
+    assert plan.boot_wait_s == 0 and plan.slo_met
+    # with a booted worker on two nodes the demand gets both full shares, as before
+    nodes[1] = node("a", mbps=1000)
+    plan = plan_cold_start(req, nodes, CFG)
+    assert plan.num_full == 2 and plan.boot_wait_s == 0
+
+
+def test_a_cached_start_that_waits_for_a_boot_yields_to_a_fetch_that_does_not():
+    req = request(model_bytes=GB // 10)  # 0.2 s over 500 MB/s; both would meet the SLO
+    holder = booting("holder", 10.0, cached=(7,))
+    plan = plan_cold_start(req, [holder, node("idle", mbps=500)], CFG)
+    assert [s.node_id for s in plan.stages] == ["idle"] and plan.stages[0].fetch_bytes > 0
+    # while no other node could take it, the cached start is still taken (it waits the boot)
+    plan = plan_cold_start(req, [holder], CFG)
+    assert [s.fetch_bytes for s in plan.stages] == [0] and plan.boot_wait_s == 10.0
+    assert plan.slo_met
