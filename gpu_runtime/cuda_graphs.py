@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_runtime import devices
 from gpu_runtime.attention import AttentionMetadata
 from gpu_runtime.kv_cache import KVCache
 from gpu_runtime.stage import Stage
@@ -169,11 +170,7 @@ class DecodeGraphs:
         """Copies the step's inputs into the static buffers (non-blocking from pinned memory
         on CUDA); block-table columns past the step's width keep stale ids, which no kernel
         reads (each reads its sequence's first ceil(context / block_size) entries)."""
-        def put(dst: torch.Tensor, src: torch.Tensor) -> None:
-            if dst.device.type == "cuda":
-                src = src.pin_memory()
-            dst.copy_(src, non_blocking=True)
-
+        put = devices.copy_into
         put(static.ids, step.input_ids)
         put(static.positions, step.positions)
         put(static.slots, step.slot_mapping)

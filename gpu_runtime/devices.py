@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,12 @@ def node_device_name(kind: str, index: int) -> str:
     """The worker's name for a node's registered device (``Device.kind`` is ``cpu`` or
     ``cuda[:<product name>]``)."""
     return f"{'cuda' if kind.startswith('cuda') else 'cpu'}:{index}"
+
+
+def cpu_device_count(names: Iterable[str]) -> int:
+    """How many CPU devices (slices of the node's cores) these device names hold; at least 1
+    (a node with none still runs its CPU work on every core)."""
+    return sum(DeviceName.parse(n).kind == "cpu" for n in names) or 1
 
 
 def cpu_slice(index: int, count: int, cores: list[int] | None = None) -> list[int]:
@@ -113,6 +120,14 @@ def pin(cores: list[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except ProcessLookupError:  # the thread ended since the listing
             continue
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; into CUDA memory staged in page-locked memory and without blocking
+    the host (ordered on the current stream, as ``to_device``)."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

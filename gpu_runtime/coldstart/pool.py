@@ -32,7 +32,7 @@ from gpu_runtime.coldstart.errors import (
 from gpu_runtime.coldstart.handoff import check_server_class
 from gpu_runtime.coldstart.plan import StageAssignment
 from gpu_runtime.coldstart.worker import WorkerBoot, worker_main
-from gpu_runtime.devices import DeviceName, DeviceNameError
+from gpu_runtime.devices import DeviceName, DeviceNameError, cpu_device_count
 from gpu_runtime.sampling import SamplingParams
 
 POLL_S = 0.05
@@ -60,7 +60,7 @@ class WorkerPoolConfig:
     @property
     def cpu_devices(self) -> int:
         """How many CPU devices the node has (each is a slice of its cores)."""
-        return sum(DeviceName.parse(d).kind == "cpu" for d in self.devices) or 1
+        return cpu_device_count(self.devices)
 
     def boot_device(self, k: int) -> str:
         """Where the ``k``-th pre-started worker boots."""

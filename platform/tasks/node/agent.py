@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gpu_runtime.devices import DeviceName, cpu_slice, node_device_name
+from gpu_runtime.devices import DeviceName, cpu_device_count, cpu_slice, node_device_name
 from gpu_runtime.store.link import LinkConfig, NodeLink
 from hydraserve.cluster import consolidation
 from hydraserve.cluster import service as cluster
@@ -260,7 +260,7 @@ class NodeAgent:
         """The cores of a CPU device of this node (None: every core, or a CUDA device):
         the files loader's processes (a baseline, CPU only) keep to their device's slice."""
         name = DeviceName.parse(device)
-        cpus = sum(not d.kind.startswith("cuda") for d in self.devices)
+        cpus = cpu_device_count(node_device_name(d.kind, d.index) for d in self.devices)
         if name.kind != "cpu" or name.index is None or cpus < 2:
             return None
         return cpu_slice(name.index, cpus)
