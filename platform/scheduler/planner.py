@@ -22,7 +22,7 @@ part-share pipeline that fits (both ``slo_met=False``); with no node that fits a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpu_runtime.limits import MAX_PP
 from hydraserve.scheduler.network import Link, Reservation
@@ -38,6 +38,9 @@ class PlannerConfig:
     kv_reserve_fraction: float = 0.25  # KV cache reserve, as a fraction of model bytes
     max_pp: int = MAX_PP
     use_cache: bool = True  # restart where the node caches hold the model (no fetch)
+    # stages run on the nodes' pre-started workers, so a node whose booted ones are taken
+    # makes a stage wait for a boot (off: every start is a fresh process, alike everywhere)
+    prestarted: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_pp <= MAX_PP:
@@ -178,6 +181,8 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
     A plan that would wait for a worker to boot is taken only when none that meets the SLOs
     starts without one: fewer full shares now beat more of them a boot later (the scheduler
     scales out again if the demand stays)."""
+    if not cfg.prestarted:
+        nodes = [replace(n, boot_wait_s=0.0) for n in nodes]
     cached = _plan_from_cache(req, nodes, cfg) if cfg.use_cache else None
     if cached is not None and cached.slo_met and not cached.boot_wait_s:
         return cached

@@ -25,5 +25,5 @@ def planner_config(policy: str, cfg: PlannerConfig) -> PlannerConfig:
     if policy == "pp1":
         return replace(cfg, max_pp=1)
     if policy == "sequential":
-        return replace(cfg, max_pp=1, use_cache=False)
+        return replace(cfg, max_pp=1, use_cache=False, prestarted=False)
     raise ValueError(f"unknown scheduler policy {policy!r}")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from hydraserve.cluster.consolidation import replica_stages
 from hydraserve.cluster.models import LIVE, Device, Instance, Node, Plan
 from hydraserve.db import utcnow
+from hydraserve.functions.models import FunctionVersion, Model
 from hydraserve.scheduler.network import Link, Reservation
 from hydraserve.scheduler.planner import Device as PlannerDevice
 from hydraserve.scheduler.planner import NodeState
@@ -45,6 +49,8 @@ def nodes_snapshot(session: Session) -> list[NodeState]:
     plans = {p.id: p for p in session.scalars(select(Plan).where(
         Plan.id.in_({i.plan_id for i in starting if i.plan_id})))}
     fetches = active_fetches(starting, plans)
+    for node_id, rest in background_fetches(session, live).items():
+        fetches[node_id].extend(rest)
     unseen = unseen_stages(starting, plans, list(nodes))
     out = []
     for node in nodes:
@@ -121,6 +127,32 @@ def active_fetches(starting: list[Instance], plans: dict[int, Plan]) -> dict[str
         age = (now - inst.created_at).total_seconds()
         out[inst.node_id].append(Reservation(stage["fetch_bytes"],
                                              max(stage.get("deadline_s", 0) - age, 1e-3)))
+    return out
+
+
+def background_fetches(session: Session,
+                       live: Sequence[Instance]) -> dict[str, list[Reservation]]:
+    """The rest of the model on its way to each full-share stage of a consolidating group
+    (stage 0, and the stages that become replicas): bytes on that node's link, at background
+    priority (it yields to cold starts: no deadline), until the node records the fetch done
+    (``fetch_s<stage>`` in the plan's consolidation record). Counted whole: the node may find
+    a stage in its own cache, which the scheduler does not know in advance."""
+    ids = {i.plan_id for i in live if i.plan_id is not None}
+    rows = session.execute(select(Plan, Model.total_bytes)
+                           .join(FunctionVersion, FunctionVersion.id == Plan.function_version_id)
+                           .join(Model, Model.id == FunctionVersion.model_id)
+                           .where(Plan.id.in_(ids), Plan.consolidation_state == "consolidating"))
+    consolidating = {plan.id: (plan, model_bytes) for plan, model_bytes in rows}
+    out: dict[str, list[Reservation]] = defaultdict(list)
+    for inst in live:
+        if inst.plan_id is None or inst.plan_id not in consolidating:
+            continue
+        plan, model_bytes = consolidating[inst.plan_id]
+        if f"fetch_s{inst.stage_index}" in (plan.consolidation or {}):
+            continue
+        if inst.stage_index == 0 or inst.stage_index in replica_stages(plan.stages, model_bytes):
+            rest = model_bytes - math.ceil(model_bytes / plan.pp)
+            out[inst.node_id].append(Reservation(rest, math.inf))
     return out
 
 

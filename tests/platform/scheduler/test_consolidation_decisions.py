@@ -167,3 +167,42 @@ def test_a_group_that_ended_before_its_switch_by_any_path_ends_it_failed(sched, 
     (plan,) = read(s, Plan)
     assert (plan.consolidation_state, plan.consolidation_reason) == (
         "failed", "the group ended before its switch")
+
+
+def test_the_rest_of_the_model_on_its_way_is_load_on_the_fetching_nodes_links(sched, s,
+                                                                              function):
+    """Each full-share stage of a consolidating group fetches the stages it lacks at
+    background priority: the planner counts that as one more fetch on its node's link (with
+    no deadline: it yields to cold starts) until the node records the fetch done; a new cold
+    start then prefers a link without it."""
+    import math
+
+    from hydraserve.scheduler import actions
+    from hydraserve.scheduler.state import nodes_snapshot
+
+    def links() -> dict[str, tuple]:
+        with sched.sessions() as fresh:
+            return {n.node_id: n.link.fetches for n in nodes_snapshot(fresh)}
+
+    add_nodes(s, "a", "b", "c")
+    fv = function()
+    insts = group(sched, s, fv, demand=2)  # pp = 2, a full share on each stage
+    assert all(f == () for f in links().values())  # ready, not consolidating: no fetch
+    step(sched, "consolidate")
+    (plan,) = read(s, Plan)
+    m = fv.model.total_bytes
+    fetching = links()
+    (idle,) = {"a", "b", "c"} - {i.node_id for i in insts}
+    assert fetching[idle] == ()
+    for inst in insts:
+        (rest,) = fetching[inst.node_id]
+        assert rest.bytes_left == m - math.ceil(m / 2) and rest.seconds_left == math.inf
+    plan_b = actions.plan_for(s, function(name="other"), 1, 0.0, sched.cfg, sched.profile)
+    assert [st.node_id for st in plan_b.stages] == [idle]  # the link with no fetch on it
+    consolidation.add_stats(s, plan.id, {"fetch_s0": {"bytes": 1}})  # stage 0's node is done
+    s.commit()
+    after = links()
+    assert after[insts[0].node_id] == () and len(after[insts[1].node_id]) == 1
+    consolidation.set_state(s, plan.id, "consolidated")
+    s.commit()
+    assert all(f == () for f in links().values())

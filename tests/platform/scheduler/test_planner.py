@@ -334,3 +334,14 @@ def test_a_cached_start_that_waits_for_a_boot_yields_to_a_fetch_that_does_not():
     plan = plan_cold_start(req, [holder], CFG)
     assert [s.fetch_bytes for s in plan.stages] == [0] and plan.boot_wait_s == 10.0
     assert plan.slo_met
+
+
+def test_the_sequential_baseline_counts_no_boot_wait_it_never_escapes():
+    """Every sequential start is a fresh process: the nodes' pre-started workers, taken or
+    not, do not change where its stage goes (the faster link wins)."""
+    from hydraserve.scheduler.policies import planner_config
+
+    nodes = [booting("fast", 10.0, mbps=1000), node("slow", mbps=500)]
+    assert plan_cold_start(request(), nodes, planner_config("pp1", CFG)).stages[0].node_id == "slow"
+    fresh = plan_cold_start(request(), nodes, planner_config("sequential", CFG))
+    assert fresh.stages[0].node_id == "fast" and fresh.boot_wait_s == 0
