@@ -176,7 +176,7 @@ def test_congestion_shrinks_while_warm_ttfts_are_inflated_and_grows_back():
     assert c.current() == 64
     clock.now += Congestion.WINDOW_S  # those good samples age out of the window
     limits = []
-    for _ in range(12):  # 40 ms > 2 x 10 ms + 10 ms: inflated
+    for _ in range(12):  # 40 ms > 1.5 x 10 ms + 5 ms: inflated
         clock.now += Congestion.STEP_S
         c.observe(1, 0.040)
         limits.append(c.current())
@@ -185,6 +185,22 @@ def test_congestion_shrinks_while_warm_ttfts_are_inflated_and_grows_back():
     c.observe(1, 0.012)
     grown = [c.current() for _ in range(3) if not setattr(clock, "now", clock.now + 0.3)]
     assert grown == [9, 10, 11]  # back up one a step while nothing is inflated
+
+
+def test_a_ttft_is_inflated_over_one_and_a_half_times_the_best_and_5_ms():
+    clock = Clock()
+    c = Congestion(ceiling=64, floor=8, clock=clock)
+    c.observe(1, 0.010)
+    clock.now += Congestion.WINDOW_S
+    for _ in range(8):  # 19 ms: within 1.5 x 10 ms + 5 ms, never shrinks the limit
+        clock.now += Congestion.STEP_S
+        c.observe(1, 0.019)
+    assert c.current() == 64
+    clock.now += Congestion.WINDOW_S
+    for _ in range(4):  # 22 ms: over it (the bound of 2 x best + 10 ms let 30 ms by)
+        clock.now += Congestion.STEP_S
+        c.observe(1, 0.022)
+    assert c.current() < 64
 
 
 def test_each_function_has_its_own_best_ttft():
