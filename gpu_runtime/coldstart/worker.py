@@ -12,8 +12,10 @@ Protocol on the pool's pipe (tuples, pickled)::
     pool -> worker   ("stop",)  stage 0 stops the ring; other stages stop when the ring does
     worker -> pool   ("stopped", {})  or  ("error", {type, message, traceback}) at any point
 
-Spawned, never forked: a forked child would inherit the parent's threads and (on GPUs) a CUDA
-context it must not use.
+Forked from the pool's fork server (or spawned), never from the node process itself: a child
+forked from that would inherit its threads and (on GPUs) a CUDA context it must not use. The
+fork server has neither; the environment the worker runs with is the node's when the pool
+started it (``WorkerBoot.env``), as a spawned process's would be, not the fork server's.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ class WorkerBoot:
     spawned_at: float = 0.0  # wall clock when the pool started the process
     preload: tuple[str, ...] = ()  # modules of the pool's StageServer classes, imported at boot
     cpu_devices: int = 1  # the node's CPU devices: slices of its cores (gpu_runtime/devices.py)
+    env: tuple[tuple[str, str], ...] = ()  # the pool's environment when it started the worker
 
 
 def worker_main(conn: Connection, boot: WorkerBoot) -> None:
-    """Process entry point (``multiprocessing`` spawn target)."""
+    """Process entry point (``multiprocessing`` forkserver or spawn target)."""
     _die_with_parent()
+    if boot.env:
+        os.environ.clear()
+        os.environ.update(boot.env)
     try:
         _boot(boot)
     except BaseException as exc:  # noqa: BLE001 - reported to the pool, then the process ends

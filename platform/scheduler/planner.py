@@ -50,6 +50,11 @@ class PlannerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+# a plan whose stages wait for a boot at most this much longer than their fetch starts "at
+# once": not worth a fetch elsewhere or fewer full shares (a worker forked from the node's
+# fork server boots in tens of milliseconds; one that imports torch itself, in seconds)
+BOOT_WAIT_TOLERANCE_S = 0.5
+
 CACHE_ALIGN = 1 << 20  # a node cache buffer: a header page, then the data, in whole MiB
 CACHE_HEADER = 4096  # (gpu_runtime/prefetch/pool.py, extent_bytes)
 
@@ -141,7 +146,12 @@ class Plan:
     slo_met: bool
     reason: str
     reservations: dict[str, Reservation] = field(default_factory=dict)
-    boot_wait_s: float = 0.0  # the longest wait of a stage for a worker to boot
+    # how much longer than its fetch the plan waits for a worker to boot (0: hidden by it)
+    boot_wait_s: float = 0.0
+
+    @property
+    def waits_for_boot(self) -> bool:
+        return self.boot_wait_s > BOOT_WAIT_TOLERANCE_S
 
     @property
     def num_full(self) -> int:
@@ -184,14 +194,14 @@ def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = P
     if not cfg.prestarted:
         nodes = [replace(n, boot_wait_s=0.0) for n in nodes]
     cached = _plan_from_cache(req, nodes, cfg) if cfg.use_cache else None
-    if cached is not None and cached.slo_met and not cached.boot_wait_s:
+    if cached is not None and cached.slo_met and not cached.waits_for_boot:
         return cached
     open_nodes = [n for n in nodes if n.link.admits_one_more()]
     wanted = min(req.demand, largest_pp(req, cfg))  # full shares become replicas
     feasible = [plan for pp in range(1, largest_pp(req, cfg) + 1)
                 for n_full in range(min(pp, req.demand), pp + 1)
                 if (plan := _try(req, open_nodes, cfg, pp, n_full)) is not None]
-    at_once = [p for p in feasible if not p.boot_wait_s]
+    at_once = [p for p in feasible if not p.waits_for_boot]
     # the smallest pipeline with as many full shares as demand asks for, else the first
     # feasible one (fewer instances than demand asks for)
     pick = _first_with(at_once, wanted) or (cached if cached is not None and cached.slo_met
@@ -245,9 +255,9 @@ def _try(req: Request, nodes: list[NodeState], cfg: PlannerConfig, pp: int,
     reservations = {n.node_id: Reservation(math.ceil(stage_bytes), hold) for n in chosen}
     reason = (f"pp={pp} with {n_full} full share(s) meets both SLOs" if met else
               f"no plan meets the SLOs; pp={pp} with {n_full} full share(s) is the closest")
-    boot = max(n.boot_wait_s for n in chosen)
-    if boot:
-        reason += f" (a stage waits about {boot:.1f} s for a worker to boot)"
+    boot = ready - stage_bytes / bw  # the wait for a boot that the fetch does not hide
+    if boot > BOOT_WAIT_TOLERANCE_S:
+        reason += f" (a stage waits about {boot:.1f} s past its fetch for a worker to boot)"
     return Plan(pp, stages, ttft, tpot, met, reason, reservations, boot)
 
 

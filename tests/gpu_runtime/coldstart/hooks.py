@@ -22,7 +22,7 @@ class RecordingServer:
         if self.fail:
             raise RuntimeError("prepare hook failed on purpose")
         return {"started": started, "thread": threading.current_thread().name,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "env": os.environ.get("HYDRA_TEST_MARK")}
 
     def serve(self, engine, report: dict, prepared: dict, control=None) -> None:
         from gpu_runtime.sampling import SamplingParams

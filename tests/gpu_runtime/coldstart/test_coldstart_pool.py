@@ -100,6 +100,8 @@ def test_pool_config_is_validated(cs_index):
     assert WorkerPoolConfig(devices=("cpu:0", "cpu:1")).boot_device(1) == "cpu"
     with pytest.raises(AssignmentError, match="device 'tpu:0'"):
         replace(plan_group("llama", cs_index["llama"], 1)[0], device="tpu:0")
+    with pytest.raises(AssignmentError, match="start_method='fork'; allowed forkserver, spawn"):
+        WorkerPoolConfig(start_method="fork")
 
 
 def test_each_stage_runs_on_the_device_its_plan_names(pools, make_prefetcher, cs_index):
@@ -163,6 +165,35 @@ def test_preload_and_prepare_hooks_run_before_and_during_the_load(
     assert got["pid"] == pid and got["imported_at"] < assigned  # imported at boot
     assert got["prepared"]["thread"] == "prepare" and got["prepared"]["pid"] == pid
     assert got["prepared"]["started"] < report["load_end"]  # it overlapped the load
+    assert len(got["tokens"]) == 3
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_worker_runs_with_the_environment_the_pool_had_when_it_started_it(
+        pools, make_prefetcher, cs_index, tmp_path, monkeypatch, start_method):
+    """Workers fork from a fork server that imported torch once, with the environment of when
+    it started: each still runs with the one its pool had when it started that worker, as a
+    spawned one does (fault injection and settings are read from it)."""
+    import json
+    from dataclasses import replace
+
+    from tests.gpu_runtime.coldstart.hooks import RecordingServer
+
+    pools(node_id="env0", num_prestarted=1, refill=False).wait_booted(120)  # the server is up
+    monkeypatch.setenv("HYDRA_TEST_MARK", f"set later ({start_method})")
+    pool = pools(node_id="env1", num_prestarted=1, refill=False, start_method=start_method)
+    [pid] = pool.wait_booted(120)
+    out = tmp_path / "served.json"
+    plan = replace(plan_group("llama", cs_index["llama"], 1, kv_cache_bytes=4 << 20,
+                              num_threads=1)[0], server=RecordingServer(str(out)))
+    launched = launch_stage(make_prefetcher(), pool, plan)
+    try:
+        launched.wait_ready(120)
+        launched.handle.wait_stopped(60)
+        got = json.loads(out.read_text())
+    finally:
+        launched.stop(20)
+    assert got["pid"] == pid and got["prepared"]["env"] == f"set later ({start_method})"
     assert len(got["tokens"]) == 3
 
 
