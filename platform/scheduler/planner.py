@@ -188,9 +188,9 @@ def inflation(pp: int, n_full: int) -> float:
 
 def plan_cold_start(req: Request, nodes: list[NodeState], cfg: PlannerConfig = PlannerConfig()) -> Plan | None:
     """Chooses how to start one more instance of ``req``'s model; see the module docstring.
-    A plan that would wait for a worker to boot is taken only when none that meets the SLOs
-    starts without one: fewer full shares now beat more of them a boot later (the scheduler
-    scales out again if the demand stays)."""
+    A plan that would wait for a worker to boot (more than ``BOOT_WAIT_TOLERANCE_S`` past its
+    fetch) is taken only when none that meets the SLOs starts without one: fewer full shares
+    now beat more of them a boot later (the scheduler scales out again if the demand stays)."""
     if not cfg.prestarted:
         nodes = [replace(n, boot_wait_s=0.0) for n in nodes]
     cached = _plan_from_cache(req, nodes, cfg) if cfg.use_cache else None
