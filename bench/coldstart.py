@@ -174,8 +174,11 @@ def run_ours(cluster: Cluster, index, cfg: ColdBenchConfig, pp: int, threads: in
     from gpu_runtime.coldstart import ColdStartGroup, WorkerPool, WorkerPoolConfig, plan_group
     from gpu_runtime.sampling import SamplingParams
 
+    # started from scratch when the plan arrives (not forked from the fork server): the
+    # variant measures a worker start with its imports on the critical path
     cold_pool = WorkerPool(WorkerPoolConfig(node_id="bench-spawn", num_prestarted=0,
-                                            num_threads=threads, device=cluster.device)
+                                            num_threads=threads, device=cluster.device,
+                                            start_method="spawn")
                            ) if spawn else None
     pools = [cold_pool] if cold_pool else cluster.pools[:pp]
     params = SamplingParams(max_tokens=1, ignore_eos=True)
