@@ -17,7 +17,10 @@ context a fork could inherit. A worker forked from it boots in milliseconds inst
 seconds of importing torch (3.6 s on an idle 2-core machine, about 10 s on a busy one), and
 shares those pages with its siblings. It dies with the node as a spawned one does: the fork
 server exits when its node process does, and the worker's parent-death signal follows.
-``start_method="spawn"`` starts each worker from scratch instead.
+``start_method="spawn"`` starts each worker from scratch instead; ``"auto"`` (the default) is
+the fork server on a CPU node and spawn on a node with a CUDA device or device setting, until a
+GPU run has checked that nothing the fork server imports initialises CUDA (a child forked
+after that could not use it).
 The pool is a data-plane library: the node agent (a Celery worker) owns one and drives it.
 """
 
@@ -47,7 +50,7 @@ from gpu_runtime.sampling import SamplingParams
 
 POLL_S = 0.05
 MAX_PRESTARTED = 64
-START_METHODS = ("forkserver", "spawn")
+START_METHODS = ("auto", "forkserver", "spawn")
 # imported once by the fork server: what every worker needs before its first stage (torch's
 # meta-device path, which the boot warms, imports torch._dynamo: 2.4 s of the boot by itself)
 FORKSERVER_PRELOAD = ("torch", "torch._dynamo", "torch._refs", "gpu_runtime.coldstart.worker",
@@ -72,7 +75,15 @@ class WorkerPoolConfig:
     # boot, paid for by a pre-started worker before any cold start instead of during one
     preload: tuple[type, ...] = ()
     boot_timeout_s: float = 180.0
-    start_method: str = "forkserver"  # or "spawn": every worker imports everything itself
+    start_method: str = "auto"  # "forkserver", or "spawn": each worker imports everything
+
+    @property
+    def method(self) -> str:
+        """The start method in use: ``auto`` is spawn where a CUDA device is named."""
+        if self.start_method != "auto":
+            return self.start_method
+        cuda = any(DeviceName.parse(d).kind == "cuda" for d in (self.device, *self.devices))
+        return "spawn" if cuda else "forkserver"
 
     @property
     def cpu_devices(self) -> int:
@@ -110,8 +121,8 @@ def worker_context(config: WorkerPoolConfig):
     """The ``multiprocessing`` context the pool's workers start from. The fork server's
     preload is fixed when it first starts (once per process): a later pool's StageServer
     modules are imported by each worker's boot instead."""
-    ctx = mp.get_context(config.start_method)
-    if config.start_method == "forkserver":
+    ctx = mp.get_context(config.method)
+    if config.method == "forkserver":
         ctx.set_forkserver_preload([*FORKSERVER_PRELOAD,
                                     *(cls.__module__ for cls in config.preload)])
     return ctx
@@ -125,6 +136,7 @@ class _Worker:
         self.proc, self.conn, self.spawned_at = proc, conn, spawned_at
         self.device = device  # where it booted
         self.booted: dict | None = None
+        self.timed = True  # its boot is what a later worker's costs (see WorkerPool.boot_s)
 
     def can_run(self, device: str) -> bool:
         """Whether a stage planned on ``device`` may run here: a CUDA worker on the device it
@@ -290,6 +302,9 @@ class WorkerPool:
         self._latest_boot: tuple[float, float | None] = (0.0, None)
         for k in range(config.num_prestarted):
             self._idle.append(self._spawn(config.boot_device(k)))
+            # the first workers' boots include the fork server's own start and imports:
+            # seconds that no later worker pays
+            self._idle[-1].timed = config.method != "forkserver"
 
     def _spawn(self, device: str) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -325,7 +340,7 @@ class WorkerPool:
             if not w.poll_boot() and not w.proc.is_alive():
                 raise WorkerStartError(f"worker {w.pid} exited (code {w.proc.exitcode}) "
                                        "during boot")
-            if w.booted is not None and w.booted["booted"] > self._latest_boot[0]:
+            if w.booted is not None and w.timed and w.booted["booted"] > self._latest_boot[0]:
                 self._latest_boot = (w.booted["booted"], w.boot_s)
             return w.booted is not None
         except WorkerStartError:
@@ -353,9 +368,10 @@ class WorkerPool:
 
     @property
     def boot_s(self) -> float | None:
-        """How long the latest pre-started worker took to boot (None before one did): what
-        a stage placed here waits when no booted worker is idle (the scheduler plans with
-        it, scheduler/state.py)."""
+        """How long the latest pre-started worker took to boot (None before one did; with the
+        fork server, the first ones do not count: their boot includes the server's start):
+        what a stage placed here waits when no booted worker is idle (the scheduler plans
+        with it, scheduler/state.py)."""
         with self._lock:
             return self._latest_boot[1]
 

@@ -100,8 +100,14 @@ def test_pool_config_is_validated(cs_index):
     assert WorkerPoolConfig(devices=("cpu:0", "cpu:1")).boot_device(1) == "cpu"
     with pytest.raises(AssignmentError, match="device 'tpu:0'"):
         replace(plan_group("llama", cs_index["llama"], 1)[0], device="tpu:0")
-    with pytest.raises(AssignmentError, match="start_method='fork'; allowed forkserver, spawn"):
+    with pytest.raises(AssignmentError, match="start_method='fork'; allowed auto, forkserver, "
+                       "spawn"):
         WorkerPoolConfig(start_method="fork")
+    # the fork server on CPU nodes; spawn where CUDA is named, until a GPU run has checked it
+    assert WorkerPoolConfig(devices=("cpu:0", "cpu:1")).method == "forkserver"
+    assert WorkerPoolConfig(devices=("cpu:0", "cuda:0")).method == "spawn"
+    assert WorkerPoolConfig(device="cuda").method == "spawn"
+    assert WorkerPoolConfig(device="cuda", start_method="forkserver").method == "forkserver"
 
 
 def test_each_stage_runs_on_the_device_its_plan_names(pools, make_prefetcher, cs_index):
@@ -179,9 +185,11 @@ def test_a_worker_runs_with_the_environment_the_pool_had_when_it_started_it(
 
     from tests.gpu_runtime.coldstart.hooks import RecordingServer
 
-    pools(node_id="env0", num_prestarted=1, refill=False).wait_booted(120)  # the server is up
+    first = pools(node_id="env0", num_prestarted=1, refill=False)
+    first.wait_booted(120)  # the fork server is up
+    assert first.boot_s is None  # a first worker's boot includes the server's: not counted
     monkeypatch.setenv("HYDRA_TEST_MARK", f"set later ({start_method})")
-    pool = pools(node_id="env1", num_prestarted=1, refill=False, start_method=start_method)
+    pool = pools(node_id="env1", num_prestarted=1, refill=True, start_method=start_method)
     [pid] = pool.wait_booted(120)
     out = tmp_path / "served.json"
     plan = replace(plan_group("llama", cs_index["llama"], 1, kv_cache_bytes=4 << 20,
@@ -195,6 +203,8 @@ def test_a_worker_runs_with_the_environment_the_pool_had_when_it_started_it(
         launched.stop(20)
     assert got["pid"] == pid and got["prepared"]["env"] == f"set later ({start_method})"
     assert len(got["tokens"]) == 3
+    pool.wait_booted(120)  # the replacement the pool started when the stage took its worker
+    assert pool.boot_s is not None and pool.boot_s > 0  # a boot a later stage would wait for
 
 
 def test_a_failing_prepare_hook_fails_the_stage_with_its_error(pools, make_prefetcher, cs_index,
@@ -224,7 +234,7 @@ def test_the_pool_answers_while_its_workers_boot(pools):
     import time
 
     spawned = time.time()
-    pool = pools(node_id="wb", num_prestarted=1, refill=False)
+    pool = pools(node_id="wb", num_prestarted=1, refill=False, start_method="spawn")
     booted: list[int] = []
     waiter = threading.Thread(target=lambda: booted.extend(pool.wait_booted(120)))
     waiter.start()
