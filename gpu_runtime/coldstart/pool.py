@@ -44,7 +44,7 @@ from gpu_runtime.coldstart.errors import (
 )
 from gpu_runtime.coldstart.handoff import check_server_class
 from gpu_runtime.coldstart.plan import StageAssignment
-from gpu_runtime.coldstart.worker import WorkerBoot, worker_main
+from gpu_runtime.coldstart.worker import BOOT_IMPORTS, WorkerBoot, worker_main
 from gpu_runtime.devices import DeviceName, DeviceNameError, cpu_device_count
 from gpu_runtime.sampling import SamplingParams
 
@@ -54,8 +54,7 @@ START_METHODS = ("auto", "forkserver", "spawn")
 # imported once by the fork server: what every worker needs before its first stage (torch's
 # meta-device path, which the boot warms, imports torch._dynamo: 2.4 s of the boot by itself)
 FORKSERVER_PRELOAD = ("torch", "torch._dynamo", "torch._refs", "gpu_runtime.coldstart.worker",
-                      "gpu_runtime.coldstart.runtime", "gpu_runtime.coldstart.stream",
-                      "gpu_runtime.pipeline")
+                      *BOOT_IMPORTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +83,11 @@ class WorkerPoolConfig:
             return self.start_method
         cuda = any(DeviceName.parse(d).kind == "cuda" for d in (self.device, *self.devices))
         return "spawn" if cuda else "forkserver"
+
+    @property
+    def preload_modules(self) -> tuple[str, ...]:
+        """The modules of the ``preload`` classes, imported before a worker's first stage."""
+        return tuple(cls.__module__ for cls in self.preload)
 
     @property
     def cpu_devices(self) -> int:
@@ -123,8 +127,7 @@ def worker_context(config: WorkerPoolConfig):
     modules are imported by each worker's boot instead."""
     ctx = mp.get_context(config.method)
     if config.method == "forkserver":
-        ctx.set_forkserver_preload([*FORKSERVER_PRELOAD,
-                                    *(cls.__module__ for cls in config.preload)])
+        ctx.set_forkserver_preload([*FORKSERVER_PRELOAD, *config.preload_modules])
     return ctx
 
 
@@ -132,11 +135,11 @@ class _Worker:
     """The pool's side of one process: the process, its pipe, and its boot report."""
 
     def __init__(self, proc: mp.process.BaseProcess, conn: Connection, spawned_at: float,
-                 device: str) -> None:
+                 device: str, timed: bool = True) -> None:
         self.proc, self.conn, self.spawned_at = proc, conn, spawned_at
         self.device = device  # where it booted
         self.booted: dict | None = None
-        self.timed = True  # its boot is what a later worker's costs (see WorkerPool.boot_s)
+        self.timed = timed  # its boot is what a later worker's costs (see WorkerPool.boot_s)
 
     def can_run(self, device: str) -> bool:
         """Whether a stage planned on ``device`` may run here: a CUDA worker on the device it
@@ -300,23 +303,23 @@ class WorkerPool:
         self._count = 0
         # (when, seconds) of the latest boot seen: what a replacement costs
         self._latest_boot: tuple[float, float | None] = (0.0, None)
+        # the first workers' boots include the fork server's own start and imports: seconds
+        # that no later worker pays
+        first_timed = config.method != "forkserver"
         for k in range(config.num_prestarted):
-            self._idle.append(self._spawn(config.boot_device(k)))
-            # the first workers' boots include the fork server's own start and imports:
-            # seconds that no later worker pays
-            self._idle[-1].timed = config.method != "forkserver"
+            self._idle.append(self._spawn(config.boot_device(k), timed=first_timed))
 
-    def _spawn(self, device: str) -> _Worker:
+    def _spawn(self, device: str, timed: bool = True) -> _Worker:
         parent, child = self._ctx.Pipe()
         self._count += 1
         boot = WorkerBoot(device, self.config.num_threads, time.time(),
-                          tuple(cls.__module__ for cls in self.config.preload),
-                          self.config.cpu_devices, tuple(os.environ.items()))
+                          self.config.preload_modules, self.config.cpu_devices,
+                          tuple(os.environ.items()))
         proc = self._ctx.Process(target=worker_main, args=(child, boot), daemon=True,
                                  name=f"hydra-worker-{self.config.node_id}-{self._count}")
         proc.start()
         child.close()
-        return _Worker(proc, parent, boot.spawned_at, device)
+        return _Worker(proc, parent, boot.spawned_at, device, timed)
 
     def wait_booted(self, timeout_s: float | None = None) -> list[int]:
         """Blocks until every idle worker has booted; returns their pids. A worker that failed

@@ -80,16 +80,22 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# the runtime a worker imports at boot, so that a stage costs no import (a pool's fork server
+# imports them once for every worker it forks, coldstart/pool.py FORKSERVER_PRELOAD)
+BOOT_IMPORTS = ("gpu_runtime.coldstart.runtime", "gpu_runtime.coldstart.stream",
+                "gpu_runtime.pipeline")
+
+
 def _boot(boot: WorkerBoot) -> None:
     """Imports the whole runtime and initialises the device: what a pre-started worker has
     already paid for when a stage arrives."""
     import importlib
 
-    import gpu_runtime.coldstart.runtime as runtime
-    import gpu_runtime.coldstart.stream  # noqa: F401 - imported now so a stage costs no import
-    import gpu_runtime.pipeline  # noqa: F401
     from gpu_runtime.devices import DeviceName
 
+    for module in BOOT_IMPORTS:
+        importlib.import_module(module)
+    runtime = importlib.import_module("gpu_runtime.coldstart.runtime")
     runtime.init_device(DeviceName.parse(boot.device).torch_device(), boot.num_threads)
     for module in boot.preload:
         importlib.import_module(module)

@@ -9,8 +9,9 @@ speed (``actions.Profile``; see docs/planner.md). For pipeline size ``pp`` and `
 
 where ``BW_n`` is node n's link share once the new fetch joins and ``boot_n`` the wait for a
 worker there (0 while a pre-started one is booted and idle, else about one worker boot: the
-fetch overlaps it). Nodes are taken in the order a stage placed there could start. The smallest feasible ``pp`` wins; among plans of one size the
-one with the fewest full shares (least memory-time). Cached models are placed where the bytes
+fetch overlaps it). Nodes are taken in the order a stage placed there could start. The
+smallest feasible ``pp`` wins; among plans of one size the one with the fewest full shares
+(least memory-time). Cached models are placed where the bytes
 already are. A model that fits on no single device gets a pipeline of part shares only. When no
 plan gives as many full shares as demand asks for, the first feasible one is used; when none
 with a full share meets the SLOs: a cached start that misses them, then a pipeline of part
